@@ -1,0 +1,157 @@
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void read_boot_id(char *out, size_t cap)
+{
+    out[0] = 0;
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (!f)
+        return;
+    if (fgets(out, (int)cap, f))
+        out[strcspn(out, "\n")] = 0;
+    fclose(f);
+}
+
+int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *err)
+{
+    kvt_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return kvt_syserr(err, ENOMEM, "calloc", "engine");
+    e->opts = *opts;
+    snprintf(e->listen_host, sizeof e->listen_host, "%s", opts->listen_host ? opts->listen_host : "127.0.0.1");
+    e->opts.listen_host = e->listen_host;
+    if (e->opts.io_timeout_ms <= 0)
+        e->opts.io_timeout_ms = 10000;
+    if (e->opts.tcp_conns <= 0)
+        e->opts.tcp_conns = 4;
+    if (e->opts.shm_threads <= 0)
+        e->opts.shm_threads = 2;
+
+    kvt_engine_info *in = &e->info;
+    if (getrandom(in->id, sizeof in->id, 0) != (ssize_t)sizeof in->id) {
+        int rc = kvt_syserr(err, errno, "getrandom", "%zu", sizeof in->id);
+        free(e);
+        return rc;
+    }
+    in->pid = getpid();
+    struct stat st;
+    in->pidns = stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+    read_boot_id(in->boot_id, sizeof in->boot_id);
+
+    int rc = kvt_table_init(&e->table, in->id, err);
+    if (rc < 0) {
+        free(e);
+        return rc;
+    }
+    in->table_fd = e->table.fd;
+    in->table_addr = (uint64_t)(uintptr_t)e->table.shared;
+
+    int port = 0;
+    rc = kvt_tcp_server_start(&e->table, e->listen_host, opts->listen_port, e->opts.io_timeout_ms,
+                              &e->server, &port, err);
+    if (rc < 0) {
+        kvt_table_destroy(&e->table);
+        free(e);
+        return rc;
+    }
+    snprintf(in->tcp_host, sizeof in->tcp_host, "%s", e->listen_host);
+    in->tcp_port = port;
+    *out = e;
+    return 0;
+}
+
+void kvt_engine_destroy(kvt_engine *e)
+{
+    if (!e)
+        return;
+    kvt_tcp_server_stop(e->server);
+    kvt_table_destroy(&e->table);
+    free(e);
+}
+
+void kvt_engine_info_get(const kvt_engine *e, kvt_engine_info *info) { *info = e->info; }
+
+int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int device,
+                 uint64_t *region_id, uint64_t *key, kvt_err *err)
+{
+    if (mem_kind == KVT_MEM_CUDA) {
+        int ordinal = -1;
+        int rc = kvt_cuda_pointer_device(addr, &ordinal, err);
+        if (rc < 0)
+            return rc;
+        if (device >= 0 && ordinal != device)
+            return kvt_error(err, EINVAL, "register", "0x%lx is on cuda:%d, not cuda:%d",
+                             (unsigned long)addr, ordinal, device);
+        device = ordinal;
+    } else if (mem_kind != KVT_MEM_HOST) {
+        return kvt_error(err, EINVAL, "register", "unknown memory kind %d", mem_kind);
+    }
+    return kvt_table_add(&e->table, addr, len, mem_kind, device, region_id, key, err);
+}
+
+int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
+{
+    return kvt_table_remove(&e->table, region_id, err);
+}
+
+int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_peer **out, kvt_err *err)
+{
+    kvt_peer *p = calloc(1, sizeof *p);
+    if (!p)
+        return kvt_syserr(err, ENOMEM, "calloc", "peer");
+    p->eng = e;
+    p->transport = transport;
+    kvt_queue_init(&p->queue);
+    int rc;
+    switch (transport) {
+    case KVT_TRANSPORT_SHM:
+        rc = kvt_shm_connect(p, peer, err);
+        break;
+    case KVT_TRANSPORT_TCP:
+        rc = kvt_tcp_connect(p, peer, err);
+        break;
+    default:
+        rc = kvt_error(err, EINVAL, "connect", "unknown transport %d", transport);
+    }
+    if (rc < 0) {
+        kvt_queue_destroy(&p->queue);
+        free(p);
+        return rc;
+    }
+    *out = p;
+    return 0;
+}
+
+int kvt_peer_transport(const kvt_peer *p) { return p->transport; }
+
+void kvt_peer_close(kvt_peer *p)
+{
+    if (!p)
+        return;
+    kvt_queue_close(&p->queue, "peer closed before the read ran");
+    p->close(p);
+    kvt_queue_destroy(&p->queue);
+    free(p);
+}
+
+int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)
+{
+    kvt_job *jobs = NULL;
+    kvt_transfer *t = NULL;
+    int rc = kvt_transfer_build(&p->eng->table, reqs, n, p->max_pieces, p->max_bytes, &t, &jobs, err);
+    if (rc < 0)
+        return rc;
+    kvt_queue_push_list(&p->queue, jobs);
+    kvt_transfer_start_done(t);
+    *out = t;
+    return 0;
+}

@@ -1,0 +1,89 @@
+/* kvtransfer C core: the public API. No Python in it; pymodule.c binds it and a C
+ * program can drive it directly.
+ *
+ * Model (see DESIGN.md): an engine registers memory regions and serves one-sided
+ * reads of them to peers; a peer handle reads batches of (local, remote) ranges into
+ * local regions. Every function that can fail returns 0 or a positive result, or
+ * -errno with *err filled in. */
+#ifndef KVT_H
+#define KVT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+#define KVT_ENGINE_ID_LEN 16
+
+enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
+enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2 };
+
+typedef struct kvt_engine kvt_engine;
+typedef struct kvt_peer kvt_peer;
+typedef struct kvt_transfer kvt_transfer;
+
+typedef struct kvt_engine_opts {
+    const char *listen_host; /* where the tcp server binds; NULL = "127.0.0.1" */
+    int listen_port;         /* 0 = any free port */
+    int io_timeout_ms;       /* no progress on a socket for this long fails the read */
+    int tcp_conns;           /* connections (and client threads) per tcp peer */
+    int shm_threads;         /* process_vm_readv threads per shm peer */
+} kvt_engine_opts;
+
+/* What a peer needs to reach this engine; Python serializes it as EngineDescriptor. */
+typedef struct kvt_engine_info {
+    uint8_t id[KVT_ENGINE_ID_LEN];
+    int32_t pid;
+    uint64_t pidns;      /* inode of /proc/self/ns/pid: same boot id + same pidns = pids mean the same */
+    char boot_id[40];
+    int32_t table_fd;    /* memfd holding the region table (shm readers open /proc/pid/fd/N) */
+    uint64_t table_addr; /* where that table is mapped in this process */
+    char tcp_host[64];
+    int32_t tcp_port;
+} kvt_engine_info;
+
+/* One READ: len bytes at remote region+remote_off land at local region+local_off. */
+typedef struct kvt_read_req {
+    uint64_t local_region;
+    uint64_t local_off;
+    uint64_t remote_region;
+    uint64_t remote_key;
+    uint64_t remote_off;
+    uint64_t len;
+} kvt_read_req;
+
+int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *err);
+void kvt_engine_destroy(kvt_engine *eng); /* close peers first */
+void kvt_engine_info_get(const kvt_engine *eng, kvt_engine_info *info);
+
+/* Registers [addr, addr+len) for remote reads; returns a region id and a random key. */
+int kvt_register(kvt_engine *eng, uint64_t addr, uint64_t len, int mem_kind, int device,
+                 uint64_t *region_id, uint64_t *key, kvt_err *err);
+/* Refuses new reads at once, then waits for reads being served from it to finish. */
+int kvt_deregister(kvt_engine *eng, uint64_t region_id, kvt_err *err);
+
+int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, int transport, kvt_peer **out,
+                kvt_err *err);
+void kvt_peer_close(kvt_peer *peer); /* fails its queued reads with ECANCELED */
+int kvt_peer_transport(const kvt_peer *peer);
+
+/* Starts a batch of reads. Local ranges are checked here (errors name the entry);
+ * remote ranges are checked by the target side, and fail the returned transfer. */
+int kvt_peer_read(kvt_peer *peer, const kvt_read_req *reqs, size_t n, kvt_transfer **out,
+                  kvt_err *err);
+
+/* 0 when finished (succeeded or failed), -ETIMEDOUT if still running at the deadline.
+ * timeout_ms < 0 waits without a deadline (callers pass one). */
+int kvt_transfer_wait(kvt_transfer *t, int64_t timeout_ms);
+/* 1 still running, 0 succeeded, -errno failed (*err and *entry say which entry and why). */
+int kvt_transfer_status(kvt_transfer *t, kvt_err *err, int64_t *entry);
+/* Writes an 8-byte 1 to fd (an eventfd) when the transfer finishes, or at once if it
+ * has; fd < 0 cancels a previous request. */
+void kvt_transfer_set_notify_fd(kvt_transfer *t, int fd);
+void kvt_transfer_release(kvt_transfer *t);
+
+/* CUDA through the driver API loaded at run time (cuda.c). */
+int kvt_cuda_available(kvt_err *err);
+int kvt_cuda_pointer_device(uint64_t ptr, int *ordinal, kvt_err *err);
+
+#endif

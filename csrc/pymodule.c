@@ -1,0 +1,391 @@
+/* kvtransfer._C: the CPython binding of the C core. Thin on purpose: argument
+ * conversion, the GIL released around anything that waits, and errors turned into
+ * kvtransfer.errors exceptions (errno, failing call, message). The typed facade is
+ * kvtransfer/engine.py. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <string.h>
+
+#include "kvt.h"
+
+static PyObject *raise_err(const kvt_err *e, long long entry)
+{
+    PyObject *mod = PyImport_ImportModule("kvtransfer.errors");
+    if (!mod)
+        return NULL;
+    PyObject *exc = PyObject_CallMethod(mod, "from_c", "issL", -e->code, e->op, e->msg, entry);
+    Py_DECREF(mod);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- Transfer */
+
+typedef struct {
+    PyObject_HEAD
+    kvt_transfer *t;
+} TransferObject;
+
+static void Transfer_dealloc(TransferObject *self)
+{
+    if (self->t)
+        kvt_transfer_release(self->t);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* wait(timeout_s: float | None) -> bool: True when finished. */
+static PyObject *Transfer_wait(TransferObject *self, PyObject *arg)
+{
+    int64_t ms = -1;
+    if (arg != Py_None) {
+        double s = PyFloat_AsDouble(arg);
+        if (s == -1.0 && PyErr_Occurred())
+            return NULL;
+        ms = s <= 0 ? 0 : (int64_t)(s * 1000.0 + 0.5);
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_transfer_wait(self->t, ms);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == 0);
+}
+
+/* status() -> None while running; raises the transfer's error if it failed; True if ok. */
+static PyObject *Transfer_status(TransferObject *self, PyObject *noargs)
+{
+    kvt_err e;
+    int64_t entry = -1;
+    int st = kvt_transfer_status(self->t, &e, &entry);
+    if (st == 1)
+        Py_RETURN_NONE;
+    if (st < 0)
+        return raise_err(&e, entry);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Transfer_set_notify_fd(TransferObject *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    kvt_transfer_set_notify_fd(self->t, (int)fd);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Transfer_methods[] = {
+    {"wait", (PyCFunction)Transfer_wait, METH_O, "wait(timeout_s or None) -> bool finished"},
+    {"status", (PyCFunction)Transfer_status, METH_NOARGS, "None running, True ok; raises if failed"},
+    {"set_notify_fd", (PyCFunction)Transfer_set_notify_fd, METH_O, "eventfd written on completion"},
+    {NULL}};
+
+static PyTypeObject TransferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvtransfer._C.Transfer",
+    .tp_basicsize = sizeof(TransferObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Transfer_dealloc,
+    .tp_methods = Transfer_methods,
+};
+
+/* -------------------------------------------------------------------- Peer */
+
+typedef struct {
+    PyObject_HEAD
+    kvt_peer *p;
+    PyObject *engine; /* keeps the engine alive while the peer is */
+} PeerObject;
+
+static void Peer_close_impl(PeerObject *self)
+{
+    if (self->p) {
+        kvt_peer *p = self->p;
+        self->p = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        kvt_peer_close(p);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void Peer_dealloc(PeerObject *self)
+{
+    Peer_close_impl(self);
+    Py_XDECREF(self->engine);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Peer_close(PeerObject *self, PyObject *noargs)
+{
+    Peer_close_impl(self);
+    Py_RETURN_NONE;
+}
+
+/* read(reqs: buffer of n x 6 uint64 (kvt_read_req)) -> Transfer */
+static PyObject *Peer_read(PeerObject *self, PyObject *arg)
+{
+    if (!self->p) {
+        kvt_err e;
+        kvt_error(&e, EBADF, "read", "peer is closed");
+        return raise_err(&e, -1);
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (b.len % sizeof(kvt_read_req) != 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "request buffer is not a whole number of 48-byte entries");
+        return NULL;
+    }
+    kvt_err e;
+    kvt_transfer *t = NULL;
+    int rc;
+    size_t n = (size_t)b.len / sizeof(kvt_read_req);
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_peer_read(self->p, (const kvt_read_req *)b.buf, n, &t, &e);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (rc < 0)
+        return raise_err(&e, -1);
+    TransferObject *to = PyObject_New(TransferObject, &TransferType);
+    if (!to) {
+        kvt_transfer_wait(t, -1);
+        kvt_transfer_release(t);
+        return NULL;
+    }
+    to->t = t;
+    return (PyObject *)to;
+}
+
+static PyObject *Peer_transport(PeerObject *self, void *closure)
+{
+    if (!self->p)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(kvt_peer_transport(self->p) == KVT_TRANSPORT_SHM ? "shm" : "tcp");
+}
+
+static PyMethodDef Peer_methods[] = {
+    {"read", (PyCFunction)Peer_read, METH_O, "read(packed requests) -> Transfer"},
+    {"close", (PyCFunction)Peer_close, METH_NOARGS, "close the peer; queued reads fail"},
+    {NULL}};
+
+static PyGetSetDef Peer_getset[] = {{"transport", (getter)Peer_transport, NULL, "shm or tcp", NULL}, {NULL}};
+
+static PyTypeObject PeerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvtransfer._C.Peer",
+    .tp_basicsize = sizeof(PeerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Peer_dealloc,
+    .tp_methods = Peer_methods,
+    .tp_getset = Peer_getset,
+};
+
+/* ------------------------------------------------------------------ Engine */
+
+typedef struct {
+    PyObject_HEAD
+    kvt_engine *e;
+} EngineObject;
+
+static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"listen_host", "listen_port", "io_timeout_ms", "tcp_conns", "shm_threads", NULL};
+    kvt_engine_opts o = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|siiii", kwlist, &o.listen_host, &o.listen_port,
+                                     &o.io_timeout_ms, &o.tcp_conns, &o.shm_threads))
+        return -1;
+    if (self->e) {
+        PyErr_SetString(PyExc_RuntimeError, "engine already initialized");
+        return -1;
+    }
+    kvt_err e;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_engine_create(&o, &self->e, &e);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        raise_err(&e, -1);
+        return -1;
+    }
+    return 0;
+}
+
+static void Engine_close_impl(EngineObject *self)
+{
+    if (self->e) {
+        kvt_engine *e = self->e;
+        self->e = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        kvt_engine_destroy(e);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void Engine_dealloc(EngineObject *self)
+{
+    Engine_close_impl(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_open(EngineObject *self)
+{
+    if (self->e)
+        return 1;
+    kvt_err e;
+    kvt_error(&e, EBADF, "engine", "engine is closed");
+    raise_err(&e, -1);
+    return 0;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *noargs)
+{
+    Engine_close_impl(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_info(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    kvt_engine_info in;
+    kvt_engine_info_get(self->e, &in);
+    return Py_BuildValue("{s:y#,s:i,s:K,s:s,s:i,s:K,s:s,s:i}", "engine_id", (const char *)in.id,
+                         (Py_ssize_t)sizeof in.id, "pid", in.pid, "pidns", (unsigned long long)in.pidns,
+                         "boot_id", in.boot_id, "table_fd", in.table_fd,
+                         "table_addr", (unsigned long long)in.table_addr, "tcp_host", in.tcp_host,
+                         "tcp_port", in.tcp_port);
+}
+
+/* register(addr, nbytes, mem_kind, device) -> (region_id, key) */
+static PyObject *Engine_register(EngineObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int kind, dev;
+    if (!PyArg_ParseTuple(args, "KKii", &addr, &len, &kind, &dev) || !check_open(self))
+        return NULL;
+    uint64_t id, key;
+    kvt_err e;
+    if (kvt_register(self->e, addr, len, kind, dev, &id, &key, &e) < 0)
+        return raise_err(&e, -1);
+    return Py_BuildValue("KK", (unsigned long long)id, (unsigned long long)key);
+}
+
+static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
+{
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !check_open(self))
+        return NULL;
+    kvt_err e;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_deregister(self->e, id, &e);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_err(&e, -1);
+    Py_RETURN_NONE;
+}
+
+/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port) -> Peer */
+static PyObject *Engine_connect(EngineObject *self, PyObject *args)
+{
+    kvt_engine_info in = {0};
+    const char *id, *host;
+    Py_ssize_t idlen;
+    int transport;
+    unsigned long long table_addr;
+    if (!PyArg_ParseTuple(args, "iy#iiKsi", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
+                          &in.tcp_port) ||
+        !check_open(self))
+        return NULL;
+    if (idlen != KVT_ENGINE_ID_LEN) {
+        PyErr_SetString(PyExc_ValueError, "engine_id must be 16 bytes");
+        return NULL;
+    }
+    memcpy(in.id, id, sizeof in.id);
+    in.table_addr = table_addr;
+    snprintf(in.tcp_host, sizeof in.tcp_host, "%s", host);
+    kvt_err e;
+    kvt_peer *p = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_connect(self->e, &in, transport, &p, &e);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_err(&e, -1);
+    PeerObject *po = PyObject_New(PeerObject, &PeerType);
+    if (!po) {
+        kvt_peer_close(p);
+        return NULL;
+    }
+    po->p = p;
+    Py_INCREF(self);
+    po->engine = (PyObject *)self;
+    return (PyObject *)po;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "stop serving and free the engine"},
+    {"info", (PyCFunction)Engine_info, METH_NOARGS, "what a peer needs to reach this engine"},
+    {"register", (PyCFunction)Engine_register, METH_VARARGS, "register(addr, nbytes, kind, device)"},
+    {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
+    {NULL}};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvtransfer._C.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+/* ----------------------------------------------------------------- module */
+
+static PyObject *mod_cuda_pointer_device(PyObject *m, PyObject *arg)
+{
+    unsigned long long ptr = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    int ordinal = -1;
+    kvt_err e;
+    if (kvt_cuda_pointer_device(ptr, &ordinal, &e) < 0)
+        return raise_err(&e, -1);
+    return PyLong_FromLong(ordinal);
+}
+
+static PyObject *mod_cuda_available(PyObject *m, PyObject *noargs)
+{
+    kvt_err e;
+    if (kvt_cuda_available(&e) < 0)
+        return Py_BuildValue("(Os)", Py_False, e.msg);
+    return Py_BuildValue("(Os)", Py_True, "");
+}
+
+static PyMethodDef module_methods[] = {
+    {"cuda_pointer_device", mod_cuda_pointer_device, METH_O, "CUDA device ordinal of a device pointer"},
+    {"cuda_available", mod_cuda_available, METH_NOARGS, "(bool, reason)"},
+    {NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "kvtransfer._C", "kvtransfer C core", -1,
+                                       module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void)
+{
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&PeerType) < 0 || PyType_Ready(&TransferType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    Py_INCREF(&EngineType);
+    PyModule_AddObject(m, "Engine", (PyObject *)&EngineType);
+    PyModule_AddObject(m, "READ_REQ_BYTES", PyLong_FromSize_t(sizeof(kvt_read_req)));
+    PyModule_AddIntConstant(m, "MEM_HOST", KVT_MEM_HOST);
+    PyModule_AddIntConstant(m, "MEM_CUDA", KVT_MEM_CUDA);
+    PyModule_AddIntConstant(m, "TRANSPORT_SHM", KVT_TRANSPORT_SHM);
+    PyModule_AddIntConstant(m, "TRANSPORT_TCP", KVT_TRANSPORT_TCP);
+    return m;
+}

@@ -1,0 +1,74 @@
+/* The region table: which ranges of this process may be read, with which key.
+ *
+ * It lives in a memfd so that same-host readers (shm transport) can map it read-only
+ * and check key and bounds themselves before process_vm_readv; the tcp server checks
+ * it in-process. A region id is (generation << 32 | slot + 1), so a stale descriptor
+ * of a reused slot never matches. Readers validate seqlock-style: id before and id
+ * after the copy; a deregistration in between fails the read (never silent reuse). */
+#ifndef KVT_REGION_H
+#define KVT_REGION_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "err.h"
+
+#define KVT_TABLE_MAGIC 0x6b767472656769ULL /* "kvtregi" */
+#define KVT_TABLE_VERSION 1
+#define KVT_MAX_REGIONS 4096
+
+typedef struct kvt_shared_slot {
+    _Atomic uint64_t id; /* 0 = free; written last on register, first on deregister */
+    uint64_t key;
+    uint64_t addr;
+    uint64_t len;
+    uint32_t mem_kind;
+    uint32_t device;
+} kvt_shared_slot;
+
+typedef struct kvt_shared_table {
+    uint64_t magic;
+    uint8_t engine_id[16];
+    uint32_t version;
+    uint32_t nslots;
+    kvt_shared_slot slots[KVT_MAX_REGIONS];
+} kvt_shared_table;
+
+typedef struct kvt_region_table {
+    int fd;
+    kvt_shared_table *shared;
+    _Atomic int32_t refs[KVT_MAX_REGIONS]; /* reads in progress, per slot (this process) */
+    uint32_t gen[KVT_MAX_REGIONS];
+    pthread_mutex_t lock; /* serializes register/deregister */
+} kvt_region_table;
+
+/* A checked view of one range of a region. */
+typedef struct kvt_region_view {
+    uint64_t addr; /* absolute address of the range's first byte */
+    uint32_t mem_kind;
+    uint32_t device;
+} kvt_region_view;
+
+int kvt_table_init(kvt_region_table *t, const uint8_t engine_id[16], kvt_err *err);
+void kvt_table_destroy(kvt_region_table *t);
+int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
+                  uint64_t *id, uint64_t *key, kvt_err *err);
+int kvt_table_remove(kvt_region_table *t, uint64_t id, kvt_err *err);
+
+/* Takes a reference on the region if id is registered, key matches (unless check_key
+ * is 0) and [off, off+len) lies inside it. Release with kvt_table_release(). */
+int kvt_table_acquire(kvt_region_table *t, uint64_t id, uint64_t key, int check_key,
+                      uint64_t off, uint64_t len, kvt_region_view *view, kvt_err *err);
+void kvt_table_release(kvt_region_table *t, uint64_t id);
+
+/* For a table mapped from another process: the same checks without a reference. */
+int kvt_shared_check(const kvt_shared_table *s, uint64_t id, uint64_t key, uint64_t off,
+                     uint64_t len, kvt_region_view *view, kvt_err *err);
+static inline int kvt_shared_still_valid(const kvt_shared_table *s, uint64_t id)
+{
+    uint32_t slot = (uint32_t)(id & 0xffffffffu) - 1;
+    return slot < KVT_MAX_REGIONS && atomic_load(&s->slots[slot].id) == id;
+}
+
+#endif

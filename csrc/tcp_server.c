@@ -1,0 +1,250 @@
+/* The tcp transport's target side: a C thread accepts connections and one thread per
+ * connection answers read requests straight from registered memory (no Python, no
+ * GIL). Every entry is checked against the region table (id, key, bounds) and holds a
+ * reference on its region while its bytes are sent, so a deregistration waits for it. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "sock.h"
+#include "wire.h"
+
+#define MAX_CONNS 1024
+
+typedef struct srv_conn {
+    struct srv_conn *next;
+    struct kvt_tcp_server *srv;
+    int fd;
+    pthread_t thread;
+    _Atomic int finished;
+} srv_conn;
+
+struct kvt_tcp_server {
+    int lfd;
+    int wake[2];
+    pthread_t acceptor;
+    kvt_region_table *table;
+    int io_timeout_ms;
+    pthread_mutex_t mu;
+    srv_conn *conns;
+    int nconns;
+};
+
+/* Per-connection scratch, sized for the largest frame. */
+typedef struct frame {
+    kvt_wire_entry ents[KVT_WIRE_MAX_ENTRIES];
+    int32_t status[KVT_WIRE_MAX_ENTRIES];
+    struct iovec data[KVT_WIRE_MAX_ENTRIES + 1];
+} frame;
+
+static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_err *err)
+{
+    int fd = c->fd;
+    int rc = kvt_recv_all(fd, f->ents, h->n * sizeof(kvt_wire_entry), "request entries", err);
+    if (rc < 0)
+        return rc;
+    size_t nd = 0;
+    for (uint32_t i = 0; i < h->n; i++) {
+        const kvt_wire_entry *e = &f->ents[i];
+        kvt_region_view v;
+        kvt_err ignored;
+        int st = kvt_table_acquire(c->srv->table, e->region, e->key, 1, e->offset, e->length, &v, &ignored);
+        if (st == 0 && v.mem_kind != KVT_MEM_HOST) {
+            kvt_table_release(c->srv->table, e->region);
+            st = -EOPNOTSUPP;
+        }
+        f->status[i] = st;
+        if (st == 0) {
+            f->data[nd].iov_base = (void *)(uintptr_t)v.addr;
+            f->data[nd].iov_len = e->length;
+            nd++;
+        }
+    }
+    kvt_wire_hdr rh = {.magic = KVT_RESP_MAGIC, .n = h->n, .seq = h->seq};
+    struct iovec head[2] = {{&rh, sizeof rh}, {f->status, h->n * sizeof(int32_t)}};
+    rc = kvt_send_iov(fd, head, 2, "response header", err);
+    if (rc == 0)
+        rc = kvt_send_iov(fd, f->data, nd, "response data", err);
+    for (uint32_t i = 0; i < h->n; i++)
+        if (f->status[i] == 0)
+            kvt_table_release(c->srv->table, f->ents[i].region);
+    return rc;
+}
+
+static void *conn_main(void *arg)
+{
+    srv_conn *c = arg;
+    kvt_err err;
+    frame *f = malloc(sizeof *f);
+    kvt_wire_hello hi;
+    if (!f || kvt_sock_setup(c->fd, c->srv->io_timeout_ms, &err) < 0 ||
+        kvt_recv_all(c->fd, &hi, sizeof hi, "hello", &err) < 0)
+        goto out;
+    int ok = hi.magic == KVT_HELLO_MAGIC && hi.version == KVT_WIRE_VERSION;
+    kvt_wire_hello reply = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = ok ? 0 : -EPROTO};
+    memcpy(reply.engine_id, c->srv->table->shared->engine_id, sizeof reply.engine_id);
+    if (kvt_send_all(c->fd, &reply, sizeof reply, "hello", &err) < 0 || !ok)
+        goto out;
+    for (;;) {
+        /* Idle connections wait without a deadline; once a frame starts, the socket
+         * timeout bounds every read. Server shutdown wakes this with shutdown(2). */
+        struct pollfd pf = {.fd = c->fd, .events = POLLIN};
+        if (poll(&pf, 1, -1) < 0 && errno != EINTR)
+            break;
+        kvt_wire_hdr h;
+        if (kvt_recv_all(c->fd, &h, sizeof h, "request header", &err) < 0)
+            break;
+        if (h.magic != KVT_REQ_MAGIC || h.n == 0 || h.n > KVT_WIRE_MAX_ENTRIES)
+            break; /* malformed: drop this connection, keep serving the others */
+        if (serve_frame(c, &h, f, &err) < 0)
+            break;
+    }
+out:
+    free(f);
+    atomic_store(&c->finished, 1);
+    return NULL;
+}
+
+/* Joins connection threads that have ended (all of them when `all`). Holds mu. */
+static void reap(struct kvt_tcp_server *s, int all)
+{
+    srv_conn **pp = &s->conns;
+    while (*pp) {
+        srv_conn *c = *pp;
+        if (all || atomic_load(&c->finished)) {
+            if (all)
+                shutdown(c->fd, SHUT_RDWR);
+            pthread_join(c->thread, NULL);
+            close(c->fd);
+            *pp = c->next;
+            s->nconns--;
+            free(c);
+        } else {
+            pp = &c->next;
+        }
+    }
+}
+
+static void *acceptor_main(void *arg)
+{
+    struct kvt_tcp_server *s = arg;
+    for (;;) {
+        struct pollfd pf[2] = {{.fd = s->lfd, .events = POLLIN}, {.fd = s->wake[0], .events = POLLIN}};
+        if (poll(pf, 2, 1000) < 0 && errno != EINTR)
+            break;
+        if (pf[1].revents)
+            break;
+        pthread_mutex_lock(&s->mu);
+        reap(s, 0);
+        pthread_mutex_unlock(&s->mu);
+        if (!(pf[0].revents & POLLIN))
+            continue;
+        int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        pthread_mutex_lock(&s->mu);
+        srv_conn *c = s->nconns < MAX_CONNS ? calloc(1, sizeof *c) : NULL;
+        if (!c) {
+            pthread_mutex_unlock(&s->mu);
+            close(fd);
+            continue;
+        }
+        c->srv = s;
+        c->fd = fd;
+        if (pthread_create(&c->thread, NULL, conn_main, c) != 0) {
+            pthread_mutex_unlock(&s->mu);
+            close(fd);
+            free(c);
+            continue;
+        }
+        c->next = s->conns;
+        s->conns = c;
+        s->nconns++;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return NULL;
+}
+
+int kvt_tcp_server_start(kvt_region_table *table, const char *host, int port, int io_timeout_ms,
+                         kvt_tcp_server **out, int *bound_port, kvt_err *err)
+{
+    char ports[16];
+    snprintf(ports, sizeof ports, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE},
+                    *res = NULL;
+    int g = getaddrinfo(host, ports, &hints, &res);
+    if (g != 0)
+        return kvt_error(err, EADDRNOTAVAIL, "getaddrinfo", "%s:%d: %s", host, port, gai_strerror(g));
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd < 0) {
+        freeaddrinfo(res);
+        return kvt_syserr(err, errno, "socket", "family=%d", hints.ai_family);
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+        int rc = kvt_syserr(err, errno, "bind/listen", "%s:%d", host, port);
+        freeaddrinfo(res);
+        close(fd);
+        return rc;
+    }
+    freeaddrinfo(res);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    getsockname(fd, (struct sockaddr *)&ss, &sl);
+    *bound_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                 : ((struct sockaddr_in *)&ss)->sin_port);
+
+    struct kvt_tcp_server *s = calloc(1, sizeof *s);
+    if (!s || pipe2(s->wake, O_CLOEXEC) < 0) {
+        int rc = kvt_syserr(err, s ? errno : ENOMEM, s ? "pipe2" : "calloc", "tcp server");
+        free(s);
+        close(fd);
+        return rc;
+    }
+    s->lfd = fd;
+    s->table = table;
+    s->io_timeout_ms = io_timeout_ms;
+    pthread_mutex_init(&s->mu, NULL);
+    int e = pthread_create(&s->acceptor, NULL, acceptor_main, s);
+    if (e != 0) {
+        close(s->wake[0]);
+        close(s->wake[1]);
+        close(fd);
+        free(s);
+        return kvt_syserr(err, e, "pthread_create", "tcp acceptor");
+    }
+    *out = s;
+    return 0;
+}
+
+void kvt_tcp_server_stop(kvt_tcp_server *s)
+{
+    if (!s)
+        return;
+    char b = 1;
+    ssize_t w = write(s->wake[1], &b, 1);
+    (void)w;
+    pthread_join(s->acceptor, NULL);
+    pthread_mutex_lock(&s->mu);
+    reap(s, 1);
+    pthread_mutex_unlock(&s->mu);
+    close(s->lfd);
+    close(s->wake[0]);
+    close(s->wake[1]);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}

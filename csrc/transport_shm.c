@@ -1,0 +1,225 @@
+/* shm transport: both engines on one host. The reader maps the target's region table
+ * (read-only, through /proc/PID/fd/N), checks key and bounds there, and copies with
+ * process_vm_readv: one copy, batched iovecs, no CPU time on the target. The target's
+ * region ids are re-checked after each copy, so a region deregistered mid-read fails
+ * the read; a pidfd tells whether the target is still the process we connected to.
+ *
+ * Trust: the kernel lets a same-user process read any of the target's memory; keys
+ * here guard against stale or wrong descriptors, not against a hostile local user. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#define SHM_MAX_PIECES 1024 /* IOV_MAX */
+#define SHM_MAX_BYTES (4u << 20)
+
+typedef struct shm_peer {
+    pid_t pid;
+    int pidfd;
+    const kvt_shared_table *table;
+    kvt_queue *queue;
+    int nthreads;
+    pthread_t threads[64];
+} shm_peer;
+
+static int target_alive(const shm_peer *s)
+{
+    struct pollfd pf = {.fd = s->pidfd, .events = POLLIN};
+    return poll(&pf, 1, 0) == 0; /* a pidfd turns readable when the process exits */
+}
+
+/* The entry of the piece that holds byte `at` of the job. */
+static int64_t entry_at(const kvt_job *job, uint64_t at)
+{
+    for (size_t i = 0; i < job->n; i++) {
+        if (at < job->pieces[i].len)
+            return (int64_t)job->pieces[i].entry;
+        at -= job->pieces[i].len;
+    }
+    return (int64_t)job->pieces[job->n - 1].entry;
+}
+
+static void run_job(shm_peer *s, kvt_job *job, struct iovec *liov, struct iovec *riov)
+{
+    kvt_err e;
+    for (size_t i = 0; i < job->n; i++) {
+        const kvt_piece *p = &job->pieces[i];
+        kvt_region_view v;
+        int rc = kvt_shared_check(s->table, p->remote_region, p->remote_key, p->remote_off, p->len, &v, &e);
+        if (rc == 0 && v.mem_kind != KVT_MEM_HOST)
+            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory; shm reads host memory only",
+                           (unsigned long)p->remote_region);
+        if (rc < 0) {
+            kvt_job_done(job, rc, &e, (int64_t)p->entry);
+            return;
+        }
+        liov[i].iov_base = (void *)(uintptr_t)p->local_addr;
+        liov[i].iov_len = p->len;
+        riov[i].iov_base = (void *)(uintptr_t)v.addr;
+        riov[i].iov_len = p->len;
+    }
+    /* Local and remote lists have equal element lengths, so a short count advances
+     * both the same way. */
+    size_t first = 0;
+    uint64_t done = 0;
+    while (done < job->bytes) {
+        ssize_t got = process_vm_readv(s->pid, liov + first, job->n - first, riov + first, job->n - first, 0);
+        if (got <= 0) {
+            int en = got < 0 ? errno : EFAULT;
+            if (!target_alive(s))
+                en = ESRCH;
+            kvt_syserr(&e, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
+                       job->n - first, (unsigned long)done, (unsigned long)job->bytes);
+            kvt_job_done(job, -en, &e, entry_at(job, done));
+            return;
+        }
+        done += (uint64_t)got;
+        size_t left = (size_t)got;
+        while (left && left >= liov[first].iov_len) {
+            left -= liov[first].iov_len;
+            first++;
+        }
+        if (left) {
+            liov[first].iov_base = (char *)liov[first].iov_base + left;
+            liov[first].iov_len -= left;
+            riov[first].iov_base = (char *)riov[first].iov_base + left;
+            riov[first].iov_len -= left;
+        }
+    }
+    /* Seqlock check: the bytes count only if every source region outlived the copy
+     * and the target is the process we connected to. */
+    for (size_t i = 0; i < job->n; i++) {
+        if (!kvt_shared_still_valid(s->table, job->pieces[i].remote_region)) {
+            kvt_error(&e, ESTALE, "read", "remote region 0x%lx was deregistered during the read",
+                      (unsigned long)job->pieces[i].remote_region);
+            kvt_job_done(job, -ESTALE, &e, (int64_t)job->pieces[i].entry);
+            return;
+        }
+    }
+    if (!target_alive(s)) {
+        kvt_error(&e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
+        kvt_job_done(job, -ESRCH, &e, (int64_t)job->pieces[0].entry);
+        return;
+    }
+    kvt_job_done(job, 0, NULL, -1);
+}
+
+static void *worker(void *arg)
+{
+    shm_peer *s = arg;
+    struct iovec *liov = malloc(2 * SHM_MAX_PIECES * sizeof *liov);
+    kvt_job *job;
+    while ((job = kvt_queue_pop(s->queue, 1)) != NULL) {
+        if (!liov) {
+            kvt_err e;
+            kvt_syserr(&e, ENOMEM, "malloc", "iovecs");
+            kvt_job_done(job, -ENOMEM, &e, (int64_t)job->pieces[0].entry);
+            continue;
+        }
+        run_job(s, job, liov, liov + SHM_MAX_PIECES);
+    }
+    free(liov);
+    return NULL;
+}
+
+static void shm_close(kvt_peer *p)
+{
+    shm_peer *s = p->impl;
+    for (int i = 0; i < s->nthreads; i++)
+        pthread_join(s->threads[i], NULL);
+    munmap((void *)s->table, sizeof(kvt_shared_table));
+    close(s->pidfd);
+    free(s);
+}
+
+static int map_table(const kvt_engine_info *peer, const kvt_shared_table **out, kvt_err *err)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)peer->pid, (int)peer->table_fd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return kvt_syserr(err, errno, "open", "\"%s\", O_RDONLY", path);
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (size_t)st.st_size < sizeof(kvt_shared_table)) {
+        close(fd);
+        return kvt_error(err, EPROTO, "connect", "%s is not a kvtransfer region table", path);
+    }
+    void *m = mmap(NULL, sizeof(kvt_shared_table), PROT_READ, MAP_SHARED, fd, 0);
+    int en = errno;
+    close(fd);
+    if (m == MAP_FAILED)
+        return kvt_syserr(err, en, "mmap", "%s, PROT_READ", path);
+    const kvt_shared_table *t = m;
+    if (t->magic != KVT_TABLE_MAGIC || t->version != KVT_TABLE_VERSION ||
+        memcmp(t->engine_id, peer->id, sizeof peer->id) != 0) {
+        munmap(m, sizeof(kvt_shared_table));
+        return kvt_error(err, ESTALE, "connect", "%s belongs to another engine (pid reused?)", path);
+    }
+    *out = t;
+    return 0;
+}
+
+int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+{
+    if (peer->pid <= 0)
+        return kvt_error(err, EINVAL, "connect", "peer has no pid");
+    shm_peer *s = calloc(1, sizeof *s);
+    if (!s)
+        return kvt_syserr(err, ENOMEM, "calloc", "shm peer");
+    s->pid = peer->pid;
+    s->queue = &p->queue;
+    s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
+    if (s->pidfd < 0) {
+        int rc = kvt_syserr(err, errno, "pidfd_open", "pid=%d", (int)s->pid);
+        free(s);
+        return rc;
+    }
+    int rc = map_table(peer, &s->table, err);
+    if (rc < 0) {
+        close(s->pidfd);
+        free(s);
+        return rc;
+    }
+    /* Prove process_vm_readv works on this target (ptrace permission, right process)
+     * by reading its engine id out of its own copy of the table. */
+    uint8_t id[KVT_ENGINE_ID_LEN];
+    struct iovec l = {id, sizeof id};
+    struct iovec r = {(void *)(uintptr_t)(peer->table_addr + offsetof(kvt_shared_table, engine_id)), sizeof id};
+    ssize_t got = process_vm_readv(s->pid, &l, 1, &r, 1, 0);
+    if (got != (ssize_t)sizeof id || memcmp(id, peer->id, sizeof id) != 0) {
+        rc = got < 0 ? kvt_syserr(err, errno, "process_vm_readv", "pid=%d, probe of %zu bytes", (int)s->pid, sizeof id)
+                     : kvt_error(err, ESTALE, "connect", "pid %d is not the engine we were given", (int)s->pid);
+        munmap((void *)s->table, sizeof(kvt_shared_table));
+        close(s->pidfd);
+        free(s);
+        return rc;
+    }
+    s->nthreads = p->eng->opts.shm_threads > 64 ? 64 : p->eng->opts.shm_threads;
+    p->impl = s;
+    p->close = shm_close;
+    p->max_pieces = SHM_MAX_PIECES;
+    p->max_bytes = SHM_MAX_BYTES;
+    for (int i = 0; i < s->nthreads; i++) {
+        int e = pthread_create(&s->threads[i], NULL, worker, s);
+        if (e != 0) {
+            s->nthreads = i;
+            kvt_queue_close(&p->queue, "connect failed");
+            shm_close(p);
+            return kvt_syserr(err, e, "pthread_create", "shm worker %d", i);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,54 @@
+/* The tcp transport's wire format (version 1). All integers little-endian.
+ *
+ *   client -> server  hello     {magic "KVTH", version, flags, status=0, engine id wanted}
+ *   server -> client  hello     {magic "KVTH", version, flags, status, engine id served}
+ *   client -> server  request   {magic "KVTR", n, seq} then n x {region, key, offset, length}
+ *   server -> client  response  {magic "KVTA", n, seq} then n x int32 status (0 or -errno),
+ *                               then the bytes of every entry whose status is 0, in order
+ *
+ * A connection carries requests one after another; the server answers in order. A
+ * frame with a bad magic, n outside [1, KVT_WIRE_MAX_ENTRIES] or a short read closes
+ * the connection; a refused entry (bad key, out of bounds, unknown region) only gets
+ * its status, and the server goes on. */
+#ifndef KVT_WIRE_H
+#define KVT_WIRE_H
+
+#include <stdint.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "kvtransfer's wire format is little-endian; add byte swapping for this target"
+#endif
+
+#define KVT_WIRE_VERSION 1
+#define KVT_HELLO_MAGIC 0x4854564bu /* "KVTH" */
+#define KVT_REQ_MAGIC 0x5254564bu   /* "KVTR" */
+#define KVT_RESP_MAGIC 0x4154564bu  /* "KVTA" */
+#define KVT_WIRE_MAX_ENTRIES 1024
+
+typedef struct kvt_wire_hello {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t flags;
+    int32_t status;
+    uint32_t reserved;
+    uint8_t engine_id[16];
+} kvt_wire_hello;
+
+typedef struct kvt_wire_hdr {
+    uint32_t magic;
+    uint32_t n;
+    uint64_t seq;
+} kvt_wire_hdr;
+
+typedef struct kvt_wire_entry {
+    uint64_t region;
+    uint64_t key;
+    uint64_t offset;
+    uint64_t length;
+} kvt_wire_entry;
+
+_Static_assert(sizeof(kvt_wire_hello) == 32, "hello is 32 bytes");
+_Static_assert(sizeof(kvt_wire_hdr) == 16, "header is 16 bytes");
+_Static_assert(sizeof(kvt_wire_entry) == 32, "entry is 32 bytes");
+
+#endif

@@ -1,0 +1,79 @@
+"""What crosses the wire: engine and region descriptors.
+
+Only descriptors travel; the local handles that keep registrations alive
+(:class:`kvtransfer.engine.Region`) never do. Both are msgspec structs encoded as
+msgpack, with a schema version; ``from_bytes`` validates and raises
+:class:`~kvtransfer.errors.InvalidArgumentError` on anything malformed.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .errors import InvalidArgumentError
+
+SCHEMA_VERSION = 1
+
+
+class EngineDescriptor(msgspec.Struct, frozen=True, kw_only=True):
+    """How to reach an engine: identity, same-host facts (for shm) and a tcp address."""
+
+    version: int = SCHEMA_VERSION
+    engine_id: bytes
+    hostname: str
+    boot_id: str
+    pid: int
+    pidns: int
+    table_fd: int
+    table_addr: int
+    tcp_host: str
+    tcp_port: int
+
+    def to_bytes(self) -> bytes:
+        return msgspec.msgpack.encode(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EngineDescriptor":
+        return _decode(cls, data)
+
+    def same_host_as(self, other: "EngineDescriptor") -> bool:
+        """Same boot and same pid namespace: pids and memory are shared meaningfully."""
+        return bool(self.boot_id) and self.boot_id == other.boot_id and self.pidns == other.pidns
+
+
+class RegionDescriptor(msgspec.Struct, frozen=True, kw_only=True):
+    """A registered region as a peer sees it: where it is and the key to read it.
+
+    ``addr`` and ``nbytes`` are in bytes; ``device`` is ``"cpu"`` or ``"cuda"`` with
+    ``device_index`` the CUDA ordinal (-1 for host memory).
+    """
+
+    version: int = SCHEMA_VERSION
+    engine_id: bytes
+    region_id: int
+    addr: int
+    nbytes: int
+    device: str
+    device_index: int
+    key: int
+
+    def to_bytes(self) -> bytes:
+        return msgspec.msgpack.encode(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "RegionDescriptor":
+        return _decode(cls, data)
+
+
+def _decode(cls, data: bytes):
+    try:
+        obj = msgspec.msgpack.decode(data, type=cls)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise InvalidArgumentError(f"malformed {cls.__name__}: {e}", op="decode") from None
+    if obj.version != SCHEMA_VERSION:
+        raise InvalidArgumentError(
+            f"{cls.__name__} schema version {obj.version}, this kvtransfer speaks {SCHEMA_VERSION}",
+            op="decode")
+    if len(obj.engine_id) != 16:
+        raise InvalidArgumentError(f"{cls.__name__}: engine_id must be 16 bytes", op="decode")
+    return obj

@@ -1,0 +1,393 @@
+"""The transfer engine's Python face: register memory, connect to peers, read.
+
+    with Engine() as eng:
+        region, desc = eng.register(kv_pool)            # desc.to_bytes() goes to peers
+        peer = eng.connect(remote_engine_descriptor)     # transport chosen here
+        t = peer.read([(region, 0, remote_desc, 4096, 65536), ...])
+        t.wait(timeout=5.0)                              # or: await t
+
+Reads are one-sided: the target's Python code never runs to serve them; C threads
+do the work on both sides. Only descriptors cross the wire; the handles returned here
+keep registrations alive and must be closed (or used as context managers).
+
+Transports, chosen per peer in :meth:`Engine.connect`: ``shm`` when both engines share a
+boot id and pid namespace (``process_vm_readv``), else ``tcp`` (a C server thread on the
+target). ``KVTRANSFER_TRANSPORT=shm|tcp`` (or ``transport=``) forces one; a forced
+transport that cannot run raises :class:`TransportUnavailableError`, never falls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as _errno
+import logging
+import os
+import socket
+import threading
+import weakref
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import _C
+from .descriptors import EngineDescriptor, RegionDescriptor
+from .errors import (InvalidArgumentError, KVTransferError, TransferError, TransferTimeoutError,
+                     TransportUnavailableError)
+from .memory import MemoryRange, describe
+
+log = logging.getLogger("kvtransfer")
+
+TRANSPORTS = ("shm", "tcp")
+_TRANSPORT_CODES = {"shm": _C.TRANSPORT_SHM, "tcp": _C.TRANSPORT_TCP}
+
+#: One READ as the C core takes it; ``Peer.read`` packs entries into this.
+READ_REQ_DTYPE = np.dtype([("local_region", "<u8"), ("local_off", "<u8"), ("remote_region", "<u8"),
+                           ("remote_key", "<u8"), ("remote_off", "<u8"), ("len", "<u8")])
+assert READ_REQ_DTYPE.itemsize == _C.READ_REQ_BYTES
+
+Entry = tuple["Region", int, RegionDescriptor, int, int]
+
+
+class Region:
+    """A local registration: keeps the memory registered and its owner alive.
+
+    ``descriptor`` is what peers need to read it. ``close()`` refuses new reads at
+    once and returns when reads being served from it (or writing into it) are done.
+    """
+
+    def __init__(self, engine: "Engine", region_id: int, mem: MemoryRange, descriptor: RegionDescriptor):
+        self._engine = engine
+        self.id = region_id
+        self.ptr = mem.ptr
+        self.nbytes = mem.nbytes
+        self.device = mem.device if mem.device_index < 0 else f"{mem.device}:{mem.device_index}"
+        self.descriptor = descriptor
+        self._owner = mem.owner
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine._deregister(self)
+        self._owner = None
+
+    def __enter__(self) -> "Region":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # backstop only: close() is the contract
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Region {self.id:#x} {self.nbytes} bytes on {self.device}, {state}>"
+
+
+class Transfer:
+    """A batch of reads in flight: ``done()``, ``wait(timeout)``, or ``await``.
+
+    On failure, ``wait`` (and ``await``) raise a :class:`TransferError` naming the first
+    entry that failed, its ranges, the transport and the cause. ``done()`` is True once
+    nothing writes the destination anymore, whether the reads succeeded or not.
+    """
+
+    def __init__(self, c: Any, reqs: np.ndarray, transport: str, keep: tuple):
+        self._c = c
+        self._reqs = reqs
+        self._keep = keep  # local Regions: their memory must outlive the transfer
+        self.transport = transport
+        self.entries = len(reqs)
+        self.nbytes = int(reqs["len"].sum())
+
+    def done(self) -> bool:
+        return self._c.wait(0.0)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until finished, at most ``timeout`` seconds (None: until the reads end,
+        which the engine's io timeout bounds). Raises TransferTimeoutError if still
+        running at the deadline (the transfer goes on), TransferError if it failed."""
+        if not self._c.wait(timeout):
+            raise TransferTimeoutError(
+                f"transfer of {self.entries} entries ({self.nbytes} bytes) over {self.transport} "
+                f"still running after {timeout} s")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        try:
+            self._c.status()
+        except TransferError as e:
+            e.transport = self.transport
+            if 0 <= e.entry < len(self._reqs):
+                r = self._reqs[e.entry]
+                where = (f"entry {e.entry} of {self.entries} (local region {int(r['local_region']):#x} "
+                         f"+{int(r['local_off'])}, remote region {int(r['remote_region']):#x} "
+                         f"+{int(r['remote_off'])}, {int(r['len'])} bytes)")
+            else:
+                where = f"transfer of {self.entries} entries"
+            e.args = (f"{where} over {self.transport}: {e.args[0]}",)
+            raise
+
+    def __await__(self):
+        if not self._c.wait(0.0):
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+            def on_ready() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, on_ready)
+            try:
+                self._c.set_notify_fd(fd)
+                yield from fut.__await__()
+            finally:
+                self._c.set_notify_fd(-1)  # C never writes to fd after this returns
+                loop.remove_reader(fd)
+                os.close(fd)
+        self._raise_if_failed()
+
+    def __repr__(self) -> str:
+        return f"<Transfer {self.entries} entries, {self.nbytes} bytes over {self.transport}>"
+
+
+class Peer:
+    """A connection to another engine, over one transport (``.transport``)."""
+
+    def __init__(self, engine: "Engine", c: Any, descriptor: EngineDescriptor, transport: str):
+        self._engine = engine
+        self._c = c
+        self.descriptor = descriptor
+        self.transport = transport
+        self._closed = False
+
+    def read(self, entries: Sequence[Entry]) -> Transfer:
+        """Starts reading a batch; each entry is ``(local Region, local offset,
+        remote RegionDescriptor, remote offset, nbytes)`` (offsets and sizes in bytes).
+        Thousands of entries per call are expected. Local ranges are checked now
+        (InvalidArgumentError names the entry); remote ranges by the target."""
+        n = len(entries)
+        if n == 0:
+            raise InvalidArgumentError("read: empty batch", op="read")
+        try:
+            locals_, loffs, remotes, roffs, lens = zip(*entries)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                "read: each entry is (local Region, local offset, remote RegionDescriptor, remote offset, nbytes)",
+                op="read") from None
+        reqs = np.empty(n, READ_REQ_DTYPE)
+        local_ids = {id(r): r for r in locals_}
+        for r in local_ids.values():
+            self._check_local(r)
+        reqs["local_region"] = [r.id for r in locals_] if len(local_ids) > 1 else next(iter(local_ids.values())).id
+        remote_descs = {id(d): d for d in remotes}
+        for d in remote_descs.values():
+            self._check_remote(d)
+        if len(remote_descs) == 1:
+            d = next(iter(remote_descs.values()))
+            reqs["remote_region"] = d.region_id
+            reqs["remote_key"] = d.key
+        else:
+            reqs["remote_region"] = [d.region_id for d in remotes]
+            reqs["remote_key"] = [d.key for d in remotes]
+        reqs["local_off"] = _nonneg(loffs, "local offset")
+        reqs["remote_off"] = _nonneg(roffs, "remote offset")
+        reqs["len"] = _nonneg(lens, "length")
+        return self._submit(reqs, tuple(local_ids.values()))
+
+    def read_blocks(self, local: Region, local_offsets: Any, remote: RegionDescriptor, remote_offsets: Any,
+                    lengths: Any) -> Transfer:
+        """Vectorized :meth:`read` for one local and one remote region: offsets are
+        int arrays (bytes), ``lengths`` an array or one int for every block."""
+        self._check_local(local)
+        self._check_remote(remote)
+        lo = _nonneg(local_offsets, "local offset")
+        ro = _nonneg(remote_offsets, "remote offset")
+        ln = np.broadcast_to(_nonneg(lengths, "length"), lo.shape)
+        if lo.ndim != 1 or lo.shape != ro.shape:
+            raise InvalidArgumentError(f"read_blocks: offsets must be 1-D of one length, got {lo.shape} and "
+                                       f"{ro.shape}", op="read")
+        reqs = np.empty(len(lo), READ_REQ_DTYPE)
+        reqs["local_region"] = local.id
+        reqs["local_off"] = lo
+        reqs["remote_region"] = remote.region_id
+        reqs["remote_key"] = remote.key
+        reqs["remote_off"] = ro
+        reqs["len"] = ln
+        return self._submit(reqs, (local,))
+
+    def _submit(self, reqs: np.ndarray, keep: tuple) -> Transfer:
+        if self._closed:
+            raise InvalidArgumentError("read on a closed peer", errno=_errno.EBADF, op="read")
+        return Transfer(self._c.read(reqs), reqs, self.transport, keep)
+
+    def _check_local(self, r: Any) -> None:
+        if not isinstance(r, Region) or r._engine is not self._engine:
+            raise InvalidArgumentError(f"local side must be a Region of this engine, got {r!r}", op="read")
+        if r.closed:
+            raise InvalidArgumentError(f"local {r!r} is closed", errno=_errno.EBADF, op="read")
+
+    def _check_remote(self, d: Any) -> None:
+        if not isinstance(d, RegionDescriptor):
+            raise InvalidArgumentError(f"remote side must be a RegionDescriptor, got {type(d).__name__}", op="read")
+        if d.engine_id != self.descriptor.engine_id:
+            raise InvalidArgumentError(
+                f"remote region {d.region_id:#x} belongs to engine {d.engine_id.hex()}, this peer is "
+                f"{self.descriptor.engine_id.hex()}", op="read")
+
+    def close(self) -> None:
+        """Closes the connection; reads still queued fail with ECANCELED."""
+        if not self._closed:
+            self._closed = True
+            self._c.close()
+            self._engine._peers.discard(self)
+
+    def __enter__(self) -> "Peer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.descriptor.engine_id.hex()[:8]} via {self.transport}>"
+
+
+def _nonneg(values: Any, what: str) -> np.ndarray:
+    try:
+        a = np.asarray(values, dtype=np.int64)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidArgumentError(f"read: every {what} must be an integer", op="read") from None
+    if a.size and a.min() < 0:
+        raise InvalidArgumentError(f"read: negative {what} {int(a.min())}", op="read")
+    return a
+
+
+class Engine:
+    """A transfer engine: a region table, a tcp server thread, and peers.
+
+    ``listen_host``/``listen_port``: where the tcp server binds (default loopback, any
+    free port). ``io_timeout``: seconds without progress after which a read fails
+    (a dead or hung peer). ``tcp_connections``: streams per tcp peer.
+    ``shm_threads``: copy threads per shm peer.
+    """
+
+    def __init__(self, *, listen_host: str = "127.0.0.1", listen_port: int = 0, io_timeout: float = 10.0,
+                 tcp_connections: int = 4, shm_threads: int = 2):
+        if io_timeout <= 0:
+            raise InvalidArgumentError(f"io_timeout must be > 0, got {io_timeout}", op="engine")
+        self._c = _C.Engine(listen_host, listen_port, int(io_timeout * 1000), tcp_connections, shm_threads)
+        info = self._c.info()
+        self.descriptor = EngineDescriptor(
+            engine_id=info["engine_id"], hostname=socket.gethostname(), boot_id=info["boot_id"],
+            pid=info["pid"], pidns=info["pidns"], table_fd=info["table_fd"], table_addr=info["table_addr"],
+            tcp_host=info["tcp_host"], tcp_port=info["tcp_port"])
+        self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
+        self._peers: "weakref.WeakSet[Peer]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        log.debug("engine %s listening on %s:%d", self.id, info["tcp_host"], info["tcp_port"])
+
+    @property
+    def id(self) -> str:
+        return self.descriptor.engine_id.hex()
+
+    def register(self, obj: Any) -> tuple[Region, RegionDescriptor]:
+        """Registers ``obj``'s memory for remote reads (see :mod:`kvtransfer.memory` for
+        what is accepted). Register few large regions (whole pools), never per block."""
+        mem = describe(obj)
+        if mem.nbytes <= 0:
+            raise InvalidArgumentError(f"cannot register an empty range ({mem.nbytes} bytes)", op="register")
+        kind = _C.MEM_CUDA if mem.device == "cuda" else _C.MEM_HOST
+        region_id, key = self._c.register(mem.ptr, mem.nbytes, kind, mem.device_index)
+        if kind == _C.MEM_CUDA and mem.device_index < 0:
+            mem = MemoryRange(mem.ptr, mem.nbytes, mem.device, _C.cuda_pointer_device(mem.ptr), mem.owner)
+        desc = RegionDescriptor(engine_id=self.descriptor.engine_id, region_id=region_id, addr=mem.ptr,
+                                nbytes=mem.nbytes, device=mem.device, device_index=mem.device_index, key=key)
+        region = Region(self, region_id, mem, desc)
+        self._regions.add(region)
+        return region, desc
+
+    def _deregister(self, region: Region) -> None:
+        self._regions.discard(region)
+        if self._c is not None:
+            self._c.deregister(region.id)
+
+    def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> Peer:
+        """Connects to another engine, choosing the transport (see module docs)."""
+        desc = EngineDescriptor.from_bytes(peer) if isinstance(peer, (bytes, bytearray, memoryview)) else peer
+        if not isinstance(desc, EngineDescriptor):
+            raise InvalidArgumentError(f"connect needs an EngineDescriptor, got {type(peer).__name__}", op="connect")
+        forced = transport or os.environ.get("KVTRANSFER_TRANSPORT") or None
+        candidates = self._candidates(desc, forced)
+        failures = []
+        for name in candidates:
+            try:
+                c = self._c.connect(_TRANSPORT_CODES[name], desc.engine_id, desc.pid, desc.table_fd,
+                                    desc.table_addr, desc.tcp_host, desc.tcp_port)
+            except KVTransferError as e:
+                failures.append(f"{name}: {e}")
+                if forced:
+                    raise TransportUnavailableError(
+                        f"forced transport {name} cannot reach engine {desc.engine_id.hex()}: {e}",
+                        errno=e.errno, op=e.op) from e
+                log.info("engine %s: %s to %s unavailable (%s); trying the next transport", self.id[:8], name,
+                         desc.engine_id.hex()[:8], e)
+                continue
+            p = Peer(self, c, desc, name)
+            self._peers.add(p)
+            log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], name,
+                     " (forced)" if forced else "")
+            return p
+        raise TransportUnavailableError(f"no transport reaches engine {desc.engine_id.hex()}: "
+                                        + "; ".join(failures), errno=_errno.EHOSTUNREACH, op="connect")
+
+    def _candidates(self, desc: EngineDescriptor, forced: str | None) -> list[str]:
+        """The one place transports are chosen: forced, or shm on the same host, then tcp."""
+        same_host = self.descriptor.same_host_as(desc)
+        if forced:
+            if forced not in TRANSPORTS:
+                raise InvalidArgumentError(f"unknown transport {forced!r}; choose one of {', '.join(TRANSPORTS)}",
+                                           op="connect")
+            if forced == "shm" and not same_host:
+                raise TransportUnavailableError(
+                    f"forced transport shm needs both engines on one host (boot id {self.descriptor.boot_id} vs "
+                    f"{desc.boot_id}, pid namespace {self.descriptor.pidns} vs {desc.pidns})",
+                    errno=_errno.EHOSTUNREACH, op="connect")
+            return [forced]
+        return ["shm", "tcp"] if same_host else ["tcp"]
+
+    def close(self) -> None:
+        """Closes peers, then regions (waiting for reads they serve), then the engine."""
+        with self._lock:
+            if self._c is None:
+                return
+            for p in list(self._peers):
+                p.close()
+            for r in list(self._regions):
+                r.close()
+            c, self._c = self._c, None
+        c.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # backstop only
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.id[:8]} tcp {self.descriptor.tcp_host}:{self.descriptor.tcp_port}>"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs everything `make demo` and `make test` need, idempotently:
+#   1. Debian packages (build tools, libibverbs headers for the verbs transport);
+#   2. the project's environment in .venv, with the CPU build of torch first
+#      (a bare `torch` requirement would pull a multi-GB CUDA build);
+#   3. the editable build of kvtransfer, including the C extension.
+# Re-running it after a change in csrc/ rebuilds the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+APT_PACKAGES="build-essential libibverbs-dev"
+
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION (CPU build)"
+  $PIP install -q "torch==$TORCH_VERSION"
+fi
+stamp=.venv/.kvtransfer-deps
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python dependencies"
+  $PIP install -q --upgrade pip setuptools wheel
+  $PIP install -q -e ".[test]"
+  touch "$stamp"
+fi
+# Rebuild the extension in place when any C source is newer than the built module.
+so=$(ls kvtransfer/_C*.so 2>/dev/null | head -1 || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null | head -1)" ]; then
+  echo "setup: building kvtransfer._C"
+  .venv/bin/python setup.py -q build_ext --inplace
+fi

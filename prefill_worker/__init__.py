@@ -1,0 +1,1 @@
+"""Standalone prefill worker: serves prefill requests and publishes KV block manifests (built in a later issue)."""

@@ -1,0 +1,67 @@
+"""A standalone read target: registers a buffer of seeded random bytes and serves it.
+
+    python -m kvtransfer.target --bytes 64M --seed 7 [--listen-host 127.0.0.1]
+
+It prints one JSON line, ``{"engine": HEX, "region": HEX, "pid": N}`` (the
+descriptors' bytes), then serves reads from C threads while it waits on stdin for
+commands, one per line: ``deregister`` (answers ``deregistered``), ``ping``
+(answers ``pong``), ``exit``. End of stdin exits too. The demo, the benchmark and
+the tests use it as "the other process"; :func:`seeded_bytes` gives the reader the
+same bytes to check against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .engine import Engine
+from .memory import alloc_host
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864; accepts K, M, G suffixes (powers of 1024)."""
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def seeded_bytes(nbytes: int, seed: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``nbytes`` pseudo-random bytes a target with ``seed`` serves."""
+    data = np.frombuffer(np.random.default_rng(seed).bytes(nbytes), dtype=np.uint8)
+    if out is None:
+        return data.copy()
+    out[:nbytes] = data
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bytes", type=parse_size, default=64 << 20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--listen-host", default="127.0.0.1")
+    ap.add_argument("--io-timeout", type=float, default=10.0)
+    args = ap.parse_args(argv)
+
+    buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes))
+    with Engine(listen_host=args.listen_host, io_timeout=args.io_timeout) as eng:
+        region, desc = eng.register(buf)
+        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex(),
+                          "pid": eng.descriptor.pid}), flush=True)
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "deregister":
+                region.close()
+                print("deregistered", flush=True)
+            elif cmd == "ping":
+                print("pong", flush=True)
+            elif cmd == "exit":
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,11 +29,18 @@ int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *er
     e->opts = *opts;
     snprintf(e->listen_host, sizeof e->listen_host, "%s", opts->listen_host ? opts->listen_host : "127.0.0.1");
     e->opts.listen_host = e->listen_host;
-    if (e->opts.io_timeout_ms <= 0)
+    /* 0 means "the default"; anything else out of range is the caller's mistake */
+    if (opts->io_timeout_ms < 0 || opts->tcp_conns < 0 || opts->tcp_conns > KVT_MAX_THREADS ||
+        opts->shm_threads < 0 || opts->shm_threads > KVT_MAX_THREADS) {
+        free(e);
+        return kvt_error(err, EINVAL, "engine", "io_timeout_ms=%d must be >= 0, tcp_conns=%d and shm_threads=%d in [0, %d]",
+                         opts->io_timeout_ms, opts->tcp_conns, opts->shm_threads, KVT_MAX_THREADS);
+    }
+    if (e->opts.io_timeout_ms == 0)
         e->opts.io_timeout_ms = 10000;
-    if (e->opts.tcp_conns <= 0)
+    if (e->opts.tcp_conns == 0)
         e->opts.tcp_conns = 4;
-    if (e->opts.shm_threads <= 0)
+    if (e->opts.shm_threads == 0)
         e->opts.shm_threads = 2;
 
     kvt_engine_info *in = &e->info;

@@ -14,6 +14,7 @@
 #include "err.h"
 
 #define KVT_ENGINE_ID_LEN 16
+#define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
 enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2 };
@@ -25,9 +26,9 @@ typedef struct kvt_transfer kvt_transfer;
 typedef struct kvt_engine_opts {
     const char *listen_host; /* where the tcp server binds; NULL = "127.0.0.1" */
     int listen_port;         /* 0 = any free port */
-    int io_timeout_ms;       /* no progress on a socket for this long fails the read */
-    int tcp_conns;           /* connections (and client threads) per tcp peer */
-    int shm_threads;         /* process_vm_readv threads per shm peer */
+    int io_timeout_ms;       /* no progress on a socket for this long fails the read; 0 = 10 s */
+    int tcp_conns;           /* connections (and client threads) per tcp peer; 0 = 4 */
+    int shm_threads;         /* process_vm_readv threads per shm peer; 0 = 2 */
 } kvt_engine_opts;
 
 /* What a peer needs to reach this engine; Python serializes it as EngineDescriptor. */

@@ -32,7 +32,7 @@ typedef struct shm_peer {
     const kvt_shared_table *table;
     kvt_queue *queue;
     int nthreads;
-    pthread_t threads[64];
+    pthread_t threads[KVT_MAX_THREADS];
 } shm_peer;
 
 static int target_alive(const shm_peer *s)
@@ -207,7 +207,7 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         free(s);
         return rc;
     }
-    s->nthreads = p->eng->opts.shm_threads > 64 ? 64 : p->eng->opts.shm_threads;
+    s->nthreads = p->eng->opts.shm_threads;
     p->impl = s;
     p->close = shm_close;
     p->max_pieces = SHM_MAX_PIECES;

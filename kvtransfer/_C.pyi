@@ -3,6 +3,7 @@
 from typing import Any
 
 READ_REQ_BYTES: int
+MAX_THREADS: int
 MEM_HOST: int
 MEM_CUDA: int
 TRANSPORT_SHM: int

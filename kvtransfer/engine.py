@@ -47,6 +47,8 @@ assert READ_REQ_DTYPE.itemsize == _C.READ_REQ_BYTES
 
 Entry = tuple["Region", int, RegionDescriptor, int, int]
 
+MAX_THREADS = _C.MAX_THREADS  # connections or copy threads per peer
+
 
 class Region:
     """A local registration: keeps the memory registered and its owner alive.
@@ -285,6 +287,9 @@ class Engine:
                  tcp_connections: int = 4, shm_threads: int = 2):
         if io_timeout <= 0:
             raise InvalidArgumentError(f"io_timeout must be > 0, got {io_timeout}", op="engine")
+        for name, value in (("tcp_connections", tcp_connections), ("shm_threads", shm_threads)):
+            if not 1 <= value <= MAX_THREADS:
+                raise InvalidArgumentError(f"{name} must be in [1, {MAX_THREADS}], got {value}", op="engine")
         self._c = _C.Engine(listen_host, listen_port, int(io_timeout * 1000), tcp_connections, shm_threads)
         info = self._c.info()
         self.descriptor = EngineDescriptor(

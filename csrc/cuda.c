@@ -12,10 +12,13 @@
 typedef int (*cu_init_fn)(unsigned int);
 typedef int (*cu_ptr_attr_fn)(void *, int, unsigned long long);
 typedef int (*cu_err_str_fn)(int, const char **);
+typedef int (*cu_addr_range_fn)(unsigned long long *, size_t *, unsigned long long);
+typedef int (*cu_handle_range_fn)(void *, unsigned long long, size_t, int, unsigned long long);
 
 #define CU_POINTER_ATTRIBUTE_MEMORY_TYPE 2
 #define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
 #define CU_MEMORYTYPE_DEVICE 2
+#define CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD 1
 
 static struct {
     pthread_once_t once;
@@ -23,6 +26,8 @@ static struct {
     char why[400];
     cu_ptr_attr_fn ptr_attr;
     cu_err_str_fn err_str;
+    cu_addr_range_fn addr_range;     /* cuMemGetAddressRange_v2 */
+    cu_handle_range_fn handle_range; /* cuMemGetHandleForAddressRange (CUDA 11.7+) */
 } cu = {.once = PTHREAD_ONCE_INIT};
 
 static void load(void)
@@ -36,6 +41,8 @@ static void load(void)
     cu_init_fn init = (cu_init_fn)dlsym(h, "cuInit");
     cu.ptr_attr = (cu_ptr_attr_fn)dlsym(h, "cuPointerGetAttribute");
     cu.err_str = (cu_err_str_fn)dlsym(h, "cuGetErrorString");
+    cu.addr_range = (cu_addr_range_fn)dlsym(h, "cuMemGetAddressRange_v2");
+    cu.handle_range = (cu_handle_range_fn)dlsym(h, "cuMemGetHandleForAddressRange");
     if (!init || !cu.ptr_attr) {
         cu.rc = -ENOSYS;
         snprintf(cu.why, sizeof cu.why, "libcuda.so.1 lacks cuInit/cuPointerGetAttribute");
@@ -81,5 +88,41 @@ int kvt_cuda_pointer_device(uint64_t ptr, int *ordinal, kvt_err *err)
         return kvt_error(err, EIO, "cuPointerGetAttribute", "DEVICE_ORDINAL of 0x%lx: CUresult %d",
                          (unsigned long)ptr, r);
     *ordinal = dev;
+    return 0;
+}
+
+static const char *cu_str(int r)
+{
+    const char *s = "unknown";
+    if (cu.err_str)
+        cu.err_str(r, &s);
+    return s;
+}
+
+/* A dma-buf of the whole allocation holding [addr, addr+len): exporting the
+ * allocation (page-aligned by construction) rather than the range avoids alignment
+ * rules, and offset says where addr lies in it. */
+int kvt_cuda_dmabuf(uint64_t addr, uint64_t len, int *fd, uint64_t *offset, kvt_err *err)
+{
+    int rc = kvt_cuda_available(err);
+    if (rc < 0)
+        return rc;
+    if (!cu.addr_range || !cu.handle_range)
+        return kvt_error(err, ENOSYS, "cuMemGetHandleForAddressRange", "not in this libcuda (driver too old for dma-buf)");
+    unsigned long long base = 0;
+    size_t size = 0;
+    int r = cu.addr_range(&base, &size, addr);
+    if (r != 0)
+        return kvt_error(err, EINVAL, "cuMemGetAddressRange", "0x%lx: CUresult %d, %s", (unsigned long)addr, r, cu_str(r));
+    if (addr + len > base + size)
+        return kvt_error(err, EINVAL, "register", "range 0x%lx+%lu crosses the end of its CUDA allocation",
+                         (unsigned long)addr, (unsigned long)len);
+    int f = -1;
+    r = cu.handle_range(&f, base, size, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0);
+    if (r != 0)
+        return kvt_error(err, EOPNOTSUPP, "cuMemGetHandleForAddressRange", "base=0x%llx, size=%zu: CUresult %d, %s",
+                         base, size, r, cu_str(r));
+    *fd = f;
+    *offset = addr - base;
     return 0;
 }

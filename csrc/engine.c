@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "engine.h"
+#include "verbs.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -42,6 +43,13 @@ int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *er
         e->opts.tcp_conns = 4;
     if (e->opts.shm_threads == 0)
         e->opts.shm_threads = 2;
+    if (e->opts.verbs_qps < 0 || e->opts.verbs_qps > KVT_VERBS_MAX_QPS) {
+        free(e);
+        return kvt_error(err, EINVAL, "engine", "verbs_qps=%d must be in [0, %d]", opts->verbs_qps, KVT_VERBS_MAX_QPS);
+    }
+    if (e->opts.verbs_qps == 0)
+        e->opts.verbs_qps = 2;
+    pthread_mutex_init(&e->reg_lock, NULL);
 
     kvt_engine_info *in = &e->info;
     if (getrandom(in->id, sizeof in->id, 0) != (ssize_t)sizeof in->id) {
@@ -62,10 +70,21 @@ int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *er
     in->table_fd = e->table.fd;
     in->table_addr = (uint64_t)(uintptr_t)e->table.shared;
 
+    /* An RDMA device is optional: without one the engine serves shm and tcp, and
+     * says why verbs is unavailable. */
+    if (opts->use_verbs) {
+        kvt_err why;
+        if (kvt_verbs_open(&e->verbs, in, &why) < 0)
+            snprintf(in->verbs_why, sizeof in->verbs_why, "%s", why.msg);
+    } else {
+        snprintf(in->verbs_why, sizeof in->verbs_why, "verbs not requested");
+    }
+
     int port = 0;
-    rc = kvt_tcp_server_start(&e->table, e->listen_host, opts->listen_port, e->opts.io_timeout_ms,
+    rc = kvt_tcp_server_start(&e->table, e->verbs, e->listen_host, opts->listen_port, e->opts.io_timeout_ms,
                               &e->server, &port, err);
     if (rc < 0) {
+        kvt_verbs_close(e->verbs);
         kvt_table_destroy(&e->table);
         free(e);
         return rc;
@@ -81,7 +100,11 @@ void kvt_engine_destroy(kvt_engine *e)
     if (!e)
         return;
     kvt_tcp_server_stop(e->server);
+    for (int i = 0; i < KVT_MAX_REGIONS; i++)
+        kvt_verbs_dereg(e->mrs[i]);
+    kvt_verbs_close(e->verbs);
     kvt_table_destroy(&e->table);
+    pthread_mutex_destroy(&e->reg_lock);
     free(e);
 }
 
@@ -102,12 +125,36 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
     } else if (mem_kind != KVT_MEM_HOST) {
         return kvt_error(err, EINVAL, "register", "unknown memory kind %d", mem_kind);
     }
-    return kvt_table_add(&e->table, addr, len, mem_kind, device, region_id, key, err);
+    pthread_mutex_lock(&e->reg_lock);
+    void *mr = NULL;
+    uint32_t lkey = 0, rkey = 0;
+    const char *path = "";
+    int rc = 0;
+    if (e->verbs)
+        rc = kvt_verbs_reg(e->verbs, addr, len, mem_kind, &mr, &lkey, &rkey, &path, err);
+    if (rc == 0)
+        rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey, region_id, key, err);
+    if (rc == 0)
+        e->mrs[kvt_region_slot(*region_id)] = mr;
+    else
+        kvt_verbs_dereg(mr);
+    pthread_mutex_unlock(&e->reg_lock);
+    return rc;
 }
 
 int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
 {
-    return kvt_table_remove(&e->table, region_id, err);
+    /* The table refuses tcp and shm reads first (and waits for those in progress);
+     * deregistering the MR then makes the NIC refuse verbs reads. */
+    pthread_mutex_lock(&e->reg_lock);
+    int rc = kvt_table_remove(&e->table, region_id, err);
+    if (rc == 0) {
+        uint32_t slot = kvt_region_slot(region_id);
+        kvt_verbs_dereg(e->mrs[slot]);
+        e->mrs[slot] = NULL;
+    }
+    pthread_mutex_unlock(&e->reg_lock);
+    return rc;
 }
 
 int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_peer **out, kvt_err *err)
@@ -125,6 +172,9 @@ int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_p
         break;
     case KVT_TRANSPORT_TCP:
         rc = kvt_tcp_connect(p, peer, err);
+        break;
+    case KVT_TRANSPORT_VERBS:
+        rc = kvt_verbs_connect(p, peer, err);
         break;
     default:
         rc = kvt_error(err, EINVAL, "connect", "unknown transport %d", transport);
@@ -154,7 +204,8 @@ int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer 
 {
     kvt_job *jobs = NULL;
     kvt_transfer *t = NULL;
-    int rc = kvt_transfer_build(&p->eng->table, reqs, n, p->max_pieces, p->max_bytes, &t, &jobs, err);
+    int rc = kvt_transfer_build(&p->eng->table, reqs, n, p->max_pieces, p->max_bytes, p->device_memory, &t, &jobs,
+                                err);
     if (rc < 0)
         return rc;
     kvt_queue_push_list(&p->queue, jobs);

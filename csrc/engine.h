@@ -13,6 +13,7 @@
 #include "transfer.h"
 
 typedef struct kvt_tcp_server kvt_tcp_server;
+typedef struct kvt_verbs kvt_verbs;
 
 struct kvt_engine {
     kvt_engine_opts opts;
@@ -20,6 +21,9 @@ struct kvt_engine {
     kvt_engine_info info;
     kvt_region_table table;
     kvt_tcp_server *server;
+    kvt_verbs *verbs;              /* NULL without an RDMA device (info.verbs_why says why) */
+    pthread_mutex_t reg_lock;      /* register/deregister: table slot and its MR together */
+    void *mrs[KVT_MAX_REGIONS];    /* verbs memory registration per table slot */
 };
 
 struct kvt_peer {
@@ -28,15 +32,22 @@ struct kvt_peer {
     kvt_queue queue;
     size_t max_pieces;  /* per job */
     uint64_t max_bytes; /* per job */
+    int device_memory;  /* reads may land in CUDA memory (verbs: the NIC writes it) */
     void (*close)(kvt_peer *p);
     void *impl;
 };
 
 int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
 int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
+int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
 
-int kvt_tcp_server_start(kvt_region_table *table, const char *host, int port, int io_timeout_ms,
-                         kvt_tcp_server **out, int *bound_port, kvt_err *err);
+/* A tcp connection to engine `id` at host:port, hello exchanged; returns the fd. */
+int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], int timeout_ms,
+                       kvt_err *err);
+
+/* The target side of tcp reads and of verbs queue-pair setup (verbs may be NULL). */
+int kvt_tcp_server_start(kvt_region_table *table, kvt_verbs *verbs, const char *host, int port,
+                         int io_timeout_ms, kvt_tcp_server **out, int *bound_port, kvt_err *err);
 void kvt_tcp_server_stop(kvt_tcp_server *s);
 
 #endif

@@ -17,7 +17,7 @@
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
-enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2 };
+enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
 
 typedef struct kvt_engine kvt_engine;
 typedef struct kvt_peer kvt_peer;
@@ -29,6 +29,8 @@ typedef struct kvt_engine_opts {
     int io_timeout_ms;       /* no progress on a socket for this long fails the read; 0 = 10 s */
     int tcp_conns;           /* connections (and client threads) per tcp peer; 0 = 4 */
     int shm_threads;         /* process_vm_readv threads per shm peer; 0 = 2 */
+    int verbs_qps;           /* RC queue pairs per verbs peer; 0 = 2 */
+    int use_verbs;           /* 1: open an RDMA device if there is one; 0: do not */
 } kvt_engine_opts;
 
 /* What a peer needs to reach this engine; Python serializes it as EngineDescriptor. */
@@ -41,14 +43,25 @@ typedef struct kvt_engine_info {
     uint64_t table_addr; /* where that table is mapped in this process */
     char tcp_host[64];
     int32_t tcp_port;
+    /* RDMA: set when the engine opened a device (queue pairs are set up over tcp) */
+    int32_t verbs;
+    char ib_device[64];
+    int32_t ib_port;
+    int32_t gid_index;
+    uint8_t gid[16];
+    char verbs_why[512]; /* why verbs is unavailable, when it is */
 } kvt_engine_info;
 
-/* One READ: len bytes at remote region+remote_off land at local region+local_off. */
+/* One READ: len bytes at remote region+remote_off land at local region+local_off.
+ * remote_key and remote_addr come from the remote region's descriptor: tcp and shm
+ * check the whole key at the target; verbs uses remote_addr and the key's low 32
+ * bits (the rkey), and the NIC checks them. */
 typedef struct kvt_read_req {
     uint64_t local_region;
     uint64_t local_off;
     uint64_t remote_region;
     uint64_t remote_key;
+    uint64_t remote_addr; /* base address of the remote region */
     uint64_t remote_off;
     uint64_t len;
 } kvt_read_req;
@@ -86,5 +99,8 @@ void kvt_transfer_release(kvt_transfer *t);
 /* CUDA through the driver API loaded at run time (cuda.c). */
 int kvt_cuda_available(kvt_err *err);
 int kvt_cuda_pointer_device(uint64_t ptr, int *ordinal, kvt_err *err);
+/* A dma-buf fd for the CUDA allocation holding [addr, addr+len), and addr's offset in
+ * it (what ibv_reg_dmabuf_mr takes). The caller closes fd. */
+int kvt_cuda_dmabuf(uint64_t addr, uint64_t len, int *fd, uint64_t *offset, kvt_err *err);
 
 #endif

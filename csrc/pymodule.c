@@ -7,8 +7,10 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvt.h"
+#include "verbs.h"
 
 static PyObject *raise_err(const kvt_err *e, long long entry)
 {
@@ -123,7 +125,7 @@ static PyObject *Peer_close(PeerObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
-/* read(reqs: buffer of n x 6 uint64 (kvt_read_req)) -> Transfer */
+/* read(reqs: buffer of packed kvt_read_req) -> Transfer */
 static PyObject *Peer_read(PeerObject *self, PyObject *arg)
 {
     if (!self->p) {
@@ -136,7 +138,7 @@ static PyObject *Peer_read(PeerObject *self, PyObject *arg)
         return NULL;
     if (b.len % sizeof(kvt_read_req) != 0) {
         PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "request buffer is not a whole number of 48-byte entries");
+        PyErr_SetString(PyExc_ValueError, "request buffer is not a whole number of kvt_read_req entries");
         return NULL;
     }
     kvt_err e;
@@ -163,7 +165,11 @@ static PyObject *Peer_transport(PeerObject *self, void *closure)
 {
     if (!self->p)
         Py_RETURN_NONE;
-    return PyUnicode_FromString(kvt_peer_transport(self->p) == KVT_TRANSPORT_SHM ? "shm" : "tcp");
+    switch (kvt_peer_transport(self->p)) {
+    case KVT_TRANSPORT_SHM: return PyUnicode_FromString("shm");
+    case KVT_TRANSPORT_TCP: return PyUnicode_FromString("tcp");
+    default: return PyUnicode_FromString("verbs");
+    }
 }
 
 static PyMethodDef Peer_methods[] = {
@@ -191,10 +197,11 @@ typedef struct {
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"listen_host", "listen_port", "io_timeout_ms", "tcp_conns", "shm_threads", NULL};
-    kvt_engine_opts o = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|siiii", kwlist, &o.listen_host, &o.listen_port,
-                                     &o.io_timeout_ms, &o.tcp_conns, &o.shm_threads))
+    static char *kwlist[] = {"listen_host", "listen_port", "io_timeout_ms", "tcp_conns", "shm_threads",
+                             "verbs_qps", "use_verbs", NULL};
+    kvt_engine_opts o = {.use_verbs = 1};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|siiiiip", kwlist, &o.listen_host, &o.listen_port,
+                                     &o.io_timeout_ms, &o.tcp_conns, &o.shm_threads, &o.verbs_qps, &o.use_verbs))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "engine already initialized");
@@ -251,11 +258,13 @@ static PyObject *Engine_info(EngineObject *self, PyObject *noargs)
         return NULL;
     kvt_engine_info in;
     kvt_engine_info_get(self->e, &in);
-    return Py_BuildValue("{s:y#,s:i,s:K,s:s,s:i,s:K,s:s,s:i}", "engine_id", (const char *)in.id,
-                         (Py_ssize_t)sizeof in.id, "pid", in.pid, "pidns", (unsigned long long)in.pidns,
-                         "boot_id", in.boot_id, "table_fd", in.table_fd,
+    return Py_BuildValue("{s:y#,s:i,s:K,s:s,s:i,s:K,s:s,s:i,s:O,s:s,s:i,s:i,s:y#,s:s}", "engine_id",
+                         (const char *)in.id, (Py_ssize_t)sizeof in.id, "pid", in.pid, "pidns",
+                         (unsigned long long)in.pidns, "boot_id", in.boot_id, "table_fd", in.table_fd,
                          "table_addr", (unsigned long long)in.table_addr, "tcp_host", in.tcp_host,
-                         "tcp_port", in.tcp_port);
+                         "tcp_port", in.tcp_port, "verbs", in.verbs ? Py_True : Py_False, "ib_device",
+                         in.ib_device, "ib_port", in.ib_port, "gid_index", in.gid_index, "gid",
+                         (const char *)in.gid, (Py_ssize_t)(in.verbs ? 16 : 0), "verbs_why", in.verbs_why);
 }
 
 /* register(addr, nbytes, mem_kind, device) -> (region_id, key) */
@@ -287,7 +296,7 @@ static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port) -> Peer */
+/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port, verbs) -> Peer */
 static PyObject *Engine_connect(EngineObject *self, PyObject *args)
 {
     kvt_engine_info in = {0};
@@ -295,8 +304,8 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args)
     Py_ssize_t idlen;
     int transport;
     unsigned long long table_addr;
-    if (!PyArg_ParseTuple(args, "iy#iiKsi", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
-                          &in.tcp_port) ||
+    if (!PyArg_ParseTuple(args, "iy#iiKsip", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
+                          &in.tcp_port, &in.verbs) ||
         !check_open(self))
         return NULL;
     if (idlen != KVT_ENGINE_ID_LEN) {
@@ -357,6 +366,31 @@ static PyObject *mod_cuda_pointer_device(PyObject *m, PyObject *arg)
     return PyLong_FromLong(ordinal);
 }
 
+static PyObject *mod_verbs_devices(PyObject *m, PyObject *noargs)
+{
+    char buf[16384];
+    kvt_err e;
+    int n = kvt_verbs_describe(buf, sizeof buf, &e);
+    if (n < 0)
+        return raise_err(&e, -1);
+    return PyUnicode_FromStringAndSize(buf, n);
+}
+
+/* cuda_dmabuf(ptr, nbytes) -> offset: exports a dma-buf of the allocation (and closes it). */
+static PyObject *mod_cuda_dmabuf(PyObject *m, PyObject *args)
+{
+    unsigned long long ptr, len;
+    if (!PyArg_ParseTuple(args, "KK", &ptr, &len))
+        return NULL;
+    int fd = -1;
+    uint64_t off = 0;
+    kvt_err e;
+    if (kvt_cuda_dmabuf(ptr, len, &fd, &off, &e) < 0)
+        return raise_err(&e, -1);
+    close(fd);
+    return PyLong_FromUnsignedLongLong(off);
+}
+
 static PyObject *mod_cuda_available(PyObject *m, PyObject *noargs)
 {
     kvt_err e;
@@ -368,6 +402,8 @@ static PyObject *mod_cuda_available(PyObject *m, PyObject *noargs)
 static PyMethodDef module_methods[] = {
     {"cuda_pointer_device", mod_cuda_pointer_device, METH_O, "CUDA device ordinal of a device pointer"},
     {"cuda_available", mod_cuda_available, METH_NOARGS, "(bool, reason)"},
+    {"cuda_dmabuf", mod_cuda_dmabuf, METH_VARARGS, "cuda_dmabuf(ptr, nbytes) -> offset in the exported dma-buf"},
+    {"verbs_devices", mod_verbs_devices, METH_NOARGS, "RDMA devices, ports and GIDs, one line each"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "kvtransfer._C", "kvtransfer C core", -1,
@@ -388,5 +424,6 @@ PyMODINIT_FUNC PyInit__C(void)
     PyModule_AddIntConstant(m, "MEM_CUDA", KVT_MEM_CUDA);
     PyModule_AddIntConstant(m, "TRANSPORT_SHM", KVT_TRANSPORT_SHM);
     PyModule_AddIntConstant(m, "TRANSPORT_TCP", KVT_TRANSPORT_TCP);
+    PyModule_AddIntConstant(m, "TRANSPORT_VERBS", KVT_TRANSPORT_VERBS);
     return m;
 }

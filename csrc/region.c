@@ -47,7 +47,7 @@ void kvt_table_destroy(kvt_region_table *t)
 }
 
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint64_t *id, uint64_t *key, kvt_err *err)
+                  uint32_t lkey, uint32_t rkey, uint64_t *id, uint64_t *key, kvt_err *err)
 {
     if (len == 0 || addr == 0 || addr + len < addr)
         return kvt_error(err, EINVAL, "register", "bad range addr=0x%lx len=%lu",
@@ -56,7 +56,9 @@ int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind
     do {
         if (getrandom(&k, sizeof k, 0) != sizeof k)
             return kvt_syserr(err, errno, "getrandom", "8");
-    } while (k == 0);
+        if (rkey)
+            k = (k & ~0xffffffffULL) | rkey;
+    } while (k == 0 || (rkey && k >> 32 == 0));
     pthread_mutex_lock(&t->lock);
     uint32_t slot = KVT_MAX_REGIONS;
     for (uint32_t i = 0; i < KVT_MAX_REGIONS; i++) {
@@ -77,6 +79,8 @@ int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind
     s->len = len;
     s->mem_kind = (uint32_t)mem_kind;
     s->device = (uint32_t)device;
+    s->lkey = lkey;
+    s->rkey = rkey;
     uint64_t rid = ((uint64_t)++t->gen[slot] << 32) | (slot + 1);
     atomic_store(&s->id, rid); /* publishes the fields above */
     pthread_mutex_unlock(&t->lock);
@@ -119,7 +123,7 @@ static int check_slot(const kvt_shared_slot *s, uint64_t id, uint64_t key, int c
         return kvt_error(err, ENOENT, "read", "region 0x%lx is not registered (deregistered?)",
                          (unsigned long)id);
     uint64_t rlen = s->len, raddr = s->addr;
-    uint32_t kind = s->mem_kind, dev = s->device;
+    uint32_t kind = s->mem_kind, dev = s->device, lkey = s->lkey;
     int key_ok = !check_key || s->key == key;
     /* The fields belong to id only if id is still there after reading them. */
     if (atomic_load(&s->id) != id)
@@ -134,6 +138,7 @@ static int check_slot(const kvt_shared_slot *s, uint64_t id, uint64_t key, int c
     view->addr = raddr + off;
     view->mem_kind = kind;
     view->device = dev;
+    view->lkey = lkey;
     return 0;
 }
 

@@ -25,6 +25,8 @@ typedef struct kvt_shared_slot {
     uint64_t len;
     uint32_t mem_kind;
     uint32_t device;
+    uint32_t lkey; /* verbs keys of the region's memory registration, 0 without one */
+    uint32_t rkey;
 } kvt_shared_slot;
 
 typedef struct kvt_shared_table {
@@ -48,12 +50,16 @@ typedef struct kvt_region_view {
     uint64_t addr; /* absolute address of the range's first byte */
     uint32_t mem_kind;
     uint32_t device;
+    uint32_t lkey;
 } kvt_region_view;
 
 int kvt_table_init(kvt_region_table *t, const uint8_t engine_id[16], kvt_err *err);
 void kvt_table_destroy(kvt_region_table *t);
+/* With a verbs registration (rkey != 0), the key's low 32 bits are its rkey and the
+ * high 32 random; otherwise all 64 bits are random. */
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint64_t *id, uint64_t *key, kvt_err *err);
+                  uint32_t lkey, uint32_t rkey, uint64_t *id, uint64_t *key, kvt_err *err);
+static inline uint32_t kvt_region_slot(uint64_t id) { return (uint32_t)(id & 0xffffffffu) - 1; }
 int kvt_table_remove(kvt_region_table *t, uint64_t id, kvt_err *err);
 
 /* Takes a reference on the region if id is registered, key matches (unless check_key

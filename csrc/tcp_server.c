@@ -20,6 +20,7 @@
 
 #include "engine.h"
 #include "sock.h"
+#include "verbs.h"
 #include "wire.h"
 
 #define MAX_CONNS 1024
@@ -37,6 +38,7 @@ struct kvt_tcp_server {
     int wake[2];
     pthread_t acceptor;
     kvt_region_table *table;
+    kvt_verbs *verbs;
     int io_timeout_ms;
     pthread_mutex_t mu;
     srv_conn *conns;
@@ -84,10 +86,41 @@ static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_err *er
     return rc;
 }
 
+/* Sets up this connection's RDMA queue pairs against the client's; they live as long
+ * as the connection, so a reader that goes away takes them with it. A refusal is an
+ * answer (status < 0), not a reason to drop the connection. */
+static int serve_verbs(srv_conn *c, const kvt_wire_hdr *h, kvt_qpset **qs, kvt_err *err)
+{
+    kvt_wire_verbs theirs, mine = {0};
+    int rc = kvt_recv_all(c->fd, &theirs, sizeof theirs, "verbs connect", err);
+    if (rc < 0)
+        return rc;
+    int st = 0;
+    kvt_err why;
+    if (!c->srv->verbs)
+        st = -ENODEV;
+    else if (*qs)
+        st = -EALREADY;
+    else if (h->n != theirs.nqp || h->n < 1 || h->n > KVT_VERBS_MAX_QPS)
+        st = -EINVAL;
+    else if ((st = kvt_qpset_create(c->srv->verbs, (int)h->n, 0, qs, &why)) == 0 &&
+             (st = kvt_qpset_connect(*qs, &theirs, &why)) < 0) {
+        kvt_qpset_destroy(*qs);
+        *qs = NULL;
+    }
+    if (st == 0)
+        kvt_qpset_local(*qs, &mine);
+    mine.status = st;
+    kvt_wire_hdr rh = {.magic = KVT_VERBS_MAGIC, .n = h->n, .seq = h->seq};
+    struct iovec v[2] = {{&rh, sizeof rh}, {&mine, sizeof mine}};
+    return kvt_send_iov(c->fd, v, 2, "verbs connect reply", err);
+}
+
 static void *conn_main(void *arg)
 {
     srv_conn *c = arg;
     kvt_err err;
+    kvt_qpset *qs = NULL;
     frame *f = malloc(sizeof *f);
     kvt_wire_hello hi;
     if (!f || kvt_sock_setup(c->fd, c->srv->io_timeout_ms, &err) < 0 ||
@@ -107,12 +140,18 @@ static void *conn_main(void *arg)
         kvt_wire_hdr h;
         if (kvt_recv_all(c->fd, &h, sizeof h, "request header", &err) < 0)
             break;
+        if (h.magic == KVT_VERBS_MAGIC) {
+            if (serve_verbs(c, &h, &qs, &err) < 0)
+                break;
+            continue;
+        }
         if (h.magic != KVT_REQ_MAGIC || h.n == 0 || h.n > KVT_WIRE_MAX_ENTRIES)
             break; /* malformed: drop this connection, keep serving the others */
         if (serve_frame(c, &h, f, &err) < 0)
             break;
     }
 out:
+    kvt_qpset_destroy(qs);
     free(f);
     atomic_store(&c->finished, 1);
     return NULL;
@@ -178,8 +217,8 @@ static void *acceptor_main(void *arg)
     return NULL;
 }
 
-int kvt_tcp_server_start(kvt_region_table *table, const char *host, int port, int io_timeout_ms,
-                         kvt_tcp_server **out, int *bound_port, kvt_err *err)
+int kvt_tcp_server_start(kvt_region_table *table, kvt_verbs *verbs, const char *host, int port,
+                         int io_timeout_ms, kvt_tcp_server **out, int *bound_port, kvt_err *err)
 {
     char ports[16];
     snprintf(ports, sizeof ports, "%d", port);
@@ -217,6 +256,7 @@ int kvt_tcp_server_start(kvt_region_table *table, const char *host, int port, in
     }
     s->lfd = fd;
     s->table = table;
+    s->verbs = verbs;
     s->io_timeout_ms = io_timeout_ms;
     pthread_mutex_init(&s->mu, NULL);
     int e = pthread_create(&s->acceptor, NULL, acceptor_main, s);

@@ -112,8 +112,8 @@ static void free_jobs(kvt_job *j)
 }
 
 int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t n,
-                       size_t max_pieces, uint64_t max_bytes, kvt_transfer **out, kvt_job **jobs,
-                       kvt_err *err)
+                       size_t max_pieces, uint64_t max_bytes, int device_memory, kvt_transfer **out,
+                       kvt_job **jobs, kvt_err *err)
 {
     kvt_transfer *t = calloc(1, sizeof *t);
     if (!t)
@@ -148,7 +148,7 @@ int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t
             break;
         }
         kvt_table_release(table, r->local_region);
-        if (lv.mem_kind != KVT_MEM_HOST) {
+        if (lv.mem_kind != KVT_MEM_HOST && !device_memory) {
             rc = kvt_error(err, EOPNOTSUPP, "read",
                            "entry %zu: local region 0x%lx is CUDA memory; this transport reads into host memory only",
                            i, (unsigned long)r->local_region);
@@ -177,6 +177,8 @@ int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t
             p->remote_region = r->remote_region;
             p->remote_key = r->remote_key;
             p->remote_off = r->remote_off + done;
+            p->remote_addr = r->remote_addr + r->remote_off + done;
+            p->lkey = lv.lkey;
             p->len = take;
             p->entry = i;
             cur->bytes += take;
@@ -261,8 +263,18 @@ void kvt_transfer_release(kvt_transfer *t)
 void kvt_queue_init(kvt_queue *q)
 {
     memset(q, 0, sizeof *q);
+    q->wake_fd = -1;
     pthread_mutex_init(&q->mu, NULL);
     pthread_cond_init(&q->cv, NULL);
+}
+
+static void wake(kvt_queue *q)
+{
+    if (q->wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(q->wake_fd, &one, sizeof one);
+        (void)w;
+    }
 }
 
 void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs)
@@ -290,7 +302,16 @@ void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs)
         q->head = jobs;
     q->tail = last;
     pthread_cond_broadcast(&q->cv);
+    wake(q);
     pthread_mutex_unlock(&q->mu);
+}
+
+int kvt_queue_is_closed(kvt_queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    int c = q->closed;
+    pthread_mutex_unlock(&q->mu);
+    return c;
 }
 
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
@@ -316,6 +337,7 @@ void kvt_queue_close(kvt_queue *q, const char *why)
     kvt_job *j = q->head;
     q->head = q->tail = NULL;
     pthread_cond_broadcast(&q->cv);
+    wake(q);
     pthread_mutex_unlock(&q->mu);
     kvt_err e;
     kvt_error(&e, ECANCELED, "read", "%s", why);

@@ -20,8 +20,10 @@ typedef struct kvt_piece {
     uint64_t remote_region;
     uint64_t remote_key;
     uint64_t remote_off;
+    uint64_t remote_addr; /* absolute remote address (verbs) */
     uint64_t len;
     uint64_t entry; /* index of the batch entry this piece belongs to */
+    uint32_t lkey;  /* of the local region (verbs) */
 } kvt_piece;
 
 typedef struct kvt_job {
@@ -53,8 +55,8 @@ struct kvt_transfer {
  * transfer has pending = number of jobs + 1 (a guard the caller drops with
  * kvt_transfer_start_done() after queueing every job). */
 int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t n,
-                       size_t max_pieces, uint64_t max_bytes, kvt_transfer **out, kvt_job **jobs,
-                       kvt_err *err);
+                       size_t max_pieces, uint64_t max_bytes, int device_memory, kvt_transfer **out,
+                       kvt_job **jobs, kvt_err *err);
 void kvt_transfer_start_done(kvt_transfer *t);
 /* Completes a job: rc 0, or -errno with err and the failing entry. Frees the job. */
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry);
@@ -65,10 +67,13 @@ typedef struct kvt_queue {
     pthread_cond_t cv;
     kvt_job *head, *tail;
     int closed;
+    int wake_fd; /* an eventfd written on every push and on close, for consumers that
+                    poll() other fds too (verbs); -1 when unused */
 } kvt_queue;
 
 void kvt_queue_init(kvt_queue *q);
 void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs);
+int kvt_queue_is_closed(kvt_queue *q);
 /* NULL once closed; with wait == 0, NULL when empty. */
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
 /* Closes the queue and fails what is left in it with ECANCELED. */

@@ -44,30 +44,32 @@ struct tcp_peer {
     tcp_conn *conns;
 };
 
-static int dial(tcp_peer *tp, kvt_err *err)
+int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], int timeout_ms,
+                       kvt_err *err)
 {
-    int fd = kvt_tcp_dial(tp->host, tp->port, tp->timeout_ms, err);
+    int fd = kvt_tcp_dial(host, port, timeout_ms, err);
     if (fd < 0)
         return fd;
     kvt_wire_hello hi = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION};
-    memcpy(hi.engine_id, tp->id, sizeof hi.engine_id);
-    int rc = kvt_sock_setup(fd, tp->timeout_ms, err);
+    memcpy(hi.engine_id, id, sizeof hi.engine_id);
+    int rc = kvt_sock_setup(fd, timeout_ms, err);
     if (rc == 0)
         rc = kvt_send_all(fd, &hi, sizeof hi, "hello", err);
     if (rc == 0)
         rc = kvt_recv_all(fd, &hi, sizeof hi, "hello", err);
     if (rc == 0 && (hi.magic != KVT_HELLO_MAGIC || hi.version != KVT_WIRE_VERSION || hi.status != 0))
         rc = kvt_error(err, EPROTO, "connect", "%s:%d is not a kvtransfer v%d engine (magic 0x%x, version %u, status %d)",
-                       tp->host, tp->port, KVT_WIRE_VERSION, hi.magic, hi.version, hi.status);
-    if (rc == 0 && memcmp(hi.engine_id, tp->id, sizeof tp->id) != 0)
-        rc = kvt_error(err, ESTALE, "connect", "%s:%d serves another engine than the descriptor names",
-                       tp->host, tp->port);
+                       host, port, KVT_WIRE_VERSION, hi.magic, hi.version, hi.status);
+    if (rc == 0 && memcmp(hi.engine_id, id, KVT_ENGINE_ID_LEN) != 0)
+        rc = kvt_error(err, ESTALE, "connect", "%s:%d serves another engine than the descriptor names", host, port);
     if (rc < 0) {
         close(fd);
         return rc;
     }
     return fd;
 }
+
+static int dial(tcp_peer *tp, kvt_err *err) { return kvt_bootstrap_dial(tp->host, tp->port, tp->id, tp->timeout_ms, err); }
 
 static void drop_fd(tcp_conn *c)
 {

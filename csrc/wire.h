@@ -6,6 +6,10 @@
  *   server -> client  response  {magic "KVTA", n, seq} then n x int32 status (0 or -errno),
  *                               then the bytes of every entry whose status is 0, in order
  *
+ *   client -> server  verbs     {magic "KVTV", n = queue pairs, seq} then kvt_wire_verbs
+ *   server -> client  verbs     {magic "KVTV", n, seq} then kvt_wire_verbs (status < 0: refused)
+ *                               The server's queue pairs live as long as this connection.
+ *
  * A connection carries requests one after another; the server answers in order. A
  * frame with a bad magic, n outside [1, KVT_WIRE_MAX_ENTRIES] or a short read closes
  * the connection; a refused entry (bad key, out of bounds, unknown region) only gets
@@ -23,7 +27,9 @@
 #define KVT_HELLO_MAGIC 0x4854564bu /* "KVTH" */
 #define KVT_REQ_MAGIC 0x5254564bu   /* "KVTR" */
 #define KVT_RESP_MAGIC 0x4154564bu  /* "KVTA" */
+#define KVT_VERBS_MAGIC 0x5654564bu /* "KVTV" */
 #define KVT_WIRE_MAX_ENTRIES 1024
+#define KVT_VERBS_MAX_QPS 8
 
 typedef struct kvt_wire_hello {
     uint32_t magic;
@@ -47,6 +53,19 @@ typedef struct kvt_wire_entry {
     uint64_t length;
 } kvt_wire_entry;
 
+/* One side of an RC connection: address (GID, LID), path MTU (enum ibv_mtu) and, per
+ * queue pair, its number and first packet sequence number. */
+typedef struct kvt_wire_verbs {
+    int32_t status;
+    uint16_t lid;
+    uint8_t mtu;
+    uint8_t nqp;
+    uint8_t gid[16];
+    uint32_t qpn[KVT_VERBS_MAX_QPS];
+    uint32_t psn[KVT_VERBS_MAX_QPS];
+} kvt_wire_verbs;
+
+_Static_assert(sizeof(kvt_wire_verbs) == 88, "verbs endpoint is 88 bytes");
 _Static_assert(sizeof(kvt_wire_hello) == 32, "hello is 32 bytes");
 _Static_assert(sizeof(kvt_wire_hdr) == 16, "header is 16 bytes");
 _Static_assert(sizeof(kvt_wire_entry) == 32, "entry is 32 bytes");

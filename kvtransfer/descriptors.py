@@ -16,7 +16,9 @@ SCHEMA_VERSION = 1
 
 
 class EngineDescriptor(msgspec.Struct, frozen=True, kw_only=True):
-    """How to reach an engine: identity, same-host facts (for shm) and a tcp address."""
+    """How to reach an engine: identity, same-host facts (for shm), a tcp address (for
+    tcp, and the bootstrap of verbs queue pairs) and its RDMA port, if it has one
+    (``gid``: 16 bytes, empty without RDMA)."""
 
     version: int = SCHEMA_VERSION
     engine_id: bytes
@@ -28,6 +30,9 @@ class EngineDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     table_addr: int
     tcp_host: str
     tcp_port: int
+    verbs: bool = False
+    ib_device: str = ""
+    gid: bytes = b""
 
     def to_bytes(self) -> bytes:
         return msgspec.msgpack.encode(self)
@@ -45,7 +50,9 @@ class RegionDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     """A registered region as a peer sees it: where it is and the key to read it.
 
     ``addr`` and ``nbytes`` are in bytes; ``device`` is ``"cpu"`` or ``"cuda"`` with
-    ``device_index`` the CUDA ordinal (-1 for host memory).
+    ``device_index`` the CUDA ordinal (-1 for host memory). ``key`` is 64 bits: tcp and
+    shm targets check all of them; when the engine has an RDMA device, its low 32 bits
+    are the memory registration's rkey, which the NIC checks for verbs reads.
     """
 
     version: int = SCHEMA_VERSION

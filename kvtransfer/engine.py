@@ -10,10 +10,14 @@ Reads are one-sided: the target's Python code never runs to serve them; C thread
 do the work on both sides. Only descriptors cross the wire; the handles returned here
 keep registrations alive and must be closed (or used as context managers).
 
-Transports, chosen per peer in :meth:`Engine.connect`: ``shm`` when both engines share a
-boot id and pid namespace (``process_vm_readv``), else ``tcp`` (a C server thread on the
-target). ``KVTRANSFER_TRANSPORT=shm|tcp`` (or ``transport=``) forces one; a forced
-transport that cannot run raises :class:`TransportUnavailableError`, never falls back.
+Transports, chosen per peer in :meth:`Engine.connect`, in this order: ``verbs`` when both
+engines have an RDMA port and queue pairs connect (RDMA READ, the NIC does the work),
+``shm`` when both share a boot id and pid namespace (``process_vm_readv``), else ``tcp``
+(a C server thread on the target). ``KVTRANSFER_TRANSPORT=verbs|shm|tcp`` (or
+``transport=``) forces one; a forced transport that cannot run raises
+:class:`TransportUnavailableError`, never falls back. ``KVTRANSFER_IB_DEVICE``,
+``KVTRANSFER_IB_PORT`` and ``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and
+GID (default: the first active port, a RoCEv2 GID on Ethernet).
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ from .memory import MemoryRange, describe
 
 log = logging.getLogger("kvtransfer")
 
-TRANSPORTS = ("shm", "tcp")
-_TRANSPORT_CODES = {"shm": _C.TRANSPORT_SHM, "tcp": _C.TRANSPORT_TCP}
+TRANSPORTS = ("verbs", "shm", "tcp")
+_TRANSPORT_CODES = {"verbs": _C.TRANSPORT_VERBS, "shm": _C.TRANSPORT_SHM, "tcp": _C.TRANSPORT_TCP}
 
 #: One READ as the C core takes it; ``Peer.read`` packs entries into this.
 READ_REQ_DTYPE = np.dtype([("local_region", "<u8"), ("local_off", "<u8"), ("remote_region", "<u8"),
-                           ("remote_key", "<u8"), ("remote_off", "<u8"), ("len", "<u8")])
+                           ("remote_key", "<u8"), ("remote_addr", "<u8"), ("remote_off", "<u8"),
+                           ("len", "<u8")])
 assert READ_REQ_DTYPE.itemsize == _C.READ_REQ_BYTES
 
 Entry = tuple["Region", int, RegionDescriptor, int, int]
@@ -199,9 +204,11 @@ class Peer:
             d = next(iter(remote_descs.values()))
             reqs["remote_region"] = d.region_id
             reqs["remote_key"] = d.key
+            reqs["remote_addr"] = d.addr
         else:
             reqs["remote_region"] = [d.region_id for d in remotes]
             reqs["remote_key"] = [d.key for d in remotes]
+            reqs["remote_addr"] = [d.addr for d in remotes]
         reqs["local_off"] = _nonneg(loffs, "local offset")
         reqs["remote_off"] = _nonneg(roffs, "remote offset")
         reqs["len"] = _nonneg(lens, "length")
@@ -224,6 +231,7 @@ class Peer:
         reqs["local_off"] = lo
         reqs["remote_region"] = remote.region_id
         reqs["remote_key"] = remote.key
+        reqs["remote_addr"] = remote.addr
         reqs["remote_off"] = ro
         reqs["len"] = ln
         return self._submit(reqs, (local,))
@@ -280,22 +288,29 @@ class Engine:
     ``listen_host``/``listen_port``: where the tcp server binds (default loopback, any
     free port). ``io_timeout``: seconds without progress after which a read fails
     (a dead or hung peer). ``tcp_connections``: streams per tcp peer.
-    ``shm_threads``: copy threads per shm peer.
+    ``shm_threads``: copy threads per shm peer. ``verbs_qps``: RC queue pairs per verbs
+    peer. ``use_verbs=False`` leaves RDMA devices alone. ``verbs_unavailable`` says why
+    this engine has no verbs (``None`` when it has).
     """
 
     def __init__(self, *, listen_host: str = "127.0.0.1", listen_port: int = 0, io_timeout: float = 10.0,
-                 tcp_connections: int = 4, shm_threads: int = 2):
+                 tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True):
         if io_timeout <= 0:
             raise InvalidArgumentError(f"io_timeout must be > 0, got {io_timeout}", op="engine")
         for name, value in (("tcp_connections", tcp_connections), ("shm_threads", shm_threads)):
             if not 1 <= value <= MAX_THREADS:
                 raise InvalidArgumentError(f"{name} must be in [1, {MAX_THREADS}], got {value}", op="engine")
-        self._c = _C.Engine(listen_host, listen_port, int(io_timeout * 1000), tcp_connections, shm_threads)
+        if not 1 <= verbs_qps <= 8:
+            raise InvalidArgumentError(f"verbs_qps must be in [1, 8], got {verbs_qps}", op="engine")
+        self._c = _C.Engine(listen_host, listen_port, int(io_timeout * 1000), tcp_connections, shm_threads,
+                            verbs_qps, use_verbs)
         info = self._c.info()
         self.descriptor = EngineDescriptor(
             engine_id=info["engine_id"], hostname=socket.gethostname(), boot_id=info["boot_id"],
             pid=info["pid"], pidns=info["pidns"], table_fd=info["table_fd"], table_addr=info["table_addr"],
-            tcp_host=info["tcp_host"], tcp_port=info["tcp_port"])
+            tcp_host=info["tcp_host"], tcp_port=info["tcp_port"], verbs=info["verbs"], ib_device=info["ib_device"],
+            gid=info["gid"])
+        self.verbs_unavailable: str | None = None if info["verbs"] else info["verbs_why"]
         self._regions: "weakref.WeakSet[Region]" = weakref.WeakSet()
         self._peers: "weakref.WeakSet[Peer]" = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -337,7 +352,7 @@ class Engine:
         for name in candidates:
             try:
                 c = self._c.connect(_TRANSPORT_CODES[name], desc.engine_id, desc.pid, desc.table_fd,
-                                    desc.table_addr, desc.tcp_host, desc.tcp_port)
+                                    desc.table_addr, desc.tcp_host, desc.tcp_port, desc.verbs)
             except KVTransferError as e:
                 failures.append(f"{name}: {e}")
                 if forced:
@@ -356,7 +371,8 @@ class Engine:
                                         + "; ".join(failures), errno=_errno.EHOSTUNREACH, op="connect")
 
     def _candidates(self, desc: EngineDescriptor, forced: str | None) -> list[str]:
-        """The one place transports are chosen: forced, or shm on the same host, then tcp."""
+        """The one place transports are chosen: forced, or verbs when both ends have RDMA,
+        then shm on the same host, then tcp."""
         same_host = self.descriptor.same_host_as(desc)
         if forced:
             if forced not in TRANSPORTS:
@@ -367,8 +383,13 @@ class Engine:
                     f"forced transport shm needs both engines on one host (boot id {self.descriptor.boot_id} vs "
                     f"{desc.boot_id}, pid namespace {self.descriptor.pidns} vs {desc.pidns})",
                     errno=_errno.EHOSTUNREACH, op="connect")
+            if forced == "verbs" and not (self.descriptor.verbs and desc.verbs):
+                why = self.verbs_unavailable if not self.descriptor.verbs else "the peer engine has no RDMA device"
+                raise TransportUnavailableError(f"forced transport verbs is unavailable: {why}",
+                                                errno=_errno.ENODEV, op="connect")
             return [forced]
-        return ["shm", "tcp"] if same_host else ["tcp"]
+        verbs = ["verbs"] if self.descriptor.verbs and desc.verbs else []
+        return verbs + (["shm", "tcp"] if same_host else ["tcp"])
 
     def close(self) -> None:
         """Closes peers, then regions (waiting for reads they serve), then the engine."""

@@ -1,0 +1,215 @@
+/* verbs: device, port and GID discovery, and the protection domain. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "verbs.h"
+
+static int env_int(const char *name, int dflt)
+{
+    const char *s = getenv(name);
+    return s && *s ? atoi(s) : dflt;
+}
+
+/* "RoCE v2" from sysfs for this GID index, so the default works on RoCE fabrics. */
+static int gid_is_rocev2(const char *dev, int port, int index)
+{
+    char path[256], buf[32] = {0};
+    snprintf(path, sizeof path, "/sys/class/infiniband/%s/ports/%d/gid_attrs/types/%d", dev, port, index);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    int ok = fgets(buf, sizeof buf, f) && strncmp(buf, "RoCE v2", 7) == 0;
+    fclose(f);
+    return ok;
+}
+
+static int gid_nonzero(const union ibv_gid *g)
+{
+    for (int i = 0; i < 16; i++)
+        if (g->raw[i])
+            return 1;
+    return 0;
+}
+
+static int pick_gid(kvt_verbs *v, const struct ibv_port_attr *pa, kvt_err *err)
+{
+    int forced = env_int("KVTRANSFER_IB_GID_INDEX", -1);
+    if (forced >= 0) {
+        if (ibv_query_gid(v->ctx, v->port, forced, &v->gid) != 0 || !gid_nonzero(&v->gid))
+            return kvt_error(err, EINVAL, "ibv_query_gid", "%s port %d has no GID at KVTRANSFER_IB_GID_INDEX=%d",
+                             v->name, v->port, forced);
+        v->gid_index = forced;
+        return 0;
+    }
+    int fallback = -1;
+    for (int i = 0; i < pa->gid_tbl_len; i++) {
+        union ibv_gid g;
+        if (ibv_query_gid(v->ctx, v->port, i, &g) != 0 || !gid_nonzero(&g))
+            continue;
+        if (!v->ethernet || gid_is_rocev2(v->name, v->port, i)) {
+            v->gid_index = i;
+            v->gid = g;
+            return 0;
+        }
+        if (fallback < 0)
+            fallback = i;
+    }
+    if (fallback < 0)
+        return kvt_error(err, ENODEV, "ibv_query_gid", "%s port %d has no usable GID (no IP address on its netdev?)",
+                         v->name, v->port);
+    v->gid_index = fallback;
+    return ibv_query_gid(v->ctx, v->port, fallback, &v->gid) == 0 ? 0
+               : kvt_syserr(err, errno, "ibv_query_gid", "%s, port %d, index %d", v->name, v->port, fallback);
+}
+
+/* Finds the port to use on an open device: forced, or the first active one. */
+static int pick_port(kvt_verbs *v, struct ibv_port_attr *pa, kvt_err *err)
+{
+    int forced = env_int("KVTRANSFER_IB_PORT", 0);
+    for (int p = 1; p <= v->dev.phys_port_cnt; p++) {
+        if (forced && p != forced)
+            continue;
+        if (ibv_query_port(v->ctx, (uint8_t)p, pa) != 0)
+            return kvt_syserr(err, errno, "ibv_query_port", "%s, port %d", v->name, p);
+        if (pa->state == IBV_PORT_ACTIVE) {
+            v->port = p;
+            return 0;
+        }
+        if (forced)
+            return kvt_error(err, ENETDOWN, "ibv_query_port", "%s port %d is %s, not active", v->name, p,
+                             ibv_port_state_str(pa->state));
+    }
+    return kvt_error(err, ENETDOWN, "ibv_query_port", "%s has no active port%s", v->name,
+                     forced ? " matching KVTRANSFER_IB_PORT" : "");
+}
+
+static int no_devices(kvt_err *err)
+{
+    int en = errno ? errno : ENODEV;
+    if (en == ENOSYS)
+        return kvt_error(err, ENODEV, "ibv_get_device_list", "no RDMA support in this kernel (errno 38 from libibverbs)");
+    return kvt_syserr(err, en, "ibv_get_device_list", "%s", "");
+}
+
+int kvt_verbs_open(kvt_verbs **out, kvt_engine_info *info, kvt_err *err)
+{
+    int n = 0;
+    struct ibv_device **list = ibv_get_device_list(&n);
+    if (!list)
+        return no_devices(err);
+    const char *want = getenv("KVTRANSFER_IB_DEVICE");
+    if (want && !*want)
+        want = NULL;
+    kvt_verbs *v = calloc(1, sizeof *v);
+    int rc = n == 0 ? kvt_error(err, ENODEV, "ibv_get_device_list", "no RDMA devices") : -ENODEV;
+    for (int i = 0; i < n && !v->ctx; i++) {
+        const char *name = ibv_get_device_name(list[i]);
+        if (want && strcmp(name, want) != 0)
+            continue;
+        snprintf(v->name, sizeof v->name, "%s", name);
+        v->ctx = ibv_open_device(list[i]);
+        if (!v->ctx) {
+            rc = kvt_syserr(err, errno, "ibv_open_device", "%s", name);
+            continue;
+        }
+        struct ibv_port_attr pa;
+        if (ibv_query_device(v->ctx, &v->dev) != 0)
+            rc = kvt_syserr(err, errno, "ibv_query_device", "%s", name);
+        else if ((rc = pick_port(v, &pa, err)) == 0) {
+            v->ethernet = pa.link_layer == IBV_LINK_LAYER_ETHERNET;
+            v->lid = pa.lid;
+            v->mtu = pa.active_mtu;
+            rc = pick_gid(v, &pa, err);
+        }
+        if (rc < 0) {
+            ibv_close_device(v->ctx);
+            v->ctx = NULL;
+        }
+    }
+    ibv_free_device_list(list);
+    if (!v->ctx) {
+        if (want && rc == -ENODEV && n > 0)
+            rc = kvt_error(err, ENODEV, "ibv_open_device", "no RDMA device named %s (KVTRANSFER_IB_DEVICE)", want);
+        free(v);
+        return rc;
+    }
+    v->pd = ibv_alloc_pd(v->ctx);
+    if (!v->pd) {
+        rc = kvt_syserr(err, errno, "ibv_alloc_pd", "%s", v->name);
+        ibv_close_device(v->ctx);
+        free(v);
+        return rc;
+    }
+    info->verbs = 1;
+    snprintf(info->ib_device, sizeof info->ib_device, "%s", v->name);
+    info->ib_port = v->port;
+    info->gid_index = v->gid_index;
+    memcpy(info->gid, v->gid.raw, 16);
+    *out = v;
+    return 0;
+}
+
+void kvt_verbs_close(kvt_verbs *v)
+{
+    if (!v)
+        return;
+    ibv_dealloc_pd(v->pd);
+    ibv_close_device(v->ctx);
+    free(v);
+}
+
+static const char *link_layer_str(uint8_t ll)
+{
+    return ll == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : ll == IBV_LINK_LAYER_INFINIBAND ? "InfiniBand" : "unknown";
+}
+
+int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err)
+{
+    int n = 0;
+    struct ibv_device **list = ibv_get_device_list(&n);
+    if (!list)
+        return no_devices(err);
+    size_t used = 0;
+    buf[0] = 0;
+#define OUT(...) (used += (size_t)snprintf(buf + used, used < cap ? cap - used : 0, __VA_ARGS__))
+    for (int i = 0; i < n; i++) {
+        const char *name = ibv_get_device_name(list[i]);
+        struct ibv_context *ctx = ibv_open_device(list[i]);
+        struct ibv_device_attr da;
+        if (!ctx || ibv_query_device(ctx, &da) != 0) {
+            OUT("%s: cannot open: %s\n", name, strerror(errno));
+            if (ctx)
+                ibv_close_device(ctx);
+            continue;
+        }
+        OUT("%s: fw %s, max_qp_wr %d, max_sge %d, max_qp_rd_atom %d, max_mr_size %llu\n", name, da.fw_ver,
+            da.max_qp_wr, da.max_sge, da.max_qp_rd_atom, (unsigned long long)da.max_mr_size);
+        for (int p = 1; p <= da.phys_port_cnt; p++) {
+            struct ibv_port_attr pa;
+            if (ibv_query_port(ctx, (uint8_t)p, &pa) != 0)
+                continue;
+            OUT("  port %d: %s, link layer %s, active MTU %d, lid %u, width code %u, speed code %u\n", p,
+                ibv_port_state_str(pa.state), link_layer_str(pa.link_layer), 128 << pa.active_mtu, pa.lid,
+                pa.active_width, pa.active_speed);
+            for (int g = 0; g < pa.gid_tbl_len && g < 16; g++) {
+                union ibv_gid gid;
+                if (ibv_query_gid(ctx, (uint8_t)p, g, &gid) != 0 || !gid_nonzero(&gid))
+                    continue;
+                char type[32] = "IB/RoCE v1";
+                if (pa.link_layer == IBV_LINK_LAYER_ETHERNET && gid_is_rocev2(name, p, g))
+                    snprintf(type, sizeof type, "RoCE v2");
+                OUT("    gid %d: ", g);
+                for (int b = 0; b < 16; b += 2)
+                    OUT("%02x%02x%s", gid.raw[b], gid.raw[b + 1], b < 14 ? ":" : "");
+                OUT(" (%s)\n", type);
+            }
+        }
+        ibv_close_device(ctx);
+    }
+#undef OUT
+    ibv_free_device_list(list);
+    return (int)(used < cap ? used : cap - 1);
+}

@@ -1,0 +1,35 @@
+/* Built instead of the verbs_*.c files when libibverbs headers were missing at build
+ * time: the engine then serves shm and tcp and reports verbs as unavailable. */
+#include <errno.h>
+
+#include "engine.h"
+#include "verbs.h"
+
+#define WHY "kvtransfer was built without libibverbs headers (install libibverbs-dev and rebuild)"
+
+int kvt_verbs_open(kvt_verbs **out, kvt_engine_info *info, kvt_err *err)
+{
+    return kvt_error(err, ENOSYS, "verbs", WHY);
+}
+void kvt_verbs_close(kvt_verbs *v) {}
+int kvt_verbs_reg(kvt_verbs *v, uint64_t addr, uint64_t len, int mem_kind, void **mr, uint32_t *lkey,
+                  uint32_t *rkey, const char **path, kvt_err *err)
+{
+    return kvt_error(err, ENOSYS, "verbs", WHY);
+}
+void kvt_verbs_dereg(void *mr) {}
+int kvt_qpset_create(kvt_verbs *v, int n, int events, kvt_qpset **out, kvt_err *err)
+{
+    return kvt_error(err, ENOSYS, "verbs", WHY);
+}
+void kvt_qpset_local(const kvt_qpset *s, kvt_wire_verbs *out) {}
+int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *remote, kvt_err *err)
+{
+    return kvt_error(err, ENOSYS, "verbs", WHY);
+}
+void kvt_qpset_destroy(kvt_qpset *s) {}
+int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err) { return kvt_error(err, ENOSYS, "verbs", WHY); }
+int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+{
+    return kvt_error(err, ENOSYS, "connect", WHY);
+}

@@ -420,6 +420,7 @@ PyMODINIT_FUNC PyInit__C(void)
     PyModule_AddObject(m, "Engine", (PyObject *)&EngineType);
     PyModule_AddObject(m, "READ_REQ_BYTES", PyLong_FromSize_t(sizeof(kvt_read_req)));
     PyModule_AddIntConstant(m, "MAX_THREADS", KVT_MAX_THREADS);
+    PyModule_AddIntConstant(m, "VERBS_MAX_QPS", KVT_VERBS_MAX_QPS);
     PyModule_AddIntConstant(m, "MEM_HOST", KVT_MEM_HOST);
     PyModule_AddIntConstant(m, "MEM_CUDA", KVT_MEM_CUDA);
     PyModule_AddIntConstant(m, "TRANSPORT_SHM", KVT_TRANSPORT_SHM);

@@ -48,6 +48,17 @@ void kvt_transfer_start_done(kvt_transfer *t)
         finish(t);
 }
 
+int kvt_job_skip_if_failed(kvt_job *job)
+{
+    pthread_mutex_lock(&job->t->mu);
+    int st = job->t->status;
+    pthread_mutex_unlock(&job->t->mu);
+    if (st >= 0)
+        return 0;
+    kvt_job_done(job, st, NULL, -1); /* the first error stays the transfer's error */
+    return 1;
+}
+
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry)
 {
     kvt_transfer *t = job->t;

@@ -58,6 +58,9 @@ int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t
                        size_t max_pieces, uint64_t max_bytes, int device_memory, kvt_transfer **out,
                        kvt_job **jobs, kvt_err *err);
 void kvt_transfer_start_done(kvt_transfer *t);
+/* If the job's transfer has already failed, completes the job without running it and
+ * returns 1: one error fails a batch at once, not after every remaining job timed out. */
+int kvt_job_skip_if_failed(kvt_job *job);
 /* Completes a job: rc 0, or -errno with err and the failing entry. Frees the job. */
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry);
 

@@ -123,6 +123,8 @@ static void *worker(void *arg)
     struct iovec *liov = malloc(2 * SHM_MAX_PIECES * sizeof *liov);
     kvt_job *job;
     while ((job = kvt_queue_pop(s->queue, 1)) != NULL) {
+        if (kvt_job_skip_if_failed(job))
+            continue;
         if (!liov) {
             kvt_err e;
             kvt_syserr(&e, ENOMEM, "malloc", "iovecs");

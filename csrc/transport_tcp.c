@@ -159,6 +159,8 @@ static void *conn_main(void *arg)
         kvt_job *job = nfl < TCP_PIPELINE ? kvt_queue_pop(c->tp->queue, nfl == 0) : NULL;
         if (!job && nfl == 0)
             break; /* queue closed */
+        if (job && kvt_job_skip_if_failed(job))
+            continue;
         if (job) {
             int rc = 0;
             if (c->fd < 0) {

@@ -237,6 +237,10 @@ static void post_pending(verbs_peer *vp)
     while (!vp->broken) {
         if (!vp->pending && !(vp->pending = kvt_queue_pop(vp->queue, 0)))
             return;
+        if (kvt_job_skip_if_failed(vp->pending)) {
+            vp->pending = NULL;
+            continue;
+        }
         int rc = vp->qs ? 0 : establish(vp, &err);
         if (rc == 0)
             rc = post_job(vp, vp->pending, &err);

@@ -8,11 +8,20 @@ msgpack, with a schema version; ``from_bytes`` validates and raises
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from .errors import InvalidArgumentError
 
 SCHEMA_VERSION = 1
+
+# Integer fields are bounded as the C side stores them, so a malformed descriptor is
+# refused when decoded, not deep inside a read (msgpack itself caps integers at 2**64-1).
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+I32 = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Ordinal = Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)]
 
 
 class EngineDescriptor(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,12 +33,12 @@ class EngineDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: bytes
     hostname: str
     boot_id: str
-    pid: int
-    pidns: int
-    table_fd: int
-    table_addr: int
+    pid: I32
+    pidns: U64
+    table_fd: I32
+    table_addr: U64
     tcp_host: str
-    tcp_port: int
+    tcp_port: Port
     verbs: bool = False
     ib_device: str = ""
     gid: bytes = b""
@@ -57,12 +66,12 @@ class RegionDescriptor(msgspec.Struct, frozen=True, kw_only=True):
 
     version: int = SCHEMA_VERSION
     engine_id: bytes
-    region_id: int
-    addr: int
-    nbytes: int
+    region_id: U64
+    addr: U64
+    nbytes: U64
     device: str
-    device_index: int
-    key: int
+    device_index: Ordinal
+    key: U64
 
     def to_bytes(self) -> bytes:
         return msgspec.msgpack.encode(self)

@@ -115,6 +115,8 @@ class Transfer:
         self.transport = transport
         self.entries = len(reqs)
         self.nbytes = int(reqs["len"].sum())
+        self._notify_fd: int | None = None  # an eventfd the C core writes when finished
+        self._futures: dict[asyncio.AbstractEventLoop, asyncio.Future] = {}
 
     def done(self) -> bool:
         return self._c.wait(0.0)
@@ -146,23 +148,45 @@ class Transfer:
 
     def __await__(self):
         if not self._c.wait(0.0):
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-
-            def on_ready() -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(fd, on_ready)
-            try:
-                self._c.set_notify_fd(fd)
-                yield from fut.__await__()
-            finally:
-                self._c.set_notify_fd(-1)  # C never writes to fd after this returns
-                loop.remove_reader(fd)
-                os.close(fd)
+            # shield: cancelling one awaiting task must not cancel the others' future
+            yield from asyncio.shield(self._finished_future()).__await__()
         self._raise_if_failed()
+
+    def _finished_future(self) -> asyncio.Future:
+        """One future per event loop, resolved when the C core writes the eventfd; every
+        task of that loop awaiting this transfer shares it."""
+        loop = asyncio.get_running_loop()
+        fut = self._futures.get(loop)
+        if fut is not None:
+            return fut
+        if self._notify_fd is None:
+            self._notify_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._c.set_notify_fd(self._notify_fd)
+        fut = self._futures[loop] = loop.create_future()
+        fd = self._notify_fd
+
+        def on_ready() -> None:
+            loop.remove_reader(fd)
+            del self._futures[loop]
+            if not fut.done():
+                fut.set_result(None)
+            if not self._futures:
+                self._close_notify_fd()
+
+        loop.add_reader(fd, on_ready)
+        return fut
+
+    def _close_notify_fd(self) -> None:
+        if self._notify_fd is not None:
+            self._c.set_notify_fd(-1)  # the C core never writes to it after this returns
+            os.close(self._notify_fd)
+            self._notify_fd = None
+
+    def __del__(self) -> None:
+        try:
+            self._close_notify_fd()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return f"<Transfer {self.entries} entries, {self.nbytes} bytes over {self.transport}>"
@@ -193,15 +217,11 @@ class Peer:
                 "read: each entry is (local Region, local offset, remote RegionDescriptor, remote offset, nbytes)",
                 op="read") from None
         reqs = np.empty(n, READ_REQ_DTYPE)
-        local_ids = {id(r): r for r in locals_}
-        for r in local_ids.values():
-            self._check_local(r)
-        reqs["local_region"] = [r.id for r in locals_] if len(local_ids) > 1 else next(iter(local_ids.values())).id
-        remote_descs = {id(d): d for d in remotes}
-        for d in remote_descs.values():
-            self._check_remote(d)
+        local_ids = _check_each(locals_, self._local_problem)
+        reqs["local_region"] = [r.id for r in locals_] if len(local_ids) > 1 else local_ids[0].id
+        remote_descs = _check_each(remotes, self._remote_problem)
         if len(remote_descs) == 1:
-            d = next(iter(remote_descs.values()))
+            d = remote_descs[0]
             reqs["remote_region"] = d.region_id
             reqs["remote_key"] = d.key
             reqs["remote_addr"] = d.addr
@@ -209,20 +229,20 @@ class Peer:
             reqs["remote_region"] = [d.region_id for d in remotes]
             reqs["remote_key"] = [d.key for d in remotes]
             reqs["remote_addr"] = [d.addr for d in remotes]
-        reqs["local_off"] = _nonneg(loffs, "local offset")
-        reqs["remote_off"] = _nonneg(roffs, "remote offset")
-        reqs["len"] = _nonneg(lens, "length")
-        return self._submit(reqs, tuple(local_ids.values()))
+        reqs["local_off"] = _offsets(loffs, "local offset")
+        reqs["remote_off"] = _offsets(roffs, "remote offset")
+        reqs["len"] = _offsets(lens, "length")
+        return self._submit(reqs, tuple(local_ids))
 
     def read_blocks(self, local: Region, local_offsets: Any, remote: RegionDescriptor, remote_offsets: Any,
                     lengths: Any) -> Transfer:
         """Vectorized :meth:`read` for one local and one remote region: offsets are
         int arrays (bytes), ``lengths`` an array or one int for every block."""
-        self._check_local(local)
-        self._check_remote(remote)
-        lo = _nonneg(local_offsets, "local offset")
-        ro = _nonneg(remote_offsets, "remote offset")
-        ln = np.broadcast_to(_nonneg(lengths, "length"), lo.shape)
+        _check_each([local], self._local_problem)
+        _check_each([remote], self._remote_problem)
+        lo = _offsets(local_offsets, "local offset")
+        ro = _offsets(remote_offsets, "remote offset")
+        ln = np.broadcast_to(_offsets(lengths, "length"), lo.shape)
         if lo.ndim != 1 or lo.shape != ro.shape:
             raise InvalidArgumentError(f"read_blocks: offsets must be 1-D of one length, got {lo.shape} and "
                                        f"{ro.shape}", op="read")
@@ -241,19 +261,20 @@ class Peer:
             raise InvalidArgumentError("read on a closed peer", errno=_errno.EBADF, op="read")
         return Transfer(self._c.read(reqs), reqs, self.transport, keep)
 
-    def _check_local(self, r: Any) -> None:
+    def _local_problem(self, r: Any) -> tuple[int, str] | None:
         if not isinstance(r, Region) or r._engine is not self._engine:
-            raise InvalidArgumentError(f"local side must be a Region of this engine, got {r!r}", op="read")
+            return _errno.EINVAL, f"local side must be a Region of this engine, got {r!r}"
         if r.closed:
-            raise InvalidArgumentError(f"local {r!r} is closed", errno=_errno.EBADF, op="read")
+            return _errno.EBADF, f"local {r!r} is closed"
+        return None
 
-    def _check_remote(self, d: Any) -> None:
+    def _remote_problem(self, d: Any) -> tuple[int, str] | None:
         if not isinstance(d, RegionDescriptor):
-            raise InvalidArgumentError(f"remote side must be a RegionDescriptor, got {type(d).__name__}", op="read")
+            return _errno.EINVAL, f"remote side must be a RegionDescriptor, got {type(d).__name__}"
         if d.engine_id != self.descriptor.engine_id:
-            raise InvalidArgumentError(
-                f"remote region {d.region_id:#x} belongs to engine {d.engine_id.hex()}, this peer is "
-                f"{self.descriptor.engine_id.hex()}", op="read")
+            return _errno.EINVAL, (f"remote region {d.region_id:#x} belongs to engine {d.engine_id.hex()}, "
+                                   f"this peer is {self.descriptor.engine_id.hex()}")
+        return None
 
     def close(self) -> None:
         """Closes the connection; reads still queued fail with ECANCELED."""
@@ -272,13 +293,35 @@ class Peer:
         return f"<Peer {self.descriptor.engine_id.hex()[:8]} via {self.transport}>"
 
 
-def _nonneg(values: Any, what: str) -> np.ndarray:
-    try:
-        a = np.asarray(values, dtype=np.int64)
-    except (OverflowError, ValueError, TypeError):
-        raise InvalidArgumentError(f"read: every {what} must be an integer", op="read") from None
-    if a.size and a.min() < 0:
-        raise InvalidArgumentError(f"read: negative {what} {int(a.min())}", op="read")
+def _check_each(objs: Sequence[Any], problem: Any) -> list[Any]:
+    """Checks each distinct object once; an error names the first entry holding it.
+    Returns the distinct objects, in order of first use."""
+    distinct = list({id(o): o for o in objs}.values())
+    for obj in distinct:
+        found = problem(obj)
+        if found:
+            err, text = found
+            entry = next(i for i, o in enumerate(objs) if o is obj)
+            raise InvalidArgumentError(f"read: entry {entry}: {text}", errno=err, op="read")
+    return distinct
+
+
+def _offsets(values: Any, what: str) -> np.ndarray:
+    """Byte offsets or lengths as int64: integers only (no silent float truncation),
+    none negative; an error names the entry."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "iu":
+        if a.size:
+            raise InvalidArgumentError(f"read: every {what} must be an integer, got {a.dtype} values", op="read")
+        a = a.astype(np.int64)
+    if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgumentError(f"read: {what} {int(a.max())} is too large", op="read")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (neg := a < 0).any():
+        if a.ndim == 0:
+            raise InvalidArgumentError(f"read: negative {what} {int(a)}", op="read")
+        i = int(np.argmax(neg))
+        raise InvalidArgumentError(f"read: entry {i}: negative {what} {int(a[i])}", op="read")
     return a
 
 
@@ -295,14 +338,14 @@ class Engine:
 
     def __init__(self, *, listen_host: str = "127.0.0.1", listen_port: int = 0, io_timeout: float = 10.0,
                  tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True):
-        if io_timeout <= 0:
-            raise InvalidArgumentError(f"io_timeout must be > 0, got {io_timeout}", op="engine")
+        if not io_timeout >= 0.001:
+            raise InvalidArgumentError(f"io_timeout must be at least 0.001 s, got {io_timeout}", op="engine")
         for name, value in (("tcp_connections", tcp_connections), ("shm_threads", shm_threads)):
             if not 1 <= value <= MAX_THREADS:
                 raise InvalidArgumentError(f"{name} must be in [1, {MAX_THREADS}], got {value}", op="engine")
-        if not 1 <= verbs_qps <= 8:
-            raise InvalidArgumentError(f"verbs_qps must be in [1, 8], got {verbs_qps}", op="engine")
-        self._c = _C.Engine(listen_host, listen_port, int(io_timeout * 1000), tcp_connections, shm_threads,
+        if not 1 <= verbs_qps <= _C.VERBS_MAX_QPS:
+            raise InvalidArgumentError(f"verbs_qps must be in [1, {_C.VERBS_MAX_QPS}], got {verbs_qps}", op="engine")
+        self._c = _C.Engine(listen_host, listen_port, round(io_timeout * 1000), tcp_connections, shm_threads,
                             verbs_qps, use_verbs)
         info = self._c.info()
         self.descriptor = EngineDescriptor(
@@ -323,6 +366,7 @@ class Engine:
     def register(self, obj: Any) -> tuple[Region, RegionDescriptor]:
         """Registers ``obj``'s memory for remote reads (see :mod:`kvtransfer.memory` for
         what is accepted). Register few large regions (whole pools), never per block."""
+        self._require_open("register")
         mem = describe(obj)
         if mem.nbytes <= 0:
             raise InvalidArgumentError(f"cannot register an empty range ({mem.nbytes} bytes)", op="register")
@@ -336,6 +380,10 @@ class Engine:
         self._regions.add(region)
         return region, desc
 
+    def _require_open(self, op: str) -> None:
+        if self._c is None:
+            raise InvalidArgumentError(f"{op} on a closed engine", errno=_errno.EBADF, op=op)
+
     def _deregister(self, region: Region) -> None:
         self._regions.discard(region)
         if self._c is not None:
@@ -343,6 +391,7 @@ class Engine:
 
     def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> Peer:
         """Connects to another engine, choosing the transport (see module docs)."""
+        self._require_open("connect")
         desc = EngineDescriptor.from_bytes(peer) if isinstance(peer, (bytes, bytearray, memoryview)) else peer
         if not isinstance(desc, EngineDescriptor):
             raise InvalidArgumentError(f"connect needs an EngineDescriptor, got {type(peer).__name__}", op="connect")

@@ -1,19 +1,35 @@
 # The two-command quick start: `make demo` and `make test`. Each installs what it
-# needs first (scripts/setup_env.sh is idempotent and fast when nothing changed).
+# needs first (the setup scripts are idempotent and fast when nothing changed).
 PY := .venv/bin/python
+RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-rxe demo test test-host test-rdma bench bench-rdma clean
 setup:
 	@scripts/setup_env.sh
+
+# the soft-RoCE guest: QEMU, Debian's kernel (it has rdma_rxe), perftest, pyverbs, virtme-ng
+setup-rxe:
+	@scripts/rxe/setup_rxe.sh
 
 demo: setup
 	$(PY) -m kvtransfer.demo
 
-test: setup
+# everything: the suite on this machine, then the verbs tests in a soft-RoCE guest
+test: test-host test-rdma
+
+test-host: setup
 	$(PY) -m pytest -q tests
+
+test-rdma: setup setup-rxe
+	$(RXE) scripts/rxe/guest_tests.sh
 
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)
+
+# our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON)
+JSON ?= bench-rdma.json
+bench-rdma: setup setup-rxe
+	$(RXE) scripts/rxe/bench_rdma.sh $(JSON)
 
 clean:
 	rm -rf build kvtransfer/_C*.so *.egg-info

@@ -75,9 +75,10 @@ import kvtransfer
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host
 from kvtransfer.target import parse_size, seeded_bytes
 
-ENGINE_TRANSPORTS = ("shm", "tcp")
+ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
+DEFAULT_SYSTEMS = ("shm", "tcp") + BASELINES  # verbs needs an RDMA device: ask for it
 COLUMNS = ("#bytes", "#blocks", "BW avg[GB/s]", "BW peak[GB/s]", "MsgRate[Mops]", "p50[us]", "p99[us]")
 RATIOS = (("shm", "memcpy"), ("tcp", "zmq"))
 
@@ -87,6 +88,7 @@ RECV_TIMEOUT_S = 10.0     # for any one zmq message
 STOP_TIMEOUT_S = 10.0     # for a child to exit once its stdin is closed
 
 SYSTEM_TITLES = {
+    "verbs": "kvtransfer READ over verbs (RDMA READ, {verbs_qps} queue pairs)",
     "shm": "kvtransfer READ over shm (process_vm_readv, {shm_threads} copy threads)",
     "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections)",
     "memcpy": "baseline: single-thread gather copy in one process (np.take), the ceiling for shm",
@@ -411,8 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--total", type=parse_size, default=256 << 20, help="bytes per pass (default 256M)")
     ap.add_argument("--iters", type=int, default=10, help="timed passes per size (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed passes per size (default %(default)s)")
-    ap.add_argument("--transports", default=",".join(SYSTEMS),
-                    help="systems to run: engine transports shm,tcp and baselines memcpy,zmq "
+    ap.add_argument("--transports", default=",".join(DEFAULT_SYSTEMS),
+                    help="systems to run: engine transports verbs,shm,tcp and baselines memcpy,zmq "
                          "(default %(default)s)")
     ap.add_argument("--json", metavar="FILE", help="write the results as a JSON list of records")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bytes and the permutations")
@@ -420,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="Engine(tcp_connections=) (default %(default)s)")
     ap.add_argument("--shm-threads", type=int, default=engine_default("shm_threads"),
                     help="Engine(shm_threads=) (default %(default)s)")
+    ap.add_argument("--verbs-qps", type=int, default=engine_default("verbs_qps"),
+                    help="Engine(verbs_qps=) (default %(default)s)")
     args = ap.parse_args(argv)
     try:
         args.sizes = [parse_size(s) for s in parse_list(args.sizes)]
@@ -447,7 +451,8 @@ def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.
     remote = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
     if remote.nbytes < args.total:
         raise BenchError(f"target region is {remote.nbytes} bytes, expected {args.total}")
-    eng = stack.enter_context(Engine(tcp_connections=args.tcp_connections, shm_threads=args.shm_threads))
+    eng = stack.enter_context(Engine(tcp_connections=args.tcp_connections, shm_threads=args.shm_threads,
+                                     verbs_qps=args.verbs_qps))
     local, _ = eng.register(dst)
     peers = []
     for name in (s for s in args.systems if s in ENGINE_TRANSPORTS):
@@ -457,7 +462,7 @@ def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.
     header += [("Target", f"pid {info['pid']} (python -m kvtransfer.target), region {remote.nbytes} bytes"),
                ("Peer transports", ", ".join(peers)),
                ("Engine", f"kvtransfer {kvtransfer.__version__}, tcp_connections={args.tcp_connections}, "
-                          f"shm_threads={args.shm_threads}")]
+                          f"shm_threads={args.shm_threads}, verbs_qps={args.verbs_qps}")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -502,7 +507,8 @@ def run(args: argparse.Namespace) -> int:
     header.append(("Verified", f"yes (first pass of each of {len(results)} system/size pairs, destination "
                                "zeroed before it)"))
     print(report(header, systems, sizes, results,
-                 {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections}), flush=True)
+                 {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections,
+                  "verbs_qps": args.verbs_qps}), flush=True)
     if args.json:
         records = [results[system, size].record() for system in systems for size in sizes]
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")

@@ -87,6 +87,9 @@ int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *r, kvt_err *err)
     kvt_verbs *v = s->v;
     if (r->nqp != s->n)
         return kvt_error(err, EPROTO, "verbs", "peer has %u queue pairs, we have %d", r->nqp, s->n);
+    if (r->mtu < IBV_MTU_256 || r->mtu > IBV_MTU_4096)
+        return kvt_error(err, EPROTO, "verbs", "peer advertised path MTU code %u (valid: %d..%d)", r->mtu, IBV_MTU_256,
+                         IBV_MTU_4096);
     if (r->mtu < s->mtu)
         s->mtu = (enum ibv_mtu)r->mtu; /* the smaller of both ends */
     /* rxe and most NICs allow max_qp_rd_atom READs in flight per QP; both sides

@@ -56,3 +56,25 @@ def test_host_transports_refuse_cuda_memory_clearly(transport):
         _, host_desc = target.register(np.ones(1 << 16, np.uint8))
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             peer.read([(local_dev, 0, host_desc, 0, 4096)])
+
+
+def test_dmabuf_export_of_a_torch_allocation():
+    """What the verbs transport registers GPU memory with: a dma-buf of the allocation
+    (cuMemGetHandleForAddressRange), and where the tensor lies in it."""
+    from kvtransfer import _C
+
+    t = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
+    offset = _C.cuda_dmabuf(t.data_ptr() + 8192, 4096)
+    assert offset >= 8192 and offset % 4096 == (t.data_ptr() + 8192) % 4096
+
+
+def test_verbs_without_an_rdma_device_is_unavailable_cleanly():
+    from kvtransfer import TransportUnavailableError
+
+    with Engine() as a, Engine() as b:
+        if a.verbs_unavailable is None:
+            pytest.skip(f"this machine has an RDMA device ({a.descriptor.ib_device})")
+        assert a.verbs_unavailable and not a.descriptor.verbs
+        with pytest.raises(TransportUnavailableError, match="verbs is unavailable"):
+            a.connect(b.descriptor, transport="verbs")
+        assert a.connect(b.descriptor).transport == "shm"

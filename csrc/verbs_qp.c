@@ -69,9 +69,12 @@ int kvt_qpset_create(kvt_verbs *v, int n, int events, kvt_qpset **out, kvt_err *
     return 0;
 }
 
+static int clamp_depth(int d) { return d < 1 ? 1 : d > 255 ? 255 : d; }
+
 void kvt_qpset_local(const kvt_qpset *s, kvt_wire_verbs *out)
 {
     memset(out, 0, sizeof *out);
+    out->rd_depth = (uint32_t)clamp_depth(s->v->dev.max_qp_rd_atom);
     out->lid = s->v->lid;
     out->mtu = (uint8_t)s->mtu;
     out->nqp = (uint8_t)s->n;
@@ -92,14 +95,12 @@ int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *r, kvt_err *err)
                          IBV_MTU_4096);
     if (r->mtu < s->mtu)
         s->mtu = (enum ibv_mtu)r->mtu; /* the smaller of both ends */
-    /* rxe and most NICs allow max_qp_rd_atom READs in flight per QP; both sides
-     * agree on the device's limit (the responder's max_dest_rd_atomic bounds ours). */
-    s->rd_atom = v->dev.max_qp_rd_atom > 0 ? v->dev.max_qp_rd_atom : 1;
-    if (s->rd_atom > 255)
-        s->rd_atom = 255;
-    int responder = v->dev.max_qp_init_rd_atom > 0 ? v->dev.max_qp_init_rd_atom : s->rd_atom;
-    if (responder > 255)
-        responder = 255;
+    /* READs in flight per queue pair: as initiator, our device's max_qp_init_rd_atom,
+     * but never more than the peer answers (its responder depth); as responder, our
+     * device's max_qp_rd_atom, which kvt_qpset_local advertised. */
+    int mine = clamp_depth(v->dev.max_qp_init_rd_atom);
+    s->rd_atom = clamp_depth(r->rd_depth < (uint32_t)mine ? (int)r->rd_depth : mine);
+    int responder = clamp_depth(v->dev.max_qp_rd_atom);
     for (int i = 0; i < s->n; i++) {
         struct ibv_qp_attr rtr = {
             .qp_state = IBV_QPS_RTR,

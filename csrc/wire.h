@@ -53,8 +53,10 @@ typedef struct kvt_wire_entry {
     uint64_t length;
 } kvt_wire_entry;
 
-/* One side of an RC connection: address (GID, LID), path MTU (enum ibv_mtu) and, per
- * queue pair, its number and first packet sequence number. */
+/* One side of an RC connection: address (GID, LID), path MTU (enum ibv_mtu), per queue
+ * pair its number and first packet sequence number, and how many RDMA READs this side
+ * answers in flight per queue pair (its responder resources: the other side's
+ * initiator depth must not exceed them). */
 typedef struct kvt_wire_verbs {
     int32_t status;
     uint16_t lid;
@@ -63,9 +65,10 @@ typedef struct kvt_wire_verbs {
     uint8_t gid[16];
     uint32_t qpn[KVT_VERBS_MAX_QPS];
     uint32_t psn[KVT_VERBS_MAX_QPS];
+    uint32_t rd_depth;
 } kvt_wire_verbs;
 
-_Static_assert(sizeof(kvt_wire_verbs) == 88, "verbs endpoint is 88 bytes");
+_Static_assert(sizeof(kvt_wire_verbs) == 92, "verbs endpoint is 92 bytes");
 _Static_assert(sizeof(kvt_wire_hello) == 32, "hello is 32 bytes");
 _Static_assert(sizeof(kvt_wire_hdr) == 16, "header is 16 bytes");
 _Static_assert(sizeof(kvt_wire_entry) == 32, "entry is 32 bytes");

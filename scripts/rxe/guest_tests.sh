@@ -16,5 +16,6 @@ exec timeout 1200 "$PY" -m pytest -q -p no:cacheprovider -o console_output_style
     tests/test_refusals.py::test_deregistered_region_is_refused \
     tests/test_failures.py::test_sigkill_mid_transfer \
     tests/test_failures.py::test_engine_usable_after_target_died \
+    tests/test_verbs_interop.py \
     tests/test_verbs_errors.py \
     tests/test_verbs_device_loss.py

@@ -51,7 +51,9 @@ static void run(int transport, const char *name)
     if (rc == 0) {
         kvt_read_req *reqs = calloc(N_BLOCKS, sizeof *reqs);
         for (size_t i = 0; i < N_BLOCKS; i++) /* block i <- block (N-1-i): scattered */
-            reqs[i] = (kvt_read_req){did, i * BLOCK, sid, skey, (N_BLOCKS - 1 - i) * BLOCK, BLOCK};
+            reqs[i] = (kvt_read_req){.local_region = did, .local_off = i * BLOCK, .remote_region = sid,
+                                     .remote_key = skey, .remote_addr = (uint64_t)(uintptr_t)src,
+                                     .remote_off = (N_BLOCKS - 1 - i) * BLOCK, .len = BLOCK};
         kvt_transfer *t = NULL;
         CHECK(kvt_peer_read(p, reqs, N_BLOCKS, &t, &err) == 0, "%s read: %s", name, err.msg);
         if (t) {

@@ -47,7 +47,8 @@ struct kvt_qpset {
 
 /* Opens the device named by KVTRANSFER_IB_DEVICE (else the first with an active
  * port), port KVTRANSFER_IB_PORT (else the first active), GID KVTRANSFER_IB_GID_INDEX
- * (else a RoCEv2 GID on Ethernet, index 0 on InfiniBand), and fills info's verbs fields. */
+ * (else on Ethernet a RoCEv2 GID, one of an IPv4 address first; on InfiniBand the
+ * first), and fills info's verbs fields. */
 int kvt_verbs_open(kvt_verbs **out, kvt_engine_info *info, kvt_err *err);
 void kvt_verbs_close(kvt_verbs *v);
 

@@ -44,19 +44,27 @@ static int pick_gid(kvt_verbs *v, const struct ibv_port_attr *pa, kvt_err *err)
         v->gid_index = forced;
         return 0;
     }
-    int fallback = -1;
+    /* On RoCE, prefer a RoCEv2 GID of an IPv4 address (routable, what perftest and
+     * NCCL pick), then any RoCEv2 GID (e.g. link-local IPv6), then anything. */
+    int fallback = -1, v2 = -1;
     for (int i = 0; i < pa->gid_tbl_len; i++) {
         union ibv_gid g;
         if (ibv_query_gid(v->ctx, v->port, i, &g) != 0 || !gid_nonzero(&g))
             continue;
-        if (!v->ethernet || gid_is_rocev2(v->name, v->port, i)) {
+        static const uint8_t v4_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        int rocev2 = v->ethernet && gid_is_rocev2(v->name, v->port, i);
+        if (!v->ethernet || (rocev2 && memcmp(g.raw, v4_prefix, 12) == 0)) {
             v->gid_index = i;
             v->gid = g;
             return 0;
         }
+        if (rocev2 && v2 < 0)
+            v2 = i;
         if (fallback < 0)
             fallback = i;
     }
+    if (v2 >= 0)
+        fallback = v2;
     if (fallback < 0)
         return kvt_error(err, ENODEV, "ibv_query_gid", "%s port %d has no usable GID (no IP address on its netdev?)",
                          v->name, v->port);

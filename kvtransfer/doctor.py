@@ -37,7 +37,6 @@ import logging
 import os
 import platform
 import re
-import socket
 import sys
 from typing import Any, Callable
 
@@ -674,8 +673,9 @@ def _load_peer(args: argparse.Namespace) -> EngineDescriptor | None:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog or "kvtransfer doctor", description="What this machine can do for kvtransfer: RDMA devices, "
-                                 "CUDA, the engine's transports, and the transport a peer would get.")
+    ap = argparse.ArgumentParser(prog=prog or "kvtransfer doctor",
+                                 description="What this machine can do for kvtransfer: RDMA devices, CUDA, the "
+                                 "engine's transports, and the transport a peer would get.")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--peer", metavar="FILE", help="a file holding a peer's EngineDescriptor.to_bytes() (or its hex)")
     src.add_argument("--peer-hex", metavar="HEX", help="a peer's EngineDescriptor.to_bytes(), as hex")

@@ -133,7 +133,10 @@ def test_rdma(text_report, json_report, here):
     else:
         names = re.findall(r"^(\S+): fw ", here["devices"], re.M)
         assert [d["name"] for d in j["devices"]] == names
-        assert one(r, "devices").startswith(f"{len(names)} (")
+        if names:
+            assert one(r, "devices").startswith(f"{len(names)} (")
+        else:  # libibverbs works but lists no device (a GPU machine without an RDMA NIC)
+            assert one(r, "devices") == "none"
         for name in names:
             assert any(v.startswith(f"{name} ") or v == name for v in values(r, "device"))
 

@@ -45,7 +45,7 @@ def test_raw_cuda_range_is_checked_by_the_driver():
 def test_host_transports_refuse_cuda_memory_clearly(transport):
     with Engine() as target, Engine() as reader:
         dev = torch.zeros(1 << 16, dtype=torch.uint8, device="cuda")
-        _, dev_desc = target.register(dev)
+        dev_region, dev_desc = target.register(dev)  # keep the handle: dropping it deregisters
         host = alloc_host(1 << 16)
         host_region, _ = reader.register(host)
         peer = reader.connect(target.descriptor, transport=transport)
@@ -53,7 +53,7 @@ def test_host_transports_refuse_cuda_memory_clearly(transport):
             peer.read([(host_region, 0, dev_desc, 0, 4096)]).wait(10)
         assert ei.value.errno == errno.EOPNOTSUPP and "CUDA" in str(ei.value)
         local_dev, _ = reader.register(torch.zeros(1 << 16, dtype=torch.uint8, device="cuda"))
-        _, host_desc = target.register(np.ones(1 << 16, np.uint8))
+        host_src, host_desc = target.register(np.ones(1 << 16, np.uint8))
         with pytest.raises(InvalidArgumentError, match="CUDA"):
             peer.read([(local_dev, 0, host_desc, 0, 4096)])
 

@@ -361,8 +361,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def gbps(x: float) -> str:
+    """Two decimals, as perftest prints; four for the slow links of emulated NICs."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
+
+
 def row_cells(r: Result) -> list[str]:
-    return [str(r.block_bytes), str(r.blocks), f"{r.bw_avg_gbps:.2f}", f"{r.bw_peak_gbps:.2f}", f"{r.mops:.6f}",
+    return [str(r.block_bytes), str(r.blocks), gbps(r.bw_avg_gbps), gbps(r.bw_peak_gbps), f"{r.mops:.6f}",
             f"{r.percentile_us(50):.1f}", f"{r.percentile_us(99):.1f}"]
 
 

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

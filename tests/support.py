@@ -55,7 +55,31 @@ SHARED_TARGET_BYTES = 64 * MiB + MiB + 17
 SHARED_TARGET_SEED = 1234
 
 
-def _pump(stream, q: "queue.Queue[str | None]") -> None:
+def tail_file(path: str) -> str:
+    """The last 4000 characters of a child's stderr file, for failure messages."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return "<stderr unavailable>"
+
+
+def stop_process(p: subprocess.Popen, timeout: float) -> None:
+    """End of stdin, a bounded wait, then SIGKILL by pid (only a process we started)."""
+    try:
+        p.stdin.close()
+    except OSError:
+        pass
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=timeout)
+    if p.stdout:
+        p.stdout.close()
+
+
+def pump_lines(stream, q: "queue.Queue[str | None]") -> None:
     """Moves lines of a target's stdout into a queue; None marks end of file."""
     try:
         for line in stream:
@@ -147,31 +171,16 @@ class Target:
         self.proc.wait(timeout=EXIT_DEADLINE_S)
 
     def stderr(self) -> str:
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "<stderr unavailable>"
+        return tail_file(self.stderr_path)
 
     def stop(self) -> None:
         """Ends the target: end of stdin, a bounded wait, then SIGKILL by pid."""
-        p = self.proc
-        if p.poll() is None:
+        if self.proc.poll() is None:
             try:
-                os.kill(p.pid, signal.SIGCONT)  # a SIGSTOPped target cannot see end of stdin
+                os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped target cannot see end of stdin
             except ProcessLookupError:
                 pass
-        try:
-            p.stdin.close()
-        except OSError:
-            pass
-        try:
-            p.wait(timeout=EXIT_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=EXIT_DEADLINE_S)
-        if p.stdout:
-            p.stdout.close()
+        stop_process(self.proc, EXIT_DEADLINE_S)
         try:
             os.unlink(self.stderr_path)
         except OSError:
@@ -193,7 +202,7 @@ class TargetLauncher:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: "queue.Queue[str | None]" = queue.Queue()
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
+        threading.Thread(target=pump_lines, args=(proc.stdout, lines), daemon=True,
                          name=f"target-{proc.pid}-stdout").start()
         t = Target(proc, lines, stderr_path, nbytes, seed, None, None)  # type: ignore[arg-type]
         self.targets.append(t)

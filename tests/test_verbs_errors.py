@@ -15,7 +15,7 @@ import time
 import msgspec
 import pytest
 
-from kvtransfer import Engine, EngineDescriptor, KVTransferError, TransferError, TransportUnavailableError
+from kvtransfer import Engine, EngineDescriptor, TransferError, TransportUnavailableError
 
 from support import MiB, WAIT_S, alloc_dst, close_within
 

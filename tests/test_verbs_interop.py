@@ -26,7 +26,6 @@ import json
 import os
 import queue
 import random
-import signal
 import subprocess
 import tempfile
 import threading
@@ -37,7 +36,8 @@ import numpy as np
 import pytest
 
 from kvtransfer import EngineDescriptor, RegionDescriptor, RemoteAccessError
-from support import MiB, Target, TargetLauncher, alloc_dst, assert_bytes, close_within, make_engine, plan
+from support import (MiB, Target, TargetLauncher, alloc_dst, assert_bytes, close_within, make_engine, plan,
+                     pump_lines, stop_process, tail_file)
 
 PEER = Path(__file__).resolve().parent / "rdma" / "pyverbs_peer.py"
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-pyverbs lives
@@ -90,24 +90,6 @@ def _stderr_file(prefix: str) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=prefix, suffix=".stderr")
 
 
-def _tail(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-4000:]
-    except OSError:
-        return "<stderr unavailable>"
-
-
-def _pump(stream, q: "queue.Queue[str | None]") -> None:
-    try:
-        for line in stream:
-            q.put(line.rstrip("\n"))
-    except (OSError, ValueError):
-        pass
-    finally:
-        q.put(None)
-
-
 class PyverbsServer:
     """A running ``pyverbs_peer.py serve`` and what it announced."""
 
@@ -118,7 +100,7 @@ class PyverbsServer:
                                           "--seed", str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=err, text=True, bufsize=1, env=_peer_env())
         lines: "queue.Queue[str | None]" = queue.Queue()
-        threading.Thread(target=_pump, args=(self.proc.stdout, lines), daemon=True,
+        threading.Thread(target=pump_lines, args=(self.proc.stdout, lines), daemon=True,
                          name=f"pyverbs-{self.proc.pid}-stdout").start()
         try:
             line = lines.get(timeout=PEER_STARTUP_S)
@@ -127,27 +109,15 @@ class PyverbsServer:
         if not line or not line.startswith("{"):
             self.stop()
             pytest.fail(f"pyverbs server pid {self.proc.pid} printed {line!r} within {PEER_STARTUP_S} s, not its "
-                        f"JSON line (exit code {self.proc.poll()}); stderr:\n{_tail(self.stderr_path)}")
+                        f"JSON line (exit code {self.proc.poll()}); stderr:\n{tail_file(self.stderr_path)}")
         self.info = json.loads(line)
         assert self.info["nbytes"] == nbytes
 
     def stderr(self) -> str:
-        return _tail(self.stderr_path)
+        return tail_file(self.stderr_path)
 
     def stop(self) -> None:
-        """End of stdin, a bounded wait, then SIGKILL by pid (only this process)."""
-        p = self.proc
-        try:
-            p.stdin.close()
-        except OSError:
-            pass
-        try:
-            p.wait(timeout=EXIT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=EXIT_S)
-        if p.stdout:
-            p.stdout.close()
+        stop_process(self.proc, EXIT_S)
 
 
 @pytest.fixture

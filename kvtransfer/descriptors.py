@@ -92,4 +92,7 @@ def _decode(cls, data: bytes):
             op="decode")
     if len(obj.engine_id) != 16:
         raise InvalidArgumentError(f"{cls.__name__}: engine_id must be 16 bytes", op="decode")
+    if cls is EngineDescriptor and len(obj.gid) != (16 if obj.verbs else 0):
+        raise InvalidArgumentError(f"EngineDescriptor: gid must be 16 bytes with verbs, empty without; got "
+                                   f"{len(obj.gid)}", op="decode")
     return obj

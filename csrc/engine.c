@@ -111,7 +111,7 @@ void kvt_engine_destroy(kvt_engine *e)
 void kvt_engine_info_get(const kvt_engine *e, kvt_engine_info *info) { *info = e->info; }
 
 int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int device,
-                 uint64_t *region_id, uint64_t *key, kvt_err *err)
+                 uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err)
 {
     if (mem_kind == KVT_MEM_CUDA) {
         int ordinal = -1;
@@ -134,10 +134,13 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
         rc = kvt_verbs_reg(e->verbs, addr, len, mem_kind, &mr, &lkey, &rkey, &path, err);
     if (rc == 0)
         rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey, region_id, key, err);
-    if (rc == 0)
+    if (rc == 0) {
         e->mrs[kvt_region_slot(*region_id)] = mr;
-    else
+        if (verbs_path)
+            *verbs_path = path;
+    } else {
         kvt_verbs_dereg(mr);
+    }
     pthread_mutex_unlock(&e->reg_lock);
     return rc;
 }

@@ -70,9 +70,12 @@ int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *er
 void kvt_engine_destroy(kvt_engine *eng); /* close peers first */
 void kvt_engine_info_get(const kvt_engine *eng, kvt_engine_info *info);
 
-/* Registers [addr, addr+len) for remote reads; returns a region id and a random key. */
+/* Registers [addr, addr+len) for remote reads; returns a region id and a random key.
+ * With an RDMA device, *verbs_path (if not NULL) says how the NIC got the memory:
+ * "host" (ibv_reg_mr), "dmabuf" (ibv_reg_dmabuf_mr) or "peermem" (ibv_reg_mr on a
+ * CUDA pointer, nvidia-peermem); "" without verbs. */
 int kvt_register(kvt_engine *eng, uint64_t addr, uint64_t len, int mem_kind, int device,
-                 uint64_t *region_id, uint64_t *key, kvt_err *err);
+                 uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err);
 /* Refuses new reads at once, then waits for reads being served from it to finish. */
 int kvt_deregister(kvt_engine *eng, uint64_t region_id, kvt_err *err);
 

@@ -267,7 +267,7 @@ static PyObject *Engine_info(EngineObject *self, PyObject *noargs)
                          (const char *)in.gid, (Py_ssize_t)(in.verbs ? 16 : 0), "verbs_why", in.verbs_why);
 }
 
-/* register(addr, nbytes, mem_kind, device) -> (region_id, key) */
+/* register(addr, nbytes, mem_kind, device) -> (region_id, key, verbs_path) */
 static PyObject *Engine_register(EngineObject *self, PyObject *args)
 {
     unsigned long long addr, len;
@@ -275,10 +275,11 @@ static PyObject *Engine_register(EngineObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KKii", &addr, &len, &kind, &dev) || !check_open(self))
         return NULL;
     uint64_t id, key;
+    const char *path = "";
     kvt_err e;
-    if (kvt_register(self->e, addr, len, kind, dev, &id, &key, &e) < 0)
+    if (kvt_register(self->e, addr, len, kind, dev, &id, &key, &path, &e) < 0)
         return raise_err(&e, -1);
-    return Py_BuildValue("KK", (unsigned long long)id, (unsigned long long)key);
+    return Py_BuildValue("KKs", (unsigned long long)id, (unsigned long long)key, path);
 }
 
 static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)

@@ -58,17 +58,21 @@ MAX_THREADS = _C.MAX_THREADS  # connections or copy threads per peer
 class Region:
     """A local registration: keeps the memory registered and its owner alive.
 
-    ``descriptor`` is what peers need to read it. ``close()`` refuses new reads at
-    once and returns when reads being served from it (or writing into it) are done.
+    ``descriptor`` is what peers need to read it. ``verbs_registration`` says how the
+    RDMA device got the memory: ``"host"``, ``"dmabuf"`` or ``"peermem"`` (GPUDirect),
+    or None without verbs. ``close()`` refuses new reads at once and returns when reads
+    being served from it (or writing into it) are done.
     """
 
-    def __init__(self, engine: "Engine", region_id: int, mem: MemoryRange, descriptor: RegionDescriptor):
+    def __init__(self, engine: "Engine", region_id: int, mem: MemoryRange, descriptor: RegionDescriptor,
+                 verbs_registration: str | None = None):
         self._engine = engine
         self.id = region_id
         self.ptr = mem.ptr
         self.nbytes = mem.nbytes
         self.device = mem.device if mem.device_index < 0 else f"{mem.device}:{mem.device_index}"
         self.descriptor = descriptor
+        self.verbs_registration = verbs_registration
         self._owner = mem.owner
         self._closed = False
 
@@ -371,12 +375,15 @@ class Engine:
         if mem.nbytes <= 0:
             raise InvalidArgumentError(f"cannot register an empty range ({mem.nbytes} bytes)", op="register")
         kind = _C.MEM_CUDA if mem.device == "cuda" else _C.MEM_HOST
-        region_id, key = self._c.register(mem.ptr, mem.nbytes, kind, mem.device_index)
+        region_id, key, verbs_path = self._c.register(mem.ptr, mem.nbytes, kind, mem.device_index)
         if kind == _C.MEM_CUDA and mem.device_index < 0:
             mem = MemoryRange(mem.ptr, mem.nbytes, mem.device, _C.cuda_pointer_device(mem.ptr), mem.owner)
         desc = RegionDescriptor(engine_id=self.descriptor.engine_id, region_id=region_id, addr=mem.ptr,
                                 nbytes=mem.nbytes, device=mem.device, device_index=mem.device_index, key=key)
-        region = Region(self, region_id, mem, desc)
+        region = Region(self, region_id, mem, desc, verbs_path or None)
+        if verbs_path and kind == _C.MEM_CUDA:
+            log.info("engine %s: CUDA region %#x registered with the NIC through %s", self.id[:8], region_id,
+                     verbs_path)
         self._regions.add(region)
         return region, desc
 

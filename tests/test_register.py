@@ -176,3 +176,9 @@ def test_region_table_full_is_a_clear_error(engine):
     finally:
         for r in regions:
             r.close()
+
+
+def test_without_rdma_no_nic_registration_is_reported():
+    with Engine(use_verbs=False) as eng:
+        region, _ = eng.register(np.zeros(4096, np.uint8))
+        assert region.verbs_registration is None

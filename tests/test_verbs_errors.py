@@ -168,3 +168,12 @@ def test_engine_without_rdma_is_refused_clearly(rdma_engine):
             rdma_engine.connect(plain.descriptor, transport="verbs")
         with pytest.raises(TransportUnavailableError, match="verbs not requested"):
             plain.connect(rdma_engine.descriptor, transport="verbs")
+
+
+def test_registration_reports_how_the_nic_got_the_memory(rdma_engine):
+    """Host memory goes to the NIC with ibv_reg_mr ("host"); the key's low 32 bits are
+    the rkey, so a reader holding only the descriptor can read over verbs."""
+    region, desc = rdma_engine.register(bytearray(8192))
+    assert region.verbs_registration == "host"
+    assert desc.key & 0xFFFFFFFF and desc.key >> 32
+    region.close()

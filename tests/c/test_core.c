@@ -40,8 +40,8 @@ static void run(int transport, const char *name)
     for (size_t i = 0; i < n; i++)
         src[i] = (unsigned char)rand();
     uint64_t sid, skey, did, dkey;
-    CHECK(kvt_register(a, (uint64_t)(uintptr_t)src, n, KVT_MEM_HOST, -1, &sid, &skey, &err) == 0, "%s", err.msg);
-    CHECK(kvt_register(b, (uint64_t)(uintptr_t)dst, n, KVT_MEM_HOST, -1, &did, &dkey, &err) == 0, "%s", err.msg);
+    CHECK(kvt_register(a, (uint64_t)(uintptr_t)src, n, KVT_MEM_HOST, -1, &sid, &skey, NULL, &err) == 0, "%s", err.msg);
+    CHECK(kvt_register(b, (uint64_t)(uintptr_t)dst, n, KVT_MEM_HOST, -1, &did, &dkey, NULL, &err) == 0, "%s", err.msg);
 
     kvt_engine_info ai;
     kvt_engine_info_get(a, &ai);

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvtransfer
-from kvtransfer import InvalidArgumentError, KVTransferError
+from kvtransfer import Engine, InvalidArgumentError, KVTransferError
 from support import WAIT_S, assert_bytes, connect
 
 N = 3 * 4096 + 5  # bytes in each registered object: not a multiple of a page

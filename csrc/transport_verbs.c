@@ -374,7 +374,8 @@ int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         p->queue.wake_fd = vp->wake_fd;
         p->impl = vp;
         p->close = verbs_close;
-        p->max_pieces = VERBS_MAX_PIECES;
+        /* a job is one chain: it must fit an empty send queue */
+        p->max_pieces = vp->qs->sq_depth < VERBS_MAX_PIECES ? (size_t)vp->qs->sq_depth : VERBS_MAX_PIECES;
         p->max_bytes = VERBS_MAX_BYTES;
         p->device_memory = 1; /* the NIC reads and writes GPU memory directly */
         int e = pthread_create(&vp->thread, NULL, verbs_main, vp);

@@ -21,7 +21,7 @@ from support import MiB, WAIT_S, alloc_dst, close_within
 
 HELLO = struct.Struct("<IHHiI16s")
 HDR = struct.Struct("<IIQ")
-VERBS = struct.Struct("<iHBB16s8I8I")
+VERBS = struct.Struct("<iHBB16s8I8II")  # kvt_wire_verbs, 92 bytes (csrc/wire.h)
 HELLO_MAGIC, VERBS_MAGIC = 0x4854564B, 0x5654564B
 
 
@@ -86,7 +86,7 @@ def _reply(gid: bytes, qpn: int = 0x1234, mtu: int = 3, status: int = 0, nqp: in
     def make(theirs: tuple) -> bytes:
         n = theirs[3] if nqp is None else nqp
         qpns = [qpn + i for i in range(8)]
-        return VERBS.pack(status, 0, mtu, n, gid, *qpns, *[0] * 8)
+        return VERBS.pack(status, 0, mtu, n, gid, *qpns, *[0] * 8, 16)
     return make
 
 

@@ -153,6 +153,9 @@ static void *conn_main(void *arg)
 out:
     kvt_qpset_destroy(qs);
     free(f);
+    /* The peer sees the end now; the fd itself is closed by the reaper, after the
+     * join, so its number cannot be reused under a concurrent shutdown(). */
+    shutdown(c->fd, SHUT_RDWR);
     atomic_store(&c->finished, 1);
     return NULL;
 }

@@ -58,11 +58,9 @@ import inspect
 import json
 import os
 import platform
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +71,7 @@ import zmq
 
 import kvtransfer
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host
+from kvtransfer import target
 from kvtransfer.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
@@ -231,47 +230,14 @@ class ZmqRunner:
 
 # --------------------------------------------------------------------------- child processes
 
-def read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
-    """One line of ``proc``'s stdout, or BenchError after ``timeout`` seconds."""
-    box: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: box.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = box.get(timeout=timeout)
-    except queue.Empty:
-        raise BenchError(f"{what} printed nothing in {timeout} s") from None
-    if not line:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1.0)
-        raise BenchError(f"{what} exited (status {proc.returncode}) before printing its descriptors")
-    return line
-
-
 def start_child(cmd: list[str], what: str, stack: contextlib.ExitStack) -> tuple[subprocess.Popen, dict]:
     """Starts ``cmd`` (stopped when ``stack`` unwinds) and parses the JSON line it prints."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    stack.callback(stop_child, proc)
     try:
-        line = read_line(proc, STARTUP_TIMEOUT_S, what)
-    except BenchError:
-        proc.kill()  # it never got going: no need to wait for a clean exit
-        raise
-    try:
-        return proc, json.loads(line)
-    except json.JSONDecodeError:
-        raise BenchError(f"{what} printed {line.strip()!r}, not its JSON descriptors") from None
-
-
-def stop_child(proc: subprocess.Popen) -> None:
-    """Closes its stdin (its signal to exit), waits, kills it if it does not."""
-    with contextlib.suppress(OSError):
-        proc.stdin.close()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    with contextlib.suppress(OSError):
-        proc.stdout.close()
+        proc, hello = target.start_child(cmd, STARTUP_TIMEOUT_S, what)
+    except target.ChildError as e:
+        raise BenchError(str(e)) from None
+    stack.callback(target.stop_child, proc, STOP_TIMEOUT_S)
+    return proc, hello
 
 
 # --------------------------------------------------------------------------- measuring

@@ -10,10 +10,7 @@ every byte, and prints what moved and how fast.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -21,30 +18,7 @@ import numpy as np
 from .descriptors import EngineDescriptor, RegionDescriptor
 from .engine import Engine
 from .memory import alloc_host
-from .target import parse_size, seeded_bytes
-
-
-def start_target(nbytes: int, seed: int, timeout: float = 30.0) -> tuple[subprocess.Popen, dict]:
-    """Starts the target process and returns it with its JSON hello (within timeout)."""
-    proc = subprocess.Popen([sys.executable, "-m", "kvtransfer.target", "--bytes", str(nbytes), "--seed", str(seed)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not box or not box[0]:
-        proc.kill()
-        raise RuntimeError(f"target did not start within {timeout} s (exit code {proc.poll()})")
-    return proc, json.loads(box[0])
-
-
-def stop_target(proc: subprocess.Popen) -> None:
-    try:
-        proc.stdin.close()
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+from .target import parse_size, seeded_bytes, start_child, stop_child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     lead, end, close_line = ("\r", "", "\n") if tty else ("", "\n", "")
 
     print(f"[reader] starting a target process that registers {total >> 20} MiB of seeded random bytes ...")
-    proc, hello = start_target(total, args.seed)
+    proc, hello = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
+                               str(args.seed)], timeout=60.0, what="target")
     try:
         remote_engine = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))
         remote = RegionDescriptor.from_bytes(bytes.fromhex(hello["region"]))
@@ -99,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"target's Python ran no code to serve it")
         print("[reader] all bytes verified.")
     finally:
-        stop_target(proc)
+        stop_child(proc)
     print(f"[target pid {hello['pid']}] exited with code {proc.returncode}")
     return 0
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
+import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -36,6 +39,46 @@ def seeded_bytes(nbytes: int, seed: int, out: np.ndarray | None = None) -> np.nd
         return data.copy()
     out[:nbytes] = data
     return out
+
+
+class ChildError(RuntimeError):
+    """A child process did not start, or printed something other than its JSON line."""
+
+
+def start_child(cmd: list[str], timeout: float, what: str = "child") -> tuple[subprocess.Popen, dict]:
+    """Starts ``cmd`` with stdin and stdout piped and returns it with the JSON line it
+    prints first (this module's hello, or any child speaking the same way), waiting at
+    most ``timeout`` seconds. A child that fails to start is killed."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    box: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: box.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = box.get(timeout=timeout)
+        if not line:
+            raise ChildError(f"{what} exited (status {proc.wait(timeout=5)}) before printing its JSON line")
+        return proc, json.loads(line)
+    except queue.Empty:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise ChildError(f"{what} printed nothing in {timeout} s") from None
+    except json.JSONDecodeError:
+        stop_child(proc)
+        raise ChildError(f"{what} printed {line.strip()!r}, not its JSON line") from None
+
+
+def stop_child(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """End of stdin (this module's signal to exit), a bounded wait, then kill."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+    if proc.stdout:
+        proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,12 @@ class FakePeer:
         self.sock.close()
         self.thread.join(timeout=WAIT_S)
 
+    def __enter__(self) -> "FakePeer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _reply(gid: bytes, qpn: int = 0x1234, mtu: int = 3, status: int = 0, nqp: int | None = None):
     def make(theirs: tuple) -> bytes:
@@ -119,11 +125,8 @@ def test_unreachable_gid_fails_with_the_call_and_the_gid(rdma_engine):
     """A GID on no route (TEST-NET-1) or on the link with nobody there: connect names
     ibv_modify_qp and the GID, or the first read fails after the NIC's retries."""
     for gid in (_v4_gid(192, 0, 2, 1), _v4_gid(10, 99, 0, 77)):
-        fake = FakePeer(_reply(gid))
-        try:
+        with FakePeer(_reply(gid)) as fake:
             err = _connect_and_read(rdma_engine, fake)
-        finally:
-            fake.close()
         text = str(err)
         assert any(s in text for s in ("ibv_modify_qp", "RDMA READ", "no completion")), text
         if "ibv_modify_qp" in text:
@@ -135,28 +138,19 @@ def test_queue_pairs_that_cannot_reach_rts(rdma_engine):
     """A path MTU that is no MTU, and a queue-pair count that does not match: refused at
     connect with the values."""
     gid = rdma_engine.descriptor.gid
-    fake = FakePeer(_reply(gid, mtu=9))
-    try:
+    with FakePeer(_reply(gid, mtu=9)) as fake:
         with pytest.raises(TransportUnavailableError, match="peer advertised path MTU code 9"):
             rdma_engine.connect(fake.descriptor(rdma_engine.descriptor), transport="verbs")
-    finally:
-        fake.close()
-    fake = FakePeer(_reply(gid, nqp=1))
-    try:
+    with FakePeer(_reply(gid, nqp=1)) as fake:
         with pytest.raises(TransportUnavailableError, match="peer has 1 queue pairs, we have 2"):
             rdma_engine.connect(fake.descriptor(rdma_engine.descriptor), transport="verbs")
-    finally:
-        fake.close()
 
 
 @pytest.mark.timeout(60)
 def test_peer_that_refuses_queue_pairs(rdma_engine):
-    fake = FakePeer(_reply(bytes(16), status=-19))  # -ENODEV: "no RDMA device here"
-    try:
+    with FakePeer(_reply(bytes(16), status=-19)) as fake:  # -ENODEV: "no RDMA device here"
         with pytest.raises(TransportUnavailableError, match="refused RDMA queue pairs: No such device"):
             rdma_engine.connect(fake.descriptor(rdma_engine.descriptor), transport="verbs")
-    finally:
-        fake.close()
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,13 @@ arguments. Bad input is kept apart from failures of the machinery:
     - :class:`RemoteAccessError` - the target refused it: wrong key, out of bounds,
       region not registered.
   - :class:`TransferTimeoutError` (also a ``TimeoutError``) - a deadline passed.
+  - :class:`LayoutMismatchError` (an InvalidArgumentError) - two KV layouts cannot be
+    mapped onto each other; ``.fields`` lists ``(name, ours, theirs)``.
+  - :class:`PoolExhaustedError` - no free KV blocks (ENOSPC).
+  - :class:`ControlError` - the control plane refused or could not carry a message;
+    ``.code`` is the wire error code (``"malformed"``, ``"incompatible"``, ...).
+    - :class:`LeaseExpiredError` - the blocks a read used may have been reused (ESTALE).
+    - :class:`PeerLostError` - the other side stopped answering (EHOSTDOWN).
 """
 
 from __future__ import annotations
@@ -63,6 +70,49 @@ class TransferTimeoutError(KVTransferError, TimeoutError):
 
     def __init__(self, message: str, *, errno: int = _errno.ETIMEDOUT, op: str = "wait") -> None:
         super().__init__(message, errno=errno, op=op)
+
+
+class LayoutMismatchError(InvalidArgumentError):
+    """Two KV layouts that cannot be mapped; ``.fields`` is ``[(name, ours, theirs), ...]``."""
+
+    def __init__(self, message: str, *, fields: list[tuple[str, object, object]] | None = None,
+                 op: str = "layout") -> None:
+        super().__init__(message, op=op)
+        self.fields = fields or []
+
+
+class PoolExhaustedError(KVTransferError):
+    """Not enough free blocks in a KV pool."""
+
+    def __init__(self, message: str, *, op: str = "alloc") -> None:
+        super().__init__(message, errno=_errno.ENOSPC, op=op)
+
+
+class ControlError(KVTransferError):
+    """The control plane refused a message or could not deliver it. ``.code`` is the
+    error code on the wire (``"malformed"``, ``"incompatible"``, ``"unknown_request"``, ...),
+    ``.fields`` the differing fields of a refused handshake."""
+
+    def __init__(self, message: str, *, code: str = "error", errno: int = _errno.EPROTO, op: str = "control",
+                 fields: list[tuple[str, object, object]] | None = None) -> None:
+        super().__init__(message, errno=errno, op=op)
+        self.code = code
+        self.fields = fields or []
+
+
+class LeaseExpiredError(ControlError):
+    """The lease on the blocks expired before the read was confirmed: they may have been
+    reused while read, so the bytes must not be trusted."""
+
+    def __init__(self, message: str, *, op: str = "release") -> None:
+        super().__init__(message, code="lease_expired", errno=_errno.ESTALE, op=op)
+
+
+class PeerLostError(ControlError):
+    """The other side of the control plane stopped answering (dead, hung or unreachable)."""
+
+    def __init__(self, message: str, *, op: str = "control") -> None:
+        super().__init__(message, code="peer_lost", errno=_errno.EHOSTDOWN, op=op)
 
 
 _REMOTE_REFUSALS = {_errno.EACCES, _errno.ENOENT, _errno.ERANGE, _errno.ESTALE}

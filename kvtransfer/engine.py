@@ -156,6 +156,13 @@ class Transfer:
             yield from asyncio.shield(self._finished_future()).__await__()
         self._raise_if_failed()
 
+    def notify_fd(self, fd: int) -> None:
+        """Has the C core add 1 to eventfd ``fd`` when this transfer finishes (at once if it
+        already has): one eventfd can watch many transfers from a poll loop. ``fd=-1``
+        stops it; after that returns, the fd is never written. Not combinable with
+        ``await`` on the same transfer (both use the one notification slot)."""
+        self._c.set_notify_fd(fd)
+
     def _finished_future(self) -> asyncio.Future:
         """One future per event loop, resolved when the C core writes the eventfd; every
         task of that loop awaiting this transfer shares it."""
@@ -259,6 +266,43 @@ class Peer:
         reqs["remote_off"] = ro
         reqs["len"] = ln
         return self._submit(reqs, (local,))
+
+    def read_indexed(self, locals_: Sequence[Region], local_index: Any, local_offsets: Any,
+                     remotes: Sequence[RegionDescriptor], remote_index: Any, remote_offsets: Any,
+                     lengths: Any) -> Transfer:
+        """Vectorized :meth:`read` over several regions on each side: entry ``i`` reads
+        ``lengths[i]`` bytes from ``remotes[remote_index[i]]`` at ``remote_offsets[i]`` into
+        ``locals_[local_index[i]]`` at ``local_offsets[i]`` (int arrays, bytes). This is how a
+        KV plan (:func:`kvtransfer.kv.plan_reads`) is read without a Python loop per entry."""
+        locals_ = list(locals_)
+        remotes = list(remotes)
+        if not locals_ or not remotes:
+            raise InvalidArgumentError("read_indexed: needs at least one local and one remote region", op="read")
+        _check_each(locals_, self._local_problem)
+        _check_each(remotes, self._remote_problem)
+        li = _offsets(local_index, "local region index")
+        ri = _offsets(remote_index, "remote region index")
+        lo = _offsets(local_offsets, "local offset")
+        ro = _offsets(remote_offsets, "remote offset")
+        ln = np.broadcast_to(_offsets(lengths, "length"), lo.shape)
+        if lo.ndim != 1 or not (li.shape == ri.shape == lo.shape == ro.shape):
+            raise InvalidArgumentError("read_indexed: indexes and offsets must be 1-D arrays of one length", op="read")
+        if len(lo) == 0:
+            raise InvalidArgumentError("read: empty batch", op="read")
+        for idx, regions, what in ((li, locals_, "local"), (ri, remotes, "remote")):
+            if int(idx.max()) >= len(regions):
+                i = int(np.argmax(idx >= len(regions)))
+                raise InvalidArgumentError(f"read: entry {i}: {what} region index {int(idx[i])} out of range "
+                                           f"({len(regions)} given)", op="read")
+        reqs = np.empty(len(lo), READ_REQ_DTYPE)
+        reqs["local_region"] = np.array([r.id for r in locals_], np.uint64)[li]
+        reqs["local_off"] = lo
+        reqs["remote_region"] = np.array([d.region_id for d in remotes], np.uint64)[ri]
+        reqs["remote_key"] = np.array([d.key for d in remotes], np.uint64)[ri]
+        reqs["remote_addr"] = np.array([d.addr for d in remotes], np.uint64)[ri]
+        reqs["remote_off"] = ro
+        reqs["len"] = ln
+        return self._submit(reqs, tuple(locals_))
 
     def _submit(self, reqs: np.ndarray, keep: tuple) -> Transfer:
         if self._closed:

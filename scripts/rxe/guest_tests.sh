@@ -18,4 +18,5 @@ exec timeout 1200 "$PY" -m pytest -q -p no:cacheprovider -o console_output_style
     tests/test_failures.py::test_engine_usable_after_target_died \
     tests/test_verbs_interop.py \
     tests/test_verbs_errors.py \
-    tests/test_verbs_device_loss.py
+    tests/test_verbs_device_loss.py \
+    tests/test_control.py::test_pull_lands_the_requests_kv

@@ -1,0 +1,531 @@
+"""The decode side of the control plane: one session with one prefill worker.
+
+    with ControlClient(prefill_endpoint, engine=eng, regions=[region], layout=layout,
+                       compat=CompatInfo.of(layout, "my-model")) as client:
+        pull = client.pull("req-1", dst_blocks, payload=prompt_bytes)   # Submit
+        pull.wait_layer(0, timeout=5)        # layer 0 is in place; prefill may still compute
+        first_token = pull.wait(timeout=30)  # every layer in place and the release confirmed
+
+The constructor does the handshake (refused with :class:`ControlError` ``incompatible``
+naming the differing fields) and connects the transfer engine to the prefill worker's.
+Each layer is read as soon as its manifest arrives, so reading layer i overlaps the
+computation of layer i+1. A pull succeeds only after the prefill side confirmed the
+release with the lease still held: a read that may have overlapped reuse of the blocks
+raises :class:`LeaseExpiredError`, never returns. Whatever fails, a pull ends only once
+nothing writes its destination blocks anymore, and releases the prefill side's blocks
+when the prefill side can still hear it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from ..descriptors import EngineDescriptor, RegionDescriptor
+from ..engine import Engine, Region, Transfer
+from ..errors import (ControlError, InvalidArgumentError, KVTransferError, LeaseExpiredError, PeerLostError,
+                      TransferTimeoutError)
+from ..kv import CompatInfo, KVLayout, assign_heads, check_compatible, plan_reads
+from . import messages as m
+from .loop import SocketLoop
+from .metrics import PullTimings, metrics_for
+from .security import CurveClientKeys
+
+log = logging.getLogger("kvtransfer.control")
+
+
+class Pull:
+    """One request's KV on its way into local blocks. ``wait``/``wait_layer`` block with
+    a timeout; ``timings`` fills in as it goes. Created by :meth:`ControlClient.pull`."""
+
+    def __init__(self, client: "ControlClient", request_id: str, dst_blocks: list[int],
+                 heads: tuple[int, int] | None, deadline: float | None):
+        self.request_id = request_id
+        self.dst_blocks = dst_blocks
+        self.heads = heads
+        self.timings = PullTimings(request_id=request_id, transport=client.transport,
+                                   handshake_s=client.handshake_s)
+        self.result: bytes | None = None
+        self.num_tokens: int | None = None
+        self._client = client
+        self._t0 = time.monotonic()
+        self._deadline = deadline
+        self._cv = threading.Condition()
+        self._src_blocks: list[int] | None = None
+        self._inflight: dict[int, Transfer] = {}
+        self._layers_done: set[int] = set()
+        self._finished = False           # the prefill side said Finished
+        self._error: KVTransferError | None = None
+        self._release_sent = False
+        self._nothing_to_release = False  # the prefill side refused us: no Released will come
+        self._complete = False           # terminal: nothing writes dst_blocks anymore
+
+    # --- the caller's side -------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._complete
+
+    def wait(self, timeout: float | None = None) -> bytes:
+        """Until every layer is in place and the release is confirmed; returns the
+        prefill side's result. Raises the pull's error, or TransferTimeoutError if it is
+        still running at ``timeout`` (it goes on)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._complete, timeout):
+                raise TransferTimeoutError(f"pull of {self.request_id!r} still running after {timeout} s "
+                                           f"({len(self._layers_done)} layers in place)", op="pull")
+        if self._error is not None:
+            raise self._error
+        return self.result or b""
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Until ``layer`` is in place locally (the rest may still be coming)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: layer in self._layers_done or self._complete, timeout):
+                raise TransferTimeoutError(f"layer {layer} of {self.request_id!r} not in place after {timeout} s",
+                                           op="wait_layer")
+            if layer in self._layers_done:
+                return
+        if self._error is not None:
+            raise self._error
+        raise ControlError(f"pull of {self.request_id!r} ended without layer {layer}", code="out_of_order",
+                           op="wait_layer")
+
+    def cancel(self) -> None:
+        """Gives up: the prefill side's blocks are released, the pull fails ECANCELED."""
+        err = ControlError(f"pull of {self.request_id!r} cancelled", code="cancelled", errno=errno.ECANCELED,
+                           op="pull")
+        self._client._loop.call(lambda: self._fail(err))
+
+    def __repr__(self) -> str:
+        state = "done" if self._complete else f"{len(self._layers_done)} layers in place"
+        return f"<Pull {self.request_id!r} {state}{' failed' if self._error else ''}>"
+
+    # --- the loop thread ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _on_pinned(self, msg: m.Pinned) -> None:
+        if self._src_blocks is not None:
+            if self._src_blocks != msg.blocks:
+                self._fail(ControlError(f"{self.request_id!r}: pinned twice with different blocks",
+                                        code="out_of_order", op="pull"))
+            return
+        need = self._client.layout.blocks_for(msg.num_tokens)
+        if len(self.dst_blocks) < need:
+            return self._fail(InvalidArgumentError(
+                f"{self.request_id!r}: {msg.num_tokens} tokens need {need} local blocks, "
+                f"{len(self.dst_blocks)} were given", op="pull"))
+        self._src_blocks = msg.blocks
+        self.num_tokens = msg.num_tokens
+        self.timings.pinned_s = self._now()
+
+    def _on_manifest(self, msg: m.Manifest) -> None:
+        if self._src_blocks is None:
+            return self._fail(ControlError(f"{self.request_id!r}: manifest before the blocks were pinned",
+                                           code="out_of_order", op="pull"))
+        if self.timings.first_manifest_s is None:
+            self.timings.first_manifest_s = self._now()
+        c = self._client
+        for layer in msg.layers:
+            if layer in self._inflight or layer in self._layers_done or self._error is not None:
+                continue
+            if layer >= c.layout.num_layers:
+                return self._fail(ControlError(f"{self.request_id!r}: manifest names layer {layer} of "
+                                               f"{c.layout.num_layers}", code="out_of_order", op="pull"))
+            plan = plan_reads(c.remote_layout, c.layout, self._src_blocks, self.dst_blocks, self.num_tokens,
+                              layers=[layer], heads=self.heads)[0]
+            if len(plan) == 0:
+                self._layer_done(layer)
+                continue
+            t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
+                                    plan["src_region"], plan["src_off"], plan["len"])
+            t.notify_fd(c._transfer_fd)
+            self._inflight[layer] = t
+            self.timings.bytes += t.nbytes
+            self.timings.entries += t.entries
+
+    def _on_finished(self, msg: m.Finished) -> None:
+        self._finished = True
+        self.result = msg.result
+        missing = [x for x in range(self._client.layout.num_layers)
+                   if x not in self._inflight and x not in self._layers_done]
+        if missing and self._src_blocks is not None:
+            return self._fail(ControlError(f"{self.request_id!r}: finished without layers {missing[:8]}",
+                                           code="out_of_order", op="pull"))
+        if self._src_blocks is None:  # a finished request with nothing pinned: 0 tokens
+            self.num_tokens = 0
+            self._layers_done.update(range(self._client.layout.num_layers))
+        self._maybe_release()
+
+    def _check_transfers(self) -> None:
+        for layer, t in list(self._inflight.items()):
+            if not t.done():
+                continue
+            del self._inflight[layer]
+            t.notify_fd(-1)
+            try:
+                t.wait(0)
+            except KVTransferError as e:
+                self._fail(e)
+                continue
+            if self._error is None:
+                self._layer_done(layer)
+        if self._error is not None:
+            self._settle()
+        else:
+            self._maybe_release()
+
+    def _layer_done(self, layer: int) -> None:
+        now = self._now()
+        with self._cv:
+            self._layers_done.add(layer)
+            self.timings.layers_s[layer] = now
+            if self.timings.first_byte_s is None:
+                self.timings.first_byte_s = now
+            self._cv.notify_all()
+
+    def _maybe_release(self) -> None:
+        if self._finished and not self._inflight and len(self._layers_done) == self._client.layout.num_layers:
+            if self.timings.total_s is None:
+                self.timings.total_s = self._now()
+            self._send_release()
+
+    def _send_release(self) -> None:
+        if not self._release_sent:
+            self._release_sent = True
+            self._client._send(m.Release(request_id=self.request_id))
+
+    def _on_released(self, msg: m.Released) -> None:
+        self.timings.released_s = self._now()
+        if not msg.valid and self._error is None:
+            self._error = LeaseExpiredError(f"{self.request_id!r}: {msg.message}")
+        if self._error is None and not self._finished:
+            self._error = ControlError(f"{self.request_id!r}: released before it finished", code="out_of_order")
+        self._complete_now()
+
+    def _fail(self, err: KVTransferError) -> None:
+        """Records the first error; the pull completes once no transfer writes into
+        the destination, after releasing the prefill side's blocks."""
+        if self._complete:
+            return
+        if self._error is None:
+            self._error = err
+            log.warning("%s: pull of %r failed: %s", self._client.name, self.request_id, err)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._inflight:
+            return  # the transfer eventfd brings us back when they end
+        if isinstance(self._error, PeerLostError) or self._client._lost or self._nothing_to_release:
+            return self._complete_now()  # nobody to release to, or nothing held
+        if self._release_sent:
+            return  # the Released answer (or the peer timeout) completes it
+        self._send_release()
+
+    def _complete_now(self) -> None:
+        if self._complete:
+            return
+        for t in self._inflight.values():
+            t.notify_fd(-1)
+        with self._cv:
+            self._complete = True
+            self._cv.notify_all()
+        self._client._pull_ended(self)
+
+
+class ControlClient:
+    """A session with one prefill worker's control plane (see the module docs).
+
+    ``regions``/``layout``: the local KV pool that pulls write into. ``timeout``: a
+    prefill side silent for this long is lost (handshake included): its pulls fail with
+    :class:`PeerLostError`. ``transport`` forces the engine's transport.
+    """
+
+    def __init__(self, endpoint: str, *, engine: Engine, regions: Sequence[Region], layout: KVLayout,
+                 compat: CompatInfo, timeout: float = 10.0, curve: CurveClientKeys | None = None,
+                 name: str = "decode", transport: str | None = None, registry=None):
+        if not 0.05 <= timeout <= 3600:
+            raise InvalidArgumentError(f"timeout must be in [0.05, 3600] s, got {timeout}", op="control")
+        if len(regions) != layout.num_regions:
+            raise InvalidArgumentError(f"the layout spans {layout.num_regions} regions, {len(regions)} given",
+                                       op="control")
+        self.endpoint = endpoint
+        self.layout = layout
+        self.compat = compat
+        self.regions = list(regions)
+        self.name = name
+        self.timeout = timeout
+        self._metrics = metrics_for(registry)
+        self._pulls: dict[str, Pull] = {}
+        self._waiters: list[tuple[tuple[type, ...], list, threading.Event]] = []  # FIFO
+        self._lost = False
+        self._last_heard = time.monotonic()
+        self._last_renew = 0.0
+        self._last_sent = 0.0
+        self._closed = False
+        self._forced_transport = transport
+        self.peer = None
+
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
+        sock.sndhwm = sock.rcvhwm = 100_000
+        if curve:
+            curve.apply(sock)
+        sock.connect(endpoint)
+        self._transfer_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._heartbeat_s = min(1.0, timeout / 4)
+        self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
+                                tick_s=min(0.05, self._heartbeat_s))
+        self._loop.watch_fd(self._transfer_fd, self._on_transfers)
+        self._loop.start()
+        try:
+            self._handshake(engine)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- setup -------------------------------------------------------------------------
+
+    def _handshake(self, engine: Engine) -> None:
+        t0 = time.monotonic()
+        reply = self._request(m.Hello(engine=engine.descriptor.to_bytes(), layout=self.layout, compat=self.compat,
+                                      name=self.name), (m.Welcome,), "handshake", self.timeout)
+        self.remote_layout: KVLayout = reply.layout
+        self.remote_name = reply.name
+        self.lease_s = reply.lease_s
+        check_compatible(self.remote_layout, self.layout)
+        self.remote_regions = [RegionDescriptor.from_bytes(b) for b in reply.regions]
+        remote_engine = EngineDescriptor.from_bytes(reply.engine)
+        self.peer = engine.connect(remote_engine, transport=self._forced_transport)
+        self.handshake_s = time.monotonic() - t0
+        self._metrics.handshake.observe(self.handshake_s)
+        log.info("%s: session with %s at %s, transport %s, lease %.1f s", self.name, self.remote_name,
+                 self.endpoint, self.peer.transport, self.lease_s)
+
+    @property
+    def transport(self) -> str:
+        return self.peer.transport if self.peer else ""
+
+    # --- the caller's side -------------------------------------------------------------
+
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, payload: bytes | None = None, readers: int = 1,
+             heads: tuple[int, int] | None = None, timeout: float | None = None) -> Pull:
+        """Starts pulling request ``request_id`` into local blocks ``dst_blocks`` (token
+        order). With ``payload`` it submits the request (the prefill side computes it);
+        without, it subscribes to a request the prefill side already has (everything
+        published so far is replayed). ``heads``: the global KV heads to take from this
+        prefill worker (tensor-parallel mixes; default all of ours). ``timeout``: the
+        pull fails with TransferTimeoutError if not done by then."""
+        self._require_usable()
+        dst = [int(b) for b in dst_blocks]
+        bad = [b for b in dst if not 0 <= b < self.layout.num_blocks]
+        if bad:
+            raise InvalidArgumentError(f"pull {request_id!r}: local block ids {bad[:8]} outside the pool of "
+                                       f"{self.layout.num_blocks}", op="pull")
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        p = Pull(self, request_id, dst, heads, deadline)
+        msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
+               else m.Subscribe(request_id=request_id))
+        if len(m.encode(msg)[1]) > m.MAX_MESSAGE_BYTES:
+            raise InvalidArgumentError(f"pull {request_id!r}: payload of {len(payload or b'')} bytes exceeds the "
+                                       f"control plane's {m.MAX_MESSAGE_BYTES}-byte messages", op="pull")
+        started = threading.Event()
+        problem: list[Exception] = []
+
+        def start() -> None:
+            if request_id in self._pulls:
+                problem.append(InvalidArgumentError(f"pull {request_id!r} is already running here", op="pull"))
+            elif self._lost:
+                problem.append(PeerLostError(f"{self.endpoint} is lost", op="pull"))
+            else:
+                self._pulls[request_id] = p
+                self._send(msg)
+            started.set()
+
+        self._loop.call(start)
+        if not started.wait(self.timeout):
+            raise ControlError("the control loop did not answer", code="timeout", op="pull")
+        if problem:
+            raise problem[0]
+        return p
+
+    def ping(self, timeout: float | None = None) -> float:
+        """One round trip to the prefill side, in seconds."""
+        t0 = time.perf_counter()
+        self._request(m.Ping(nonce=int(t0 * 1e6) & 0x7FFFFFFF), (m.Pong,), "ping", timeout or self.timeout)
+        return time.perf_counter() - t0
+
+    def stats(self, timeout: float | None = None) -> m.Stats:
+        """The prefill side's pool and lease counters."""
+        return self._request(m.StatsQuery(), (m.Stats,), "stats", timeout or self.timeout)
+
+    def close(self) -> None:
+        """Fails the pulls still running (releasing their blocks), then closes."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def abandon() -> None:
+            for p in list(self._pulls.values()):
+                p._fail(ControlError(f"{self.name} closed during the pull", code="closed", op="close"))
+
+        self._loop.call(abandon)
+        deadline = time.monotonic() + min(self.timeout, 5.0)
+        while self._pulls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._loop.stop()
+        os.close(self._transfer_fd)
+        if self.peer is not None:
+            self.peer.close()
+        self._ctx.term()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _require_usable(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError("control client is closed", errno=errno.EBADF, op="pull")
+        if self._lost:
+            raise PeerLostError(f"{self.endpoint} stopped answering", op="pull")
+
+    def _request(self, msg, expect: tuple[type, ...], what: str, timeout: float):
+        """Sends a message that has one answer (no request id) and waits for it."""
+        got: list = []
+        ready = threading.Event()
+
+        def register() -> None:
+            self._waiters.append((expect + (m.Error,), got, ready))
+            self._send(msg)
+
+        self._loop.call(register)
+        if not ready.wait(timeout):
+            raise PeerLostError(f"{what}: no answer from {self.endpoint} within {timeout} s (is a prefill worker "
+                                f"listening there? with CURVE, does it accept our key?)", op=what)
+        reply = got[0]
+        if isinstance(reply, m.Error):
+            raise ControlError(f"{what} refused by {self.endpoint}: {reply.code}: {reply.message}", code=reply.code,
+                               op=what, fields=[tuple(f) for f in reply.fields])
+        return reply
+
+    def _send(self, msg) -> None:
+        self._last_sent = time.monotonic()
+        self._loop.send_now(m.encode(msg))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = m.decode_to_decode(frames)
+        except ControlError as e:
+            self._metrics.errors.labels("decode", e.code).inc()
+            log.warning("%s: ignored a message from %s: %s", self.name, self.endpoint, e)
+            return
+        rid = getattr(msg, "request_id", "")
+        pull = self._pulls.get(rid) if rid else None
+        if isinstance(msg, m.Error) and pull is not None:
+            # the prefill side refused this pull's Submit/Subscribe/Release: it holds
+            # nothing for us (and a duplicate id is someone else's request: never release it)
+            pull._release_sent = pull._nothing_to_release = True
+            cls = LeaseExpiredError if msg.code == "lease_expired" else ControlError
+            err = cls(f"{rid!r}: {msg.message}") if cls is LeaseExpiredError else ControlError(
+                f"{rid!r} refused: {msg.code}: {msg.message}", code=msg.code, op="pull")
+            return pull._fail(err)
+        if rid and not isinstance(msg, m.Error):
+            if pull is None:
+                log.info("%s: %s for request %r that is not pulled here; ignored", self.name, type(msg).__name__, rid)
+                return
+            return self._dispatch_pull(pull, msg)
+        if isinstance(msg, m.Renewed):
+            for lost in msg.lost:
+                if lost in self._pulls:
+                    self._pulls[lost]._fail(LeaseExpiredError(
+                        f"{lost!r}: the prefill side no longer holds the blocks (lease expired)", op="renew"))
+            return
+        # an answer without a request id goes to the oldest request waiting for its kind
+        for i, (expect, got, ready) in enumerate(self._waiters):
+            if isinstance(msg, expect):
+                del self._waiters[i]
+                got.append(msg)
+                ready.set()
+                return
+        if isinstance(msg, m.Error):
+            log.warning("%s: error from %s: %s: %s", self.name, self.endpoint, msg.code, msg.message)
+
+    def _dispatch_pull(self, pull: Pull, msg) -> None:
+        if isinstance(msg, m.Pinned):
+            pull._on_pinned(msg)
+        elif isinstance(msg, m.Manifest):
+            try:
+                pull._on_manifest(msg)
+            except KVTransferError as e:
+                pull._fail(e)
+        elif isinstance(msg, m.Finished):
+            pull._on_finished(msg)
+        elif isinstance(msg, m.Failed):
+            cls = LeaseExpiredError if msg.code == "lease_expired" else None
+            pull._fail(cls(f"{pull.request_id!r}: {msg.message}") if cls else ControlError(
+                f"{pull.request_id!r} failed on the prefill side: {msg.code}: {msg.message}", code=msg.code,
+                op="pull"))
+        elif isinstance(msg, m.Released):
+            pull._on_released(msg)
+
+    def _on_transfers(self) -> None:
+        try:
+            os.eventfd_read(self._transfer_fd)
+        except BlockingIOError:
+            pass
+        for p in list(self._pulls.values()):
+            if p._inflight:
+                p._check_transfers()
+
+    def _on_tick(self, now: float) -> None:
+        if self._lost:
+            return
+        if now - self._last_heard > self.timeout:
+            self._lost = True
+            err = PeerLostError(f"{self.endpoint} silent for {now - self._last_heard:.1f} s (timeout {self.timeout} s)")
+            log.warning("%s: %s", self.name, err)
+            for p in list(self._pulls.values()):
+                p._fail(err)
+            return
+        for p in list(self._pulls.values()):
+            if p._deadline is not None and now > p._deadline and p._error is None:
+                p._fail(TransferTimeoutError(f"pull of {p.request_id!r} not done within its timeout", op="pull"))
+        if self.peer is None:
+            return  # heartbeats and renewals start after the handshake
+        lease = self.lease_s
+        if self._pulls and now - self._last_renew > lease / 3:
+            self._last_renew = now
+            self._send(m.Renew(request_ids=list(self._pulls)[:4096]))
+        elif now - self._last_sent > self._heartbeat_s:
+            self._send(m.Ping())
+
+    def _pull_ended(self, pull: Pull) -> None:
+        self._pulls.pop(pull.request_id, None)
+        outcome = "ok" if pull._error is None else getattr(pull._error, "code", type(pull._error).__name__)
+        self._metrics.pull_finished(pull.timings, outcome)
+
+
+def pull_sharded(clients: Sequence[ControlClient], request_id: str, dst_blocks: Sequence[int], *,
+                 payload: bytes | None = None, timeout: float | None = None) -> list[Pull]:
+    """Pulls one request from several prefill workers that each hold part of the KV
+    heads (tensor parallel prefill): each local head is read from exactly one of them
+    (:func:`kvtransfer.kv.assign_heads`). Wait for every returned Pull."""
+    layout = clients[0].layout
+    heads = assign_heads(layout, [c.remote_layout for c in clients])
+    return [c.pull(request_id, dst_blocks, payload=payload, heads=h, timeout=timeout)
+            for c, h in zip(clients, heads) if h is not None]

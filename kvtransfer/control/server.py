@@ -1,0 +1,454 @@
+"""The prefill side of the control plane: handshakes, requests, manifests, leases.
+
+    server = ControlServer("tcp://127.0.0.1:0", engine=eng, regions=[region], layout=layout,
+                           compat=CompatInfo.of(layout, "my-model"), pool=pool, on_submit=queue.put)
+    # a compute thread, for each PrefillRequest req taken from the queue:
+    blocks = pool.alloc(layout.blocks_for(n)); req.pin(blocks, n)
+    for layer in ...: compute into the blocks; req.layer_ready(layer)
+    req.finish(first_token_bytes)       # or req.fail("why") — always one of the two
+
+Block ownership: once pinned, a request's blocks belong to the server, which returns
+them to the pool when the application is done with them (``finish``/``fail``) **and**
+every reader released them or the lease expired. A lease starts at submit and at pin
+and is extended by the readers' renewals; a decode worker that dies stops renewing, so
+its blocks come back within ``lease_s``. A release that arrives after expiry is
+answered ``valid=False``: the reader must not trust what it read. All state lives on
+the socket's loop thread; :class:`PrefillRequest` methods are thread-safe and only
+queue work to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import zmq
+
+from ..descriptors import EngineDescriptor, RegionDescriptor
+from ..engine import Engine, Region
+from ..errors import ControlError, InvalidArgumentError, LayoutMismatchError
+from ..kv import BlockPool, CompatInfo, KVLayout, check_compatible, compat_problems
+from . import messages as m
+from .loop import SocketLoop
+from .metrics import metrics_for
+from .security import CurveServerKeys, warn_if_exposed
+
+log = logging.getLogger("kvtransfer.control")
+
+_TOMBSTONES = 4096  # retired request ids remembered, so a late release is told why
+
+
+class PrefillRequest:
+    """One request, as the prefill application sees it. Thread-safe; every method only
+    queues work to the server's loop thread. Call exactly one of :meth:`finish` or
+    :meth:`fail` at the end, also after :attr:`cancelled` turned True (that is what
+    lets the server return the blocks)."""
+
+    def __init__(self, server: "ControlServer", request_id: str, payload: bytes, readers: int):
+        self.request_id = request_id
+        self.payload = payload
+        self.readers = readers
+        self._server = server
+        self._cancelled = threading.Event()
+        self._pinned = False
+        self._ended = False
+
+    @property
+    def cancelled(self) -> bool:
+        """True once no reader wants the KV anymore (released early, lease expired,
+        server closing): stop computing, then call finish or fail."""
+        return self._cancelled.is_set()
+
+    def pin(self, blocks: Sequence[int], num_tokens: int) -> None:
+        """Hands the request's blocks (token order, from the server's pool) to the
+        server: readers learn them now and may read each layer once announced."""
+        blocks = [int(b) for b in blocks]
+        layout = self._server.layout
+        if self._pinned or self._ended:
+            raise InvalidArgumentError(f"request {self.request_id!r}: pin called twice or after the end", op="pin")
+        if num_tokens < 0 or len(blocks) < layout.blocks_for(num_tokens):
+            raise InvalidArgumentError(f"request {self.request_id!r}: {num_tokens} tokens need "
+                                       f"{layout.blocks_for(max(num_tokens, 0))} blocks, got {len(blocks)}", op="pin")
+        bad = [b for b in blocks if not 0 <= b < layout.num_blocks]
+        if bad:
+            raise InvalidArgumentError(f"request {self.request_id!r}: block ids {bad[:8]} outside the pool of "
+                                       f"{layout.num_blocks}", op="pin")
+        self._pinned = True
+        self._server._loop.call(lambda: self._server._pin(self.request_id, blocks, num_tokens))
+
+    def layer_ready(self, *layers: int) -> None:
+        """Announces that these layers of the pinned blocks hold their final bytes."""
+        if not self._pinned:
+            raise InvalidArgumentError(f"request {self.request_id!r}: layer_ready before pin", op="layer_ready")
+        bad = [x for x in layers if not 0 <= x < self._server.layout.num_layers]
+        if bad or not layers:
+            raise InvalidArgumentError(f"request {self.request_id!r}: layers {bad or '()'} outside "
+                                       f"[0, {self._server.layout.num_layers})", op="layer_ready")
+        ls = [int(x) for x in layers]
+        self._server._loop.call(lambda: self._server._layers(self.request_id, ls))
+
+    def finish(self, result: bytes = b"") -> None:
+        """Every layer is announced; ``result`` goes to the readers (e.g. the first token)."""
+        self._end(m.Finished(request_id=self.request_id, result=bytes(result)))
+
+    def fail(self, message: str, code: str = "prefill_failed") -> None:
+        """The request ends without (all of) its KV; readers get ``code`` and ``message``."""
+        self._end(m.Failed(request_id=self.request_id, code=code, message=str(message)[:4000]))
+
+    def _end(self, outcome: m.Finished | m.Failed) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._server._loop.call(lambda: self._server._end(self.request_id, outcome))
+
+    def __repr__(self) -> str:
+        return f"<PrefillRequest {self.request_id!r}{' cancelled' if self.cancelled else ''}>"
+
+
+@dataclass
+class _Req:
+    """The server's state of one request (loop thread only)."""
+    handle: PrefillRequest
+    deadline: float
+    subscribers: list[bytes] = field(default_factory=list)
+    released_by: set[bytes] = field(default_factory=set)
+    blocks: list[int] | None = None
+    num_tokens: int = 0
+    layers: list[int] = field(default_factory=list)
+    outcome: m.Finished | m.Failed | None = None
+    retired: bool = False
+
+    @property
+    def app_done(self) -> bool:
+        return self.outcome is not None
+
+
+class ControlServer:
+    """The prefill side's ROUTER socket and its loop thread (see the module docs).
+
+    ``endpoint``: where to bind (``tcp://HOST:0`` picks a free port; :attr:`endpoint`
+    says which). ``on_submit(req)`` runs on the loop thread for every Submit: it must
+    only queue the request (raising rejects it). ``lease_s``: how long blocks stay
+    pinned without a renewal. ``curve``: CurveZMQ keys; without them a server bound
+    beyond loopback warns.
+    """
+
+    def __init__(self, endpoint: str, *, engine: Engine, regions: Sequence[Region], layout: KVLayout,
+                 compat: CompatInfo, pool: BlockPool, on_submit: Callable[[PrefillRequest], None],
+                 lease_s: float = 10.0, curve: CurveServerKeys | None = None, name: str = "prefill",
+                 registry=None):
+        if not 0.05 <= lease_s <= 86400:
+            raise InvalidArgumentError(f"lease_s must be in [0.05, 86400], got {lease_s}", op="control")
+        if len(regions) != layout.num_regions:
+            raise InvalidArgumentError(f"the layout spans {layout.num_regions} regions, {len(regions)} given",
+                                       op="control")
+        if pool.num_blocks != layout.num_blocks:
+            raise InvalidArgumentError(f"pool of {pool.num_blocks} blocks for a layout of {layout.num_blocks}",
+                                       op="control")
+        self.layout = layout
+        self.compat = compat
+        self.pool = pool
+        self.lease_s = lease_s
+        self.name = name
+        self._on_submit = on_submit
+        self._metrics = metrics_for(registry)
+        self._welcome_parts = dict(engine=engine.descriptor.to_bytes(),
+                                   regions=[r.descriptor.to_bytes() for r in regions])
+        self._reqs: dict[str, _Req] = {}
+        self._orphans: dict[str, _Req] = {}  # retired, but the application still holds the blocks
+        self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._sessions: dict[bytes, str] = {}
+        self._expired = 0
+        self._errors = 0
+
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished reader fails (and is logged)
+        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
+        sock.sndhwm = sock.rcvhwm = 100_000
+        self._auth = curve.apply(self._ctx, sock) if curve else None
+        bind_to = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
+        try:
+            sock.bind(bind_to)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            self._stop_context()
+            raise ControlError(f"cannot bind the control socket to {endpoint}: {e}", code="bind", errno=e.errno,
+                               op="bind") from None
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        warn_if_exposed(self.endpoint, curve)
+        self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
+                                tick_s=min(0.05, lease_s / 4))
+        self._closed = False
+        self._loop.start()
+        log.info("%s: control plane on %s (lease %.1f s%s)", name, self.endpoint, lease_s,
+                 ", CURVE" if curve else "")
+
+    # --- the application's side (any thread) -----------------------------------------
+
+    def open_request(self, request_id: str, *, readers: int = 1, payload: bytes = b"",
+                     timeout: float = 5.0) -> PrefillRequest:
+        """Starts a request from the prefill side (decode workers :meth:`Subscribe` to it
+        by id): the lease runs from now, so a reader must come within ``lease_s``."""
+        handle = PrefillRequest(self, request_id, payload, readers)
+        done = threading.Event()
+        outcome: list[Exception | None] = [None]
+
+        def create() -> None:
+            outcome[0] = self._create(handle)
+            done.set()
+
+        self._loop.call(create)
+        if not done.wait(timeout):
+            raise ControlError(f"open_request {request_id!r}: the control loop did not answer within {timeout} s",
+                               code="timeout", op="open_request")
+        if outcome[0] is not None:
+            raise outcome[0]
+        return handle
+
+    def stats(self) -> m.Stats:
+        """A snapshot of the pool and the leases (taken without the loop: approximate)."""
+        return m.Stats(free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
+                       pinned_requests=len(self._reqs) + len(self._orphans), leases_expired=self._expired,
+                       errors=self._errors)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Tells subscribers the server is going away, cancels every request, stops."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.call(self._shutdown)
+        self._loop.stop(timeout)
+        self._stop_context()
+
+    def _stop_context(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def __enter__(self) -> "ControlServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the loop thread: messages from readers ---------------------------------------
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        ident, body = frames[0], frames[1:]
+        try:
+            msg = m.decode_to_prefill(body)
+        except ControlError as e:
+            return self._refuse(ident, e.code, str(e))
+        if not isinstance(msg, (m.Hello, m.Ping)) and ident not in self._sessions:
+            return self._refuse(ident, "no_handshake", f"{type(msg).__name__} before the handshake (send Hello first)",
+                                getattr(msg, "request_id", ""))
+        handler = self._handlers.get(type(msg))
+        handler(self, ident, msg)
+
+    def _hello(self, ident: bytes, msg: m.Hello) -> None:
+        fields = compat_problems(self.compat, msg.compat)
+        try:
+            EngineDescriptor.from_bytes(msg.engine)
+            if not fields:
+                check_compatible(self.layout, msg.layout)
+        except LayoutMismatchError as e:
+            fields = e.fields
+        except InvalidArgumentError as e:
+            return self._refuse(ident, "malformed", f"Hello: {e}")
+        if fields:
+            names = ", ".join(f"{n} (ours {a!r}, yours {b!r})" for n, a, b in fields)
+            return self._refuse(ident, "incompatible", f"KV caches do not match: {names}",
+                                fields=[(n, str(a), str(b)) for n, a, b in fields])
+        self._sessions[ident] = msg.name or ident.hex()
+        self._send(ident, m.Welcome(layout=self.layout, compat=self.compat, lease_s=self.lease_s, name=self.name,
+                                    **self._welcome_parts))
+
+    def _submit(self, ident: bytes, msg: m.Submit) -> None:
+        handle = PrefillRequest(self, msg.request_id, msg.payload, msg.readers)
+        problem = self._create(handle, subscriber=ident)
+        if problem is not None:
+            return self._refuse(ident, problem.code, str(problem), msg.request_id)
+        try:
+            self._on_submit(handle)
+        except Exception as e:  # the application said no: nothing was pinned yet
+            log.warning("%s: request %r rejected: %s", self.name, msg.request_id, e)
+            req = self._reqs.pop(msg.request_id)
+            req.outcome = m.Failed(request_id=msg.request_id, code="rejected", message=str(e)[:4000])
+            self._send(ident, req.outcome)
+            self._remember(msg.request_id, "rejected")
+
+    def _create(self, handle: PrefillRequest, subscriber: bytes | None = None) -> ControlError | None:
+        rid = handle.request_id
+        if rid in self._reqs or rid in self._orphans or rid in self._tombstones:
+            return ControlError(f"request id {rid!r} is already in use", code="duplicate_request")
+        if self._closed:
+            return ControlError("the server is shutting down", code="shutting_down")
+        req = _Req(handle=handle, deadline=time.monotonic() + self.lease_s)
+        if subscriber is not None:
+            req.subscribers.append(subscriber)
+        self._reqs[rid] = req
+        return None
+
+    def _subscribe(self, ident: bytes, msg: m.Subscribe) -> None:
+        req = self._live(ident, msg.request_id, "Subscribe")
+        if req is None:
+            return
+        if ident not in req.subscribers:
+            req.subscribers.append(ident)
+        req.deadline = time.monotonic() + self.lease_s
+        # replay what was published before this reader joined, then it gets the rest live
+        if req.blocks is not None:
+            self._send(ident, m.Pinned(request_id=msg.request_id, blocks=req.blocks, num_tokens=req.num_tokens))
+        if req.layers:
+            self._send(ident, m.Manifest(request_id=msg.request_id, layers=req.layers))
+        if req.outcome is not None:
+            self._send(ident, req.outcome)
+
+    def _renew(self, ident: bytes, msg: m.Renew) -> None:
+        deadline = time.monotonic() + self.lease_s
+        lost = []
+        for rid in msg.request_ids:
+            req = self._reqs.get(rid)
+            if req is None:
+                lost.append(rid)
+            else:
+                req.deadline = deadline
+        self._send(ident, m.Renewed(lease_s=self.lease_s, lost=lost))
+
+    def _release(self, ident: bytes, msg: m.Release) -> None:
+        rid = msg.request_id
+        req = self._reqs.get(rid)
+        if req is None:
+            why = self._tombstones.get(rid)
+            if why == "expired":
+                return self._send(ident, m.Released(
+                    request_id=rid, valid=False,
+                    message=f"the lease expired before this release (no renewal for {self.lease_s} s): the blocks "
+                            f"may have been reused while read"))
+            if why == "released":  # a repeated release: the first answer stands
+                return self._send(ident, m.Released(request_id=rid, valid=True, message="already released"))
+            return self._refuse(ident, "unknown_request", f"Release of unknown request {rid!r}", rid)
+        req.released_by.add(ident)
+        self._send(ident, m.Released(request_id=rid, valid=True))
+        if len(req.released_by) >= req.handle.readers:
+            self._retire(rid, "released")
+
+    def _ping(self, ident: bytes, msg: m.Ping) -> None:
+        self._send(ident, m.Pong(nonce=msg.nonce))
+
+    def _stats(self, ident: bytes, msg: m.StatsQuery) -> None:
+        self._send(ident, self.stats())
+
+    _handlers = {m.Hello: _hello, m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
+                 m.Release: _release, m.Ping: _ping, m.StatsQuery: _stats}
+
+    def _live(self, ident: bytes, rid: str, what: str) -> _Req | None:
+        req = self._reqs.get(rid)
+        if req is None:
+            why = self._tombstones.get(rid)
+            code = "lease_expired" if why == "expired" else "unknown_request"
+            self._refuse(ident, code, f"{what}: request {rid!r} is {why or 'unknown'}", rid)
+        return req
+
+    # --- the loop thread: the application's calls -------------------------------------
+
+    def _find(self, rid: str) -> _Req | None:
+        return self._reqs.get(rid) or self._orphans.get(rid)
+
+    def _pin(self, rid: str, blocks: list[int], num_tokens: int) -> None:
+        req = self._find(rid)
+        if req is None:  # cannot happen through PrefillRequest; keep the pool whole anyway
+            log.error("%s: pin for unknown request %r; freeing its blocks", self.name, rid)
+            self.pool.free(blocks)
+            return
+        req.blocks, req.num_tokens = blocks, num_tokens
+        self._metrics.pinned_blocks.inc(len(blocks))
+        if not req.retired:
+            req.deadline = time.monotonic() + self.lease_s
+            self._publish(req, m.Pinned(request_id=rid, blocks=blocks, num_tokens=num_tokens))
+
+    def _layers(self, rid: str, layers: list[int]) -> None:
+        req = self._find(rid)
+        if req is None or req.retired:
+            return
+        new = [x for x in layers if x not in req.layers]
+        if new:
+            req.layers.extend(new)
+            self._publish(req, m.Manifest(request_id=rid, layers=new))
+
+    def _end(self, rid: str, outcome: m.Finished | m.Failed) -> None:
+        req = self._find(rid)
+        if req is None:
+            return
+        req.outcome = outcome
+        if req.retired:
+            self._free(self._orphans.pop(rid))
+        else:
+            self._publish(req, outcome)
+
+    # --- the loop thread: lifetimes ----------------------------------------------------
+
+    def _on_tick(self, now: float) -> None:
+        for rid in [rid for rid, r in self._reqs.items() if r.deadline < now]:
+            req = self._reqs[rid]
+            self._expired += 1
+            self._metrics.leases_expired.inc()
+            log.warning("%s: lease of request %r expired (%d/%d readers released, no renewal for %.1f s); "
+                        "reclaiming %d blocks", self.name, rid, len(req.released_by), req.handle.readers,
+                        self.lease_s, len(req.blocks or ()))
+            self._publish(req, m.Failed(request_id=rid, code="lease_expired",
+                                        message=f"no renewal for {self.lease_s} s; the blocks are reclaimed"))
+            self._retire(rid, "expired")
+
+    def _retire(self, rid: str, why: str) -> None:
+        """No reader needs the blocks anymore: free them now, or when the application is done."""
+        req = self._reqs.pop(rid)
+        req.retired = True
+        req.handle._cancelled.set()
+        self._remember(rid, why)
+        if req.app_done:
+            self._free(req)
+        else:
+            self._orphans[rid] = req
+
+    def _free(self, req: _Req) -> None:
+        if req.blocks:
+            self.pool.free(req.blocks)
+            self._metrics.pinned_blocks.dec(len(req.blocks))
+            req.blocks = None
+
+    def _remember(self, rid: str, why: str) -> None:
+        self._tombstones[rid] = why
+        while len(self._tombstones) > _TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    def _shutdown(self) -> None:
+        for rid in list(self._reqs):
+            self._publish(self._reqs[rid], m.Failed(request_id=rid, code="shutting_down",
+                                                    message=f"{self.name} is shutting down"))
+            self._retire(rid, "shutting_down")
+
+    # --- the loop thread: sending --------------------------------------------------------
+
+    def _publish(self, req: _Req, msg) -> None:
+        frames = m.encode(msg)
+        for ident in req.subscribers:
+            self._loop.send_now([ident, *frames])
+
+    def _send(self, ident: bytes, msg) -> None:
+        self._loop.send_now([ident, *m.encode(msg)])
+
+    def _refuse(self, ident: bytes, code: str, message: str, request_id: str = "",
+                fields: list[tuple[str, str, str]] | None = None) -> None:
+        self._errors += 1
+        self._metrics.errors.labels("prefill", code).inc()
+        who = self._sessions.get(ident, ident.hex()[:10])
+        log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message)
+        self._send(ident, m.Error(code=code, message=message[:4000], request_id=request_id[:256],
+                                  fields=fields or []))

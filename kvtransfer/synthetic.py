@@ -11,8 +11,11 @@ started by the prefill side, for ``Subscribe``); ``exit``.
 
 A Submit's payload is JSON: ``{"num_tokens": N, "seed": S}`` plus optional
 ``"layer_delay"`` (seconds of "compute" per layer), ``"fail_after"`` (fail after that
-many layers) and ``"publish": "at_end"`` (announce every layer at once when all are
-written). Every element of the request's KV is :func:`kv_pattern` of (seed, layer, K/V,
+many layers), ``"publish": "at_end"`` (announce every layer at once when all are
+written) and ``"fill": false`` (skip writing: the benchmark's repeated requests). The
+result is JSON: ``num_tokens``, ``blocks`` and ``published_at`` (``time.monotonic()``
+when the last layer was announced; the clock is system-wide, so a reader on this host
+can compare it with its own). Every element of the request's KV is :func:`kv_pattern` of (seed, layer, K/V,
 token, global head, dim), wherever its block is, so a reader with any layout can check
 what landed.
 """
@@ -90,12 +93,16 @@ class SyntheticPrefill:
     """The worker: one compute thread takes requests in order and writes their pattern."""
 
     def __init__(self, layout: KVLayout, model: str, endpoint: str, lease_s: float, curve=None,
-                 listen_host: str = "127.0.0.1"):
+                 listen_host: str = "127.0.0.1", scatter_seed: int | None = None):
         self.layout = layout
         self.engine = Engine(listen_host=listen_host)
         self.buffers = [alloc_host(layout.region_nbytes(r)) for r in range(layout.num_regions)]
         self.regions = [self.engine.register(b)[0] for b in self.buffers]
         self.pool = BlockPool(layout.num_blocks)
+        if scatter_seed is not None:  # a pool that has served a while: its free list is shuffled
+            ids = self.pool.alloc(layout.num_blocks)
+            np.random.default_rng(scatter_seed).shuffle(ids)
+            self.pool.free(ids)
         self._work: "queue.Queue[tuple[PrefillRequest, dict] | None]" = queue.Queue()
         self.server = ControlServer(endpoint, engine=self.engine, regions=self.regions, layout=layout,
                                     compat=CompatInfo.of(layout, model), pool=self.pool, lease_s=lease_s,
@@ -136,15 +143,17 @@ class SyntheticPrefill:
                 return req.fail("cancelled: no reader wants it anymore", code="cancelled")
             if layer == spec.get("fail_after"):
                 return req.fail(f"synthetic failure after {layer} layers")
-            write_request(self.layout, self.buffers, layer, blocks, n, seed)
+            if spec.get("fill", True):
+                write_request(self.layout, self.buffers, layer, blocks, n, seed)
             time.sleep(float(spec.get("layer_delay", 0)))
             if spec.get("publish") == "at_end":
                 ready.append(layer)
             else:
                 req.layer_ready(layer)
+        published_at = time.monotonic()
         if ready:
             req.layer_ready(*ready)
-        req.finish(json.dumps({"num_tokens": n, "blocks": blocks}).encode())
+        req.finish(json.dumps({"num_tokens": n, "blocks": blocks, "published_at": published_at}).encode())
 
     def stats(self) -> dict:
         s = self.server.stats()
@@ -165,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:0")
     ap.add_argument("--listen-host", default="127.0.0.1", help="the transfer engine's tcp address")
     ap.add_argument("--lease", type=float, default=10.0, help="seconds blocks stay pinned without renewal")
+    ap.add_argument("--scatter-seed", type=int, help="shuffle the pool's free list (scattered blocks)")
     ap.add_argument("--curve-secret", help="CURVE secret key file (enables CurveZMQ)")
     ap.add_argument("--curve-clients", help="folder of accepted clients' public keys")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="synthetic-prefill %(levelname)s %(message)s")
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     worker = SyntheticPrefill(KVLayout(**json.loads(args.layout)), args.model, args.endpoint, args.lease, curve,
-                              args.listen_host)
+                              args.listen_host, args.scatter_seed)
     print(json.dumps({"endpoint": worker.server.endpoint, "pid": os.getpid()}), flush=True)
     try:
         for line in sys.stdin:

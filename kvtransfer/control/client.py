@@ -55,11 +55,13 @@ class Pull:
         self.result: bytes | None = None
         self.num_tokens: int | None = None
         self._client = client
-        self._t0 = time.monotonic()
+        self._t0 = self.timings.started = time.monotonic()
         self._deadline = deadline
         self._cv = threading.Condition()
         self._src_blocks: list[int] | None = None
-        self._inflight: dict[int, Transfer] = {}
+        self._plans: list[np.ndarray] | None = None  # per layer, computed once at Pinned
+        self._inflight: list[tuple[Transfer, list[int]]] = []  # a read and the layers it carries
+        self._started: set[int] = set()  # layers whose read was issued
         self._layers_done: set[int] = set()
         self._finished = False           # the prefill side said Finished
         self._error: KVTransferError | None = None
@@ -123,6 +125,11 @@ class Pull:
             return self._fail(InvalidArgumentError(
                 f"{self.request_id!r}: {msg.num_tokens} tokens need {need} local blocks, "
                 f"{len(self.dst_blocks)} were given", op="pull"))
+        c = self._client
+        # the whole plan now, while the prefill side computes layer 0: a manifest then
+        # costs a slice and a read, nothing more
+        self._plans = plan_reads(c.remote_layout, c.layout, msg.blocks, self.dst_blocks, msg.num_tokens,
+                                 heads=self.heads)
         self._src_blocks = msg.blocks
         self.num_tokens = msg.num_tokens
         self.timings.pinned_s = self._now()
@@ -134,42 +141,44 @@ class Pull:
         if self.timings.first_manifest_s is None:
             self.timings.first_manifest_s = self._now()
         c = self._client
-        for layer in msg.layers:
-            if layer in self._inflight or layer in self._layers_done or self._error is not None:
-                continue
-            if layer >= c.layout.num_layers:
-                return self._fail(ControlError(f"{self.request_id!r}: manifest names layer {layer} of "
-                                               f"{c.layout.num_layers}", code="out_of_order", op="pull"))
-            plan = plan_reads(c.remote_layout, c.layout, self._src_blocks, self.dst_blocks, self.num_tokens,
-                              layers=[layer], heads=self.heads)[0]
-            if len(plan) == 0:
-                self._layer_done(layer)
-                continue
-            t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
-                                    plan["src_region"], plan["src_off"], plan["len"])
-            t.notify_fd(c._transfer_fd)
-            self._inflight[layer] = t
-            self.timings.bytes += t.nbytes
-            self.timings.entries += t.entries
+        bad = [x for x in msg.layers if x >= c.layout.num_layers]
+        if bad:
+            return self._fail(ControlError(f"{self.request_id!r}: manifest names layers {bad[:8]} of "
+                                           f"{c.layout.num_layers}", code="out_of_order", op="pull"))
+        new = [x for x in dict.fromkeys(msg.layers) if x not in self._started]
+        if not new or self._error is not None:
+            return
+        self._started.update(new)
+        # the layers announced together travel as one batch
+        plan = np.concatenate([self._plans[x] for x in new])
+        if len(plan) == 0:
+            for x in new:
+                self._layer_done(x)
+            return
+        t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
+                                plan["src_region"], plan["src_off"], plan["len"])
+        t.notify_fd(c._transfer_fd)
+        self._inflight.append((t, new))
+        self.timings.bytes += t.nbytes
+        self.timings.entries += t.entries
 
     def _on_finished(self, msg: m.Finished) -> None:
         self._finished = True
         self.result = msg.result
-        missing = [x for x in range(self._client.layout.num_layers)
-                   if x not in self._inflight and x not in self._layers_done]
+        missing = [x for x in range(self._client.layout.num_layers) if x not in self._started]
         if missing and self._src_blocks is not None:
             return self._fail(ControlError(f"{self.request_id!r}: finished without layers {missing[:8]}",
                                            code="out_of_order", op="pull"))
         if self._src_blocks is None:  # a finished request with nothing pinned: 0 tokens
             self.num_tokens = 0
+            self._started.update(range(self._client.layout.num_layers))
             self._layers_done.update(range(self._client.layout.num_layers))
         self._maybe_release()
 
     def _check_transfers(self) -> None:
-        for layer, t in list(self._inflight.items()):
-            if not t.done():
-                continue
-            del self._inflight[layer]
+        for entry in [e for e in self._inflight if e[0].done()]:
+            self._inflight.remove(entry)
+            t, layers = entry
             t.notify_fd(-1)
             try:
                 t.wait(0)
@@ -177,7 +186,8 @@ class Pull:
                 self._fail(e)
                 continue
             if self._error is None:
-                self._layer_done(layer)
+                for x in layers:
+                    self._layer_done(x)
         if self._error is not None:
             self._settle()
         else:
@@ -233,7 +243,7 @@ class Pull:
     def _complete_now(self) -> None:
         if self._complete:
             return
-        for t in self._inflight.values():
+        for t, _ in self._inflight:
             t.notify_fd(-1)
         with self._cv:
             self._complete = True
@@ -466,22 +476,19 @@ class ControlClient:
             log.warning("%s: error from %s: %s: %s", self.name, self.endpoint, msg.code, msg.message)
 
     def _dispatch_pull(self, pull: Pull, msg) -> None:
-        if isinstance(msg, m.Pinned):
-            pull._on_pinned(msg)
-        elif isinstance(msg, m.Manifest):
-            try:
-                pull._on_manifest(msg)
-            except KVTransferError as e:
-                pull._fail(e)
-        elif isinstance(msg, m.Finished):
-            pull._on_finished(msg)
-        elif isinstance(msg, m.Failed):
-            cls = LeaseExpiredError if msg.code == "lease_expired" else None
-            pull._fail(cls(f"{pull.request_id!r}: {msg.message}") if cls else ControlError(
-                f"{pull.request_id!r} failed on the prefill side: {msg.code}: {msg.message}", code=msg.code,
-                op="pull"))
-        elif isinstance(msg, m.Released):
-            pull._on_released(msg)
+        if isinstance(msg, m.Failed):
+            if msg.code == "lease_expired":
+                return pull._fail(LeaseExpiredError(f"{pull.request_id!r}: {msg.message}"))
+            return pull._fail(ControlError(f"{pull.request_id!r} failed on the prefill side: {msg.code}: "
+                                           f"{msg.message}", code=msg.code, op="pull"))
+        handler = {m.Pinned: pull._on_pinned, m.Manifest: pull._on_manifest, m.Finished: pull._on_finished,
+                   m.Released: pull._on_released}.get(type(msg))
+        if handler is None:
+            return log.info("%s: %s is not for a decode side; ignored", self.name, type(msg).__name__)
+        try:
+            handler(msg)
+        except KVTransferError as e:  # e.g. a manifest whose blocks we cannot map or read
+            pull._fail(e)
 
     def _on_transfers(self) -> None:
         try:

@@ -30,6 +30,7 @@ class PullTimings:
     request_id: str
     transport: str
     handshake_s: float
+    started: float = 0.0  # time.monotonic() at the submit: the origin of every *_s below
     pinned_s: float | None = None
     first_manifest_s: float | None = None
     first_byte_s: float | None = None

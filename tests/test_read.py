@@ -115,6 +115,26 @@ def test_batch_over_several_local_regions_and_descriptor_copies(engine, shared_t
         assert_bytes(d, wants[i], f"local region {i}")
 
 
+def test_read_indexed_over_several_local_regions(engine, shared_target, transport):
+    """The vectorized multi-region form (what KV plans use): entry i goes into local
+    region index[i]; the same bytes land as with one read per entry."""
+    rng = np.random.default_rng(4)
+    lo, ro, ln, need = scattered_blocks(rng, 3000, shared_target.nbytes, 3000)
+    dsts = [alloc_dst(engine, need) for _ in range(3)]
+    idx = rng.integers(0, 3, len(lo))
+    wants = [plan(dsts[i][0], shared_target.expected, lo[idx == i], ro[idx == i], ln[idx == i]) for i in range(3)]
+    peer = connect(engine, shared_target, transport)
+    t = peer.read_indexed([r for _, r in dsts], idx, lo, [shared_target.region], np.zeros_like(idx), ro, ln)
+    assert t.entries == len(lo)
+    t.wait(timeout=WAIT_S)
+    for i, (d, _) in enumerate(dsts):
+        assert_bytes(d, wants[i], f"local region {i}")
+    with pytest.raises(kvtransfer.InvalidArgumentError, match="entry 1: local region index 3 out of range"):
+        peer.read_indexed([r for _, r in dsts], [0, 3], [0, 0], [shared_target.region], [0, 0], [0, 0], 8)
+    with pytest.raises(kvtransfer.InvalidArgumentError, match="remote region index 1 out of range"):
+        peer.read_indexed([dsts[0][1]], [0], [0], [shared_target.region], [1], [0], 8)
+
+
 @pytest.mark.timeout(120)
 def test_four_threads_reading_at_once(engine, shared_target, transport):
     """Four threads share one peer; each reads a 2,500-block scattered batch and a

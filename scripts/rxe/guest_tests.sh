@@ -3,7 +3,7 @@
 #
 # The engine's transfer tests over verbs, forced, on rxe0 (the same tests tcp and shm
 # pass, sized for an emulated NIC), then the verbs-only tests: interoperability with
-# pyverbs, bad input, and last a device that disappears (it deletes rxe0 and makes
+# pyverbs, bad input, a control-plane pull over verbs, and last a device that disappears (it deletes rxe0 and makes
 # it again). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,5 +18,5 @@ exec timeout 1200 "$PY" -m pytest -q -p no:cacheprovider -o console_output_style
     tests/test_failures.py::test_engine_usable_after_target_died \
     tests/test_verbs_interop.py \
     tests/test_verbs_errors.py \
-    tests/test_verbs_device_loss.py \
-    tests/test_control.py::test_pull_lands_the_requests_kv
+    tests/test_control.py::test_pull_lands_the_requests_kv \
+    tests/test_verbs_device_loss.py

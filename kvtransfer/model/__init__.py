@@ -1,0 +1,24 @@
+"""The model both workers run: a Llama-family decoder over a paged KV pool.
+
+- :func:`load_model` (``config.json`` + ``*.safetensors``) -> :class:`Model`, with
+  :meth:`Model.kv_layout`, :meth:`Model.prefill` (a prompt -> its KV blocks, layer by layer)
+  and :meth:`Model.decode` (one token for each of B sequences, each with its block table).
+- :func:`sample` — greedy or temperature/top-p next-token choice.
+- :func:`load_tokenizer` — ``tokenizer.json`` through ``tokenizers``, else byte-level.
+- :func:`make_random_model` / :func:`default_model_dir` — seeded random models written as
+  real folders, so everything runs offline.
+
+Runtime dependencies: ``torch``, ``safetensors``; ``tokenizers`` only for folders with a
+``tokenizer.json``.
+"""
+
+from .config import ARCHITECTURES, ROPE_TYPES, ModelConfig, RopeConfig
+from .decoder import Model, load_model
+from .random_model import default_model_dir, make_random_model, random_config
+from .sampling import sample
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "ARCHITECTURES", "ROPE_TYPES", "ModelConfig", "RopeConfig", "Model", "load_model", "sample",
+    "Tokenizer", "ByteTokenizer", "load_tokenizer", "make_random_model", "random_config", "default_model_dir",
+]

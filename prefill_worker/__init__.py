@@ -1,1 +1,5 @@
-"""Standalone prefill worker: serves prefill requests and publishes KV block manifests (built in a later issue)."""
+"""The standalone prefill worker: ``python -m prefill_worker`` (see :mod:`.worker`)."""
+
+from .worker import PrefillWorker
+
+__all__ = ["PrefillWorker"]

@@ -61,6 +61,7 @@ class Pull:
         self._src_blocks: list[int] | None = None
         self._plans: list[np.ndarray] | None = None  # per layer, computed once at Pinned
         self._inflight: list[tuple[Transfer, list[int]]] = []  # a read and the layers it carries
+        self._busy_since = 0.0
         self._started: set[int] = set()  # layers whose read was issued
         self._layers_done: set[int] = set()
         self._finished = False           # the prefill side said Finished
@@ -158,6 +159,8 @@ class Pull:
         t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
                                 plan["src_region"], plan["src_off"], plan["len"])
         t.notify_fd(c._transfer_fd)
+        if not self._inflight:
+            self._busy_since = time.monotonic()
         self._inflight.append((t, new))
         self.timings.bytes += t.nbytes
         self.timings.entries += t.entries
@@ -178,6 +181,8 @@ class Pull:
     def _check_transfers(self) -> None:
         for entry in [e for e in self._inflight if e[0].done()]:
             self._inflight.remove(entry)
+            if not self._inflight:
+                self.timings.transfer_s += time.monotonic() - self._busy_since
             t, layers = entry
             t.notify_fd(-1)
             try:
@@ -211,7 +216,8 @@ class Pull:
     def _send_release(self) -> None:
         if not self._release_sent:
             self._release_sent = True
-            self._client._send(m.Release(request_id=self.request_id))
+            self._client._send(m.Release(request_id=self.request_id, transport=self._client.transport,
+                                         nbytes=self.timings.bytes))
 
     def _on_released(self, msg: m.Released) -> None:
         self.timings.released_s = self._now()
@@ -325,6 +331,11 @@ class ControlClient:
     @property
     def transport(self) -> str:
         return self.peer.transport if self.peer else ""
+
+    @property
+    def lost(self) -> bool:
+        """True once the prefill side stopped answering (this session is over)."""
+        return self._lost
 
     # --- the caller's side -------------------------------------------------------------
 

@@ -72,8 +72,11 @@ class Renew(_Msg, tag="renew"):
 
 
 class Release(_Msg, tag="release"):
-    """This reader is done with the request's blocks."""
+    """This reader is done with the request's blocks; ``transport`` and ``nbytes`` say
+    how it read them (for the prefill side's log: reads are one-sided, it sees none)."""
     request_id: RequestId
+    transport: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    nbytes: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Ping(_Msg, tag="ping"):

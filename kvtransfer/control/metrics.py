@@ -25,7 +25,9 @@ class PullTimings:
     request); ``pinned_s`` when the prefill side pinned the blocks; ``first_manifest_s``
     when the first layer was announced; ``first_byte_s`` when the first layer's read
     completed; ``layers_s[i]`` when layer i was in place; ``total_s`` when every layer
-    was; ``released_s`` when the prefill side confirmed the release.
+    was; ``released_s`` when the prefill side confirmed the release; ``transfer_s`` the
+    time reads were in flight (with layer streaming, less than ``total_s``: the rest is
+    waiting for the prefill side to compute).
     """
     request_id: str
     transport: str
@@ -37,13 +39,14 @@ class PullTimings:
     layers_s: dict[int, float] = field(default_factory=dict)
     total_s: float | None = None
     released_s: float | None = None
+    transfer_s: float = 0.0  # wall time with reads in flight (what moving the KV took)
     bytes: int = 0
     entries: int = 0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["layers_s"] = [self.layers_s[k] for k in sorted(self.layers_s)]
-        d["gb_per_s"] = (self.bytes / self.total_s / 1e9) if self.total_s else None
+        d["gb_per_s"] = (self.bytes / self.transfer_s / 1e9) if self.transfer_s else None
         return d
 
 

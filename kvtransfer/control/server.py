@@ -336,6 +336,8 @@ class ControlServer:
             return self._refuse(ident, "unknown_request", f"Release of unknown request {rid!r}", rid)
         req.released_by.add(ident)
         self._send(ident, m.Released(request_id=rid, valid=True))
+        log.info("%s: request %r: %d bytes read by %s over %s", self.name, rid, msg.nbytes,
+                 self._sessions.get(ident, "?"), msg.transport or "?")
         if len(req.released_by) >= req.handle.readers:
             self._retire(rid, "released")
 

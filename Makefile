@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup setup-rxe demo test test-host test-rdma bench bench-rdma clean
+.PHONY: setup setup-rxe demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma clean
 setup:
 	@scripts/setup_env.sh
 
@@ -11,8 +11,14 @@ setup:
 setup-rxe:
 	@scripts/rxe/setup_rxe.sh
 
+# a prefill and a decode worker with the default model, prompts through the HTTP API,
+# tokens checked against the same model in one process
 demo: setup
 	$(PY) -m kvtransfer.demo
+
+# the engine alone: two processes, 256 MiB read over shm then tcp, bytes checked
+demo-transfer: setup
+	$(PY) -m kvtransfer.transfer_demo
 
 # everything: the suite on this machine, then the verbs tests in a soft-RoCE guest
 test: test-host test-rdma
@@ -25,6 +31,12 @@ test-rdma: setup setup-rxe
 
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)
+
+bench-control: setup
+	$(PY) bench/control_overhead.py $(BENCH_ARGS)
+
+bench-serve: setup
+	$(PY) bench/serve.py $(BENCH_ARGS)
 
 # our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON)
 JSON ?= bench-rdma.json

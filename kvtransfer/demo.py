@@ -1,82 +1,160 @@
-"""The transfer demo (`make demo`): two processes, one registers, the other reads.
+"""The main demo (`make demo`): a prefill and a decode worker on this machine.
 
-A target process (``python -m kvtransfer.target``) registers 256 MiB of seeded random
-bytes and serves them from C threads. This process registers a destination, connects
-(the engine picks ``shm`` on one host; ``tcp`` is then forced for comparison), reads
-the target's blocks in a random order (like KV pages) with one batched call, checks
-every byte, and prints what moved and how fast.
+It starts ``python -m prefill_worker`` and ``python -m decode_worker`` (the default
+model: a small seeded random Llama, generated on first use — its text is noise; the
+point is that both paths make the same noise), sends prompts of different lengths at
+once through the OpenAI-compatible HTTP API (streamed), prints the completions and, per
+request, what moving its KV took; then runs the same model in this one process and
+checks that every token is the same. Workers are stopped at the end, also on Ctrl-C.
+
+    python -m kvtransfer.demo [--model DIR] [--max-tokens 24] [--transport shm|tcp]
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
+import threading
 import time
 
-import numpy as np
+from .target import start_child
 
-from .descriptors import EngineDescriptor, RegionDescriptor
-from .engine import Engine
-from .memory import alloc_host
-from .target import parse_size, seeded_bytes, start_child, stop_child
+PROMPTS = [
+    "Hi",
+    "The KV cache moves, not the prompt.",  # about two blocks
+    "Prefill computes the prompt's keys and values once; decode pulls them with one-sided reads "
+    "and keeps generating, token after token, while the prefill worker takes the next prompt.",
+    "Disaggregated serving splits the two phases of LLM inference: " * 6,
+    "A long prompt: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 12,
+]
+
+
+def _stop(proc: subprocess.Popen, what: str) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            print(f"  {what} did not stop in 20 s; killing it")
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal (plain lines otherwise)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.lock = threading.Lock()
+
+    def show(self, text: str) -> None:
+        with self.lock:
+            if self.tty:
+                print("\r\033[K" + text, end="", flush=True)
+
+    def done(self, text: str) -> None:
+        with self.lock:
+            print(("\r\033[K" if self.tty else "") + text, flush=True)
+
+
+def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progress) -> list[dict]:
+    from decode_worker.client import stream
+
+    results: list[dict] = [{} for _ in prompts]
+    counts = [0] * len(prompts)
+
+    def one(i: int) -> None:
+        t0 = time.monotonic()
+        body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        ids, text, first = [], "", None
+        try:
+            for at, chunk in stream(url, body, timeout=120):
+                c = chunk["choices"][0]
+                ids += c["token_ids"]
+                text += c["text"]
+                first = first or at
+                counts[i] = len(ids)
+                progress.show(f"  generating: {sum(counts)} tokens, {sum(1 for r in results if r)}/{len(prompts)} "
+                              f"requests done")
+                if c["finish_reason"] is not None:
+                    results[i] = {"ids": ids, "text": text, "kv": chunk.get("kv_transfer", {}),
+                                  "usage": chunk.get("usage", {}), "ttft": first - t0, "total": at - t0}
+        except Exception as e:
+            results[i] = {"error": str(e)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="kvtransfer two-process transfer demo")
-    ap.add_argument("--bytes", type=parse_size, default=256 << 20, help="bytes the target serves (default 256M)")
-    ap.add_argument("--block", type=parse_size, default=64 << 10, help="block size (default 64K)")
-    ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=2024)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model folder (default: the seeded random Llama)")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--transport", choices=("shm", "tcp"), help="force the KV transport (default: the engine's choice)")
     args = ap.parse_args(argv)
-    total, block = args.bytes - args.bytes % args.block, args.block
-    blocks = total // block
-    # a progress line redrawn in place on a terminal, one line per pass in a log
-    tty = sys.stdout.isatty()
-    lead, end, close_line = ("\r", "", "\n") if tty else ("", "\n", "")
+    from .model import default_model_dir, load_model, load_tokenizer
+    from .model.generate import reference_generate
 
-    print(f"[reader] starting a target process that registers {total >> 20} MiB of seeded random bytes ...")
-    proc, hello = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
-                               str(args.seed)], timeout=60.0, what="target")
+    folder = args.model or str(default_model_dir())
+    py = sys.executable
+    progress = Progress()
+    procs: list[tuple[subprocess.Popen, str]] = []
     try:
-        remote_engine = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))
-        remote = RegionDescriptor.from_bytes(bytes.fromhex(hello["region"]))
-        print(f"[target pid {hello['pid']}] registered region {remote.region_id:#x}: {remote.nbytes} bytes at "
-              f"{remote.addr:#x}, serving on {remote_engine.tcp_host}:{remote_engine.tcp_port} and shm")
-        expected = seeded_bytes(total, args.seed)
-        perm = np.random.default_rng(args.seed + 1).permutation(blocks)
-        want = expected.reshape(blocks, block)[perm].reshape(-1)
-        dst = alloc_host(total)
-        with Engine() as eng:
-            local, _ = eng.register(dst)
-            for forced in (None, "tcp"):
-                with eng.connect(remote_engine, transport=forced) as peer:
-                    how = "forced" if forced else "chosen automatically"
-                    times = []
-                    for i in range(args.passes):
-                        dst[:] = 0
-                        t0 = time.perf_counter()
-                        peer.read_blocks(local, np.arange(blocks) * block, remote, perm * block, block).wait(60)
-                        times.append(time.perf_counter() - t0)
-                        ok = np.array_equal(dst, want)
-                        bar = "#" * (i + 1) + "." * (args.passes - i - 1)
-                        print(f"{lead}[reader] {peer.transport:>3} [{bar}] pass {i + 1}/{args.passes}: "
-                              f"{total / times[-1] / 1e9:6.2f} GB/s, bytes {'verified' if ok else 'WRONG'}",
-                              end=end, flush=True)
-                        if not ok:
-                            print()
-                            bad = int(np.nonzero(dst != want)[0][0])
-                            print(f"[reader] byte {bad} differs: got {dst[bad]}, want {want[bad]}")
-                            return 1
-                    best = min(times)
-                    print(f"{close_line}[reader] {peer.transport} ({how}): moved {total >> 20} MiB as {blocks} scattered "
-                          f"{block >> 10} KiB blocks per pass in one batched read; best {best * 1e3:.1f} ms = "
-                          f"{total / best / 1e9:.2f} GB/s, median {total / np.median(times) / 1e9:.2f} GB/s; "
-                          f"target's Python ran no code to serve it")
-        print("[reader] all bytes verified.")
+        print(f"model: {folder}")
+        progress.show("  starting the prefill worker ...")
+        pf, hello = start_child([py, "-m", "prefill_worker", "--model", folder, "--control", "tcp://127.0.0.1:0",
+                                 "--log-level", "warning"], timeout=120, what="prefill worker")
+        procs.append((pf, "prefill worker"))
+        progress.done(f"prefill worker  pid {pf.pid}, control plane {hello['control']}")
+        progress.show("  starting the decode worker ...")
+        cmd = [py, "-m", "decode_worker", "--model", folder, "--prefill", hello["control"], "--port", "0",
+               "--log-level", "warning"] + (["--transport", args.transport] if args.transport else [])
+        dw, ready = start_child(cmd, timeout=120, what="decode worker")
+        procs.append((dw, "decode worker"))
+        url = ready["url"]
+        progress.done(f"decode worker   pid {dw.pid}, OpenAI API at {url}/v1/completions")
+        print(f"\nsending {len(PROMPTS)} prompts at once (streamed, greedy, {args.max_tokens} tokens each) ...")
+        results = run_requests(url, PROMPTS, args.max_tokens, progress)
+        progress.done(f"  {sum(1 for r in results if 'ids' in r)}/{len(PROMPTS)} requests done")
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            print("FAILED requests:\n  " + "\n  ".join(failed))
+            return 1
+
+        print()
+        for i, (p, r) in enumerate(zip(PROMPTS, results)):
+            print(f"[{i}] {p[:60]!r}{'...' if len(p) > 60 else ''}\n    -> {r['text'][:70]!r}")
+        print(f"\n {'#':>2} {'prompt tok':>10} {'KV bytes':>10} {'transport':>9} {'transfer ms':>11} "
+              f"{'GB/s':>7} {'TTFT ms':>8} {'tokens':>6}")
+        for i, r in enumerate(results):
+            kv = r["kv"]
+            gbps = f"{kv['gb_per_s']:.2f}" if kv.get("gb_per_s") else "-"
+            print(f" {i:>2} {r['usage']['prompt_tokens']:>10} {kv['bytes']:>10} {kv['transport']:>9} "
+                  f"{kv['transfer_s'] * 1e3:>11.2f} {gbps:>7} {r['ttft'] * 1e3:>8.1f} {len(r['ids']):>6}")
+
+        progress.show("  checking against the same model in one process ...")
+        model, tok = load_model(folder), load_tokenizer(folder)
+        same = 0
+        for p, r in zip(PROMPTS, results):
+            want = reference_generate(model, tok.encode(p), args.max_tokens)
+            same += want == r["ids"]
+        progress.done(f"\none-process reference: {same}/{len(PROMPTS)} completions token-for-token identical"
+                      + ("" if same == len(PROMPTS) else "  <-- MISMATCH"))
+        return 0 if same == len(PROMPTS) else 1
+    except KeyboardInterrupt:
+        progress.done("\ninterrupted; stopping the workers")
+        return 130
     finally:
-        stop_child(proc)
-    print(f"[target pid {hello['pid']}] exited with code {proc.returncode}")
-    return 0
+        for proc, what in reversed(procs):
+            _stop(proc, what)
+        if procs:
+            print("workers stopped")
 
 
 if __name__ == "__main__":

@@ -143,10 +143,18 @@ def test_late_subscriber_gets_everything_published_before(shared_prefill):
     layout = KVLayout(**BASE)
     shared_prefill.command("open late-1 33 21")
     time.sleep(0.3)  # the prefill side publishes every layer (and finishes) before anyone subscribes
-    with decode_side(layout) as d, d.client(shared_prefill) as c:
+    with decode_side(layout) as d, d.client(shared_prefill) as c, d.client(shared_prefill) as c2:
         dst = d.pool.alloc(3)
-        assert json.loads(c.pull("late-1", dst).wait(WAIT))["num_tokens"] == 33
+        pull = c.pull("late-1", dst)
+        assert json.loads(pull.wait(WAIT))["num_tokens"] == 33
         check_request(layout, d.buffers, dst, 33, 21)
+        # opened for one reader: a second one is refused (its blocks could be freed under it)
+        shared_prefill.command("open late-2 20 22")
+        first = c.pull("late-2", d.pool.alloc(2))
+        with pytest.raises(ControlError) as e:
+            c2.pull("late-2", d.pool.alloc(2)).wait(WAIT)
+        assert e.value.code == "too_many_readers"
+        first.wait(WAIT)
     shared_prefill.wait_pool_idle(WAIT)
 
 

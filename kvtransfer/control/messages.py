@@ -155,7 +155,7 @@ class Stats(_Msg, tag="stats"):
 class Error(_Msg, tag="error"):
     """A refused message: ``code`` (``malformed``, ``too_large``, ``unsupported_version``,
     ``no_handshake``, ``incompatible``, ``unknown_request``, ``duplicate_request``,
-    ``lease_expired``, ``out_of_order``, ``unauthorized``), a message for people, and for
+    ``lease_expired``, ``too_many_readers``, ``out_of_order``), a message for people, and for
     ``incompatible`` the differing ``fields`` as (name, ours, theirs)."""
     code: ShortText
     message: ShortText

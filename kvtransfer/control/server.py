@@ -161,6 +161,7 @@ class ControlServer:
         self._reqs: dict[str, _Req] = {}
         self._orphans: dict[str, _Req] = {}  # retired, but the application still holds the blocks
         self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._released_by: dict[str, frozenset[bytes]] = {}  # of retired requests, for repeated releases
         self._sessions: dict[bytes, str] = {}
         self._expired = 0
         self._errors = 0
@@ -300,6 +301,10 @@ class ControlServer:
         if req is None:
             return
         if ident not in req.subscribers:
+            if len(req.subscribers) >= req.handle.readers:
+                # one more reader than releases expected: the blocks could be freed under it
+                return self._refuse(ident, "too_many_readers", f"request {msg.request_id!r} was submitted for "
+                                    f"{req.handle.readers} reader(s), all taken", msg.request_id)
             req.subscribers.append(ident)
         req.deadline = time.monotonic() + self.lease_s
         # replay what was published before this reader joined, then it gets the rest live
@@ -331,9 +336,10 @@ class ControlServer:
                     request_id=rid, valid=False,
                     message=f"the lease expired before this release (no renewal for {self.lease_s} s): the blocks "
                             f"may have been reused while read"))
-            if why == "released":  # a repeated release: the first answer stands
+            if why == "released" and ident in self._released_by.get(rid, ()):  # a repeat: the first answer stands
                 return self._send(ident, m.Released(request_id=rid, valid=True, message="already released"))
-            return self._refuse(ident, "unknown_request", f"Release of unknown request {rid!r}", rid)
+            return self._refuse(ident, "unknown_request", f"Release of request {rid!r}, which is "
+                                f"{'already ' + why if why else 'unknown'}", rid)
         req.released_by.add(ident)
         self._send(ident, m.Released(request_id=rid, valid=True))
         log.info("%s: request %r: %d bytes read by %s over %s", self.name, rid, msg.nbytes,
@@ -413,7 +419,7 @@ class ControlServer:
         req = self._reqs.pop(rid)
         req.retired = True
         req.handle._cancelled.set()
-        self._remember(rid, why)
+        self._remember(rid, why, req.released_by)
         if req.app_done:
             self._free(req)
         else:
@@ -425,10 +431,13 @@ class ControlServer:
             self._metrics.pinned_blocks.dec(len(req.blocks))
             req.blocks = None
 
-    def _remember(self, rid: str, why: str) -> None:
+    def _remember(self, rid: str, why: str, released_by: set[bytes] | None = None) -> None:
         self._tombstones[rid] = why
+        if released_by:
+            self._released_by[rid] = frozenset(released_by)
         while len(self._tombstones) > _TOMBSTONES:
-            self._tombstones.popitem(last=False)
+            old, _ = self._tombstones.popitem(last=False)
+            self._released_by.pop(old, None)
 
     def _shutdown(self) -> None:
         for rid in list(self._reqs):

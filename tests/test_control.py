@@ -151,6 +151,7 @@ def test_late_subscriber_gets_everything_published_before(shared_prefill):
         # opened for one reader: a second one is refused (its blocks could be freed under it)
         shared_prefill.command("open late-2 20 22")
         first = c.pull("late-2", d.pool.alloc(2))
+        first.wait_layer(0, timeout=WAIT)  # its Subscribe was taken first
         with pytest.raises(ControlError) as e:
             c2.pull("late-2", d.pool.alloc(2)).wait(WAIT)
         assert e.value.code == "too_many_readers"

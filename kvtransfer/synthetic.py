@@ -6,8 +6,8 @@ tests and benchmark, as :mod:`kvtransfer.target` is the engine's.
         [--model NAME] [--endpoint tcp://127.0.0.1:0] [--lease 10] [--curve-secret F --curve-clients DIR]
 
 It prints one JSON line ``{"endpoint": ..., "pid": N}``, then serves until end of stdin.
-Stdin commands, one JSON reply line each: ``stats``; ``open ID TOKENS SEED`` (a request
-started by the prefill side, for ``Subscribe``); ``exit``.
+Stdin commands, one JSON reply line each: ``stats``; ``open ID TOKENS SEED [LAYER_DELAY]``
+(a request started by the prefill side, for ``Subscribe``); ``exit``.
 
 A Submit's payload is JSON: ``{"num_tokens": N, "seed": S}`` plus optional
 ``"layer_delay"`` (seconds of "compute" per layer), ``"fail_after"`` (fail after that
@@ -118,9 +118,9 @@ class SyntheticPrefill:
             raise ValueError(f"payload must be JSON with num_tokens and seed: {e}") from None
         self._work.put((req, spec))
 
-    def open(self, request_id: str, num_tokens: int, seed: int) -> None:
+    def open(self, request_id: str, num_tokens: int, seed: int, layer_delay: float = 0.0) -> None:
         req = self.server.open_request(request_id)
-        self._work.put((req, {"num_tokens": num_tokens, "seed": seed}))
+        self._work.put((req, {"num_tokens": num_tokens, "seed": seed, "layer_delay": layer_delay}))
 
     def _compute(self) -> None:
         while (item := self._work.get()) is not None:
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if cmd[0] == "stats":
                 reply = worker.stats()
-            elif cmd[0] == "open" and len(cmd) == 4:
-                worker.open(cmd[1], int(cmd[2]), int(cmd[3]))
+            elif cmd[0] == "open" and len(cmd) in (4, 5):
+                worker.open(cmd[1], int(cmd[2]), int(cmd[3]), float(cmd[4]) if len(cmd) == 5 else 0.0)
                 reply = {"opened": cmd[1]}
             else:
                 reply = {"error": f"unknown command {line.strip()!r}"}

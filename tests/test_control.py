@@ -149,7 +149,7 @@ def test_late_subscriber_gets_everything_published_before(shared_prefill):
         assert json.loads(pull.wait(WAIT))["num_tokens"] == 33
         check_request(layout, d.buffers, dst, 33, 21)
         # opened for one reader: a second one is refused (its blocks could be freed under it)
-        shared_prefill.command("open late-2 20 22")
+        shared_prefill.command("open late-2 20 22 0.3")
         first = c.pull("late-2", d.pool.alloc(2))
         first.wait_layer(0, timeout=WAIT)  # its Subscribe was taken first
         with pytest.raises(ControlError) as e:

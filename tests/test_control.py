@@ -129,11 +129,9 @@ def test_one_prefill_rank_into_two_decode_ranks(start_prefill):
             d1.client(prefill) as c1:
         dst0, dst1 = d0.pool.alloc(3), d1.pool.alloc(3)
         p0 = c0.pull("tp1to2", dst0, payload=payload(40, 11), readers=2)
-        p0.wait_layer(0, timeout=WAIT)
-        p1 = c1.pull("tp1to2", dst1)  # subscribes: replay, then live
         p0.wait(WAIT)
         assert prefill.stats()["used_blocks"] == 3  # still pinned for the second reader
-        p1.wait(WAIT)
+        c1.pull("tp1to2", dst1).wait(WAIT)  # subscribes: everything is replayed
         check_request(layouts[0], d0.buffers, dst0, 40, 11)
         check_request(layouts[1], d1.buffers, dst1, 40, 11)
     prefill.wait_pool_idle(WAIT)

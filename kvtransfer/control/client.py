@@ -281,6 +281,7 @@ class ControlClient:
         self.timeout = timeout
         self._metrics = metrics_for(registry)
         self._pulls: dict[str, Pull] = {}
+        self._pulls_lock = threading.Lock()  # pull() adds from any thread; the loop removes
         self._waiters: list[tuple[tuple[type, ...], list, threading.Event]] = []  # FIFO
         self._lost = False
         self._last_heard = time.monotonic()
@@ -360,24 +361,15 @@ class ControlClient:
         if len(m.encode(msg)[1]) > m.MAX_MESSAGE_BYTES:
             raise InvalidArgumentError(f"pull {request_id!r}: payload of {len(payload or b'')} bytes exceeds the "
                                        f"control plane's {m.MAX_MESSAGE_BYTES}-byte messages", op="pull")
-        started = threading.Event()
-        problem: list[Exception] = []
-
-        def start() -> None:
+        # registered here (not on the loop thread) so that pull() returns without a
+        # round trip through the loop: the loop only sends
+        with self._pulls_lock:
             if request_id in self._pulls:
-                problem.append(InvalidArgumentError(f"pull {request_id!r} is already running here", op="pull"))
-            elif self._lost:
-                problem.append(PeerLostError(f"{self.endpoint} is lost", op="pull"))
-            else:
-                self._pulls[request_id] = p
-                self._send(msg)
-            started.set()
-
-        self._loop.call(start)
-        if not started.wait(self.timeout):
-            raise ControlError("the control loop did not answer", code="timeout", op="pull")
-        if problem:
-            raise problem[0]
+                raise InvalidArgumentError(f"pull {request_id!r} is already running here", op="pull")
+            if self._lost:
+                raise PeerLostError(f"{self.endpoint} stopped answering", op="pull")
+            self._pulls[request_id] = p
+        self._loop.call(lambda: self._send(msg))
         return p
 
     def ping(self, timeout: float | None = None) -> float:
@@ -514,10 +506,12 @@ class ControlClient:
         if self._lost:
             return
         if now - self._last_heard > self.timeout:
-            self._lost = True
+            with self._pulls_lock:
+                self._lost = True
+                pulls = list(self._pulls.values())
             err = PeerLostError(f"{self.endpoint} silent for {now - self._last_heard:.1f} s (timeout {self.timeout} s)")
             log.warning("%s: %s", self.name, err)
-            for p in list(self._pulls.values()):
+            for p in pulls:
                 p._fail(err)
             return
         for p in list(self._pulls.values()):
@@ -533,7 +527,8 @@ class ControlClient:
             self._send(m.Ping())
 
     def _pull_ended(self, pull: Pull) -> None:
-        self._pulls.pop(pull.request_id, None)
+        with self._pulls_lock:
+            self._pulls.pop(pull.request_id, None)
         outcome = "ok" if pull._error is None else getattr(pull._error, "code", type(pull._error).__name__)
         self._metrics.pull_finished(pull.timings, outcome)
 

@@ -281,11 +281,10 @@ def start_pair(fleet: Fleet, args: argparse.Namespace) -> System:
                                          "--block-size", str(args.block_size)], "control")
     dec = fleet.start("pair decode worker", ["-m", "decode_worker", *common, "--prefill", pre.hello["control"],
                                              *decode_options(args)], "url")
-    # the prefill worker's ready line names the model by its identity (architecture:digest),
-    # the decode worker's by its served name, with the identity as "model_id"
-    dec_id = dec.hello.get("model_id", dec.hello.get("model"))
-    if pre.hello.get("model") != dec_id:
-        DEVIATIONS.add("workers", f"prefill worker serves model {pre.hello.get('model')!r}, its decode worker "
+    # both ready lines carry the model's identity (architecture:digest) as "model_id"
+    dec_id = dec.hello.get("model_id")
+    if pre.hello.get("model_id") != dec_id:
+        DEVIATIONS.add("workers", f"prefill worker serves model {pre.hello.get('model_id')!r}, its decode worker "
                                   f"{dec_id!r}")
     return System("pair", dec.hello["url"], str(dec.hello.get("model")), [pre, dec], dec_id)
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail(NAME, msg)
     with worker:
-        print_ready(control=worker.endpoint, model=worker.model_id)
+        print_ready(control=worker.endpoint, model=worker.model_name, model_id=worker.model_id)
         sig = wait_for_signal()
         logging.getLogger(NAME).info("signal %d: shutting down", sig)
     return 0

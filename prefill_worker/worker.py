@@ -47,6 +47,7 @@ class PrefillWorker:
         self.name = name
         self.model = load_model(model_dir, device=device)
         self.model_id = model_identity(model_dir)
+        self.model_name = Path(model_dir).name
         self.layout = self.model.kv_layout(kv_blocks, block_size)
         self.kv = torch.zeros(self.layout.region_nbytes(), dtype=torch.uint8, device=self.model.device)
         self.engine = Engine(listen_host=listen_host)

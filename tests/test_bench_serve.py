@@ -34,7 +34,7 @@ FAKE_PREFILL = r'''
 import json, os, signal, socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
 print(json.dumps({"event": "ready", "control": "tcp://127.0.0.1:%d" % s.getsockname()[1], "pid": os.getpid(),
-                  "model": "fake-id"}), flush=True)
+                  "model": "fake", "model_id": "fake-id"}), flush=True)
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 while True:
     time.sleep(1)

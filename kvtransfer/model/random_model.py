@@ -27,7 +27,7 @@ from .tokenizer import BYTE_BOS, BYTE_EOS, BYTE_VOCAB
 from .weights import INDEX, expected_shapes
 
 #: Bumped whenever the weights a seed produces change, so cached folders are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _ARCHS = {
     "llama": ("LlamaForCausalLM", {"attention_bias": False, "mlp_bias": False}),
@@ -87,8 +87,14 @@ def make_random_model(folder: str | Path, seed: int = 0, arch: str = "llama", *,
     cfg = ModelConfig.from_dict(raw)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
     g = torch.Generator().manual_seed(seed)
-    tensors = {name: _init(name, shape, g).to(dtype).contiguous()
-               for name, shape in expected_shapes(cfg).items()}
+    tensors = {name: _init(name, shape, g) for name, shape in expected_shapes(cfg).items()}
+    if "lm_head.weight" in tensors:
+        # Output rows of bytes other than printable ASCII shrink, so greedy text from a
+        # random model is readable characters rather than control bytes (noise still).
+        quiet = torch.ones(cfg.vocab_size, 1)
+        quiet[:32] = quiet[127:] = 0.25
+        tensors["lm_head.weight"] *= quiet
+    tensors = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")

@@ -22,10 +22,11 @@ def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]
     return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout), u.path.rstrip("/")
 
 
-def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
+def _call(url: str, method: str, path: str, body: dict | None, timeout: float) -> dict:
     conn, base = _connect(url, timeout)
     try:
-        conn.request("GET", base + path)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, base + path, json.dumps(body) if body is not None else None, headers)
         r = conn.getresponse()
         data = r.read().decode()
         if r.status != 200:
@@ -33,20 +34,15 @@ def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
         return json.loads(data)
     finally:
         conn.close()
+
+
+def get_json(url: str, path: str, timeout: float = 10.0) -> dict:
+    return _call(url, "GET", path, None, timeout)
 
 
 def complete(url: str, body: dict, timeout: float = 120.0) -> dict:
     """POST /v1/completions (not streamed); raises HTTPError on a non-200 answer."""
-    conn, base = _connect(url, timeout)
-    try:
-        conn.request("POST", base + "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read().decode()
-        if r.status != 200:
-            raise HTTPError(r.status, data)
-        return json.loads(data)
-    finally:
-        conn.close()
+    return _call(url, "POST", "/v1/completions", body, timeout)
 
 
 def stream(url: str, body: dict, timeout: float = 120.0) -> Iterator[tuple[float, dict]]:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for the model and pool [%(default)s]")
     ap.add_argument("--transport", choices=("verbs", "shm", "tcp"), help="force the KV transport")
     ap.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for prefill workers")
+    ap.add_argument("--prefill-timeout", type=float, default=5.0,
+                    help="a prefill worker silent this long is lost: its requests go to another [%(default)s]")
     ap.add_argument("--curve-secret", help="CurveZMQ secret key file of this worker")
     ap.add_argument("--curve-server", help="the prefill workers' CurveZMQ public key file")
     ap.add_argument("--log-level", default="info")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         worker = DecodeWorker(folder, prefill=args.prefill, local_prefill=args.local_prefill,
                               kv_blocks=args.kv_blocks, block_size=args.block_size, max_batch=args.max_batch,
                               served_name=args.served_model_name, device=args.device, transport=args.transport,
-                              curve=curve, connect_timeout=args.connect_timeout)
+                              curve=curve, connect_timeout=args.connect_timeout,
+                              control_timeout=args.prefill_timeout)
     except BadRequest as e:
         fail(NAME, str(e))
     except Exception as e:

@@ -118,6 +118,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, str(e), code="no_prefill_worker")
         except KVTransferError as e:
             return self._error(502, f"prefill failed: {e}", code="prefill_failed")
+        except Exception as e:  # a bug: answer it, log it, keep serving
+            log.exception("POST /v1/completions failed")
+            return self._error(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
         if req.stream:
             self._stream(gen, _Stop(req.stop))
         else:
@@ -208,8 +211,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class _Server(ThreadingHTTPServer):
+    #: the listen() backlog: socketserver's default of 5 makes the kernel reset connections
+    #: when more clients than that connect at once
+    request_queue_size = 1024
+
+
 def make_server(worker: DecodeWorker, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"worker": worker})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server

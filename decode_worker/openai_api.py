@@ -96,8 +96,9 @@ def parse_completion(body: Any, *, served_model: str, tokenizer: Tokenizer, voca
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        # 64 bits: the prefill request carries it in msgpack, which has no bigger integers
+        raise BadRequest(f"'seed' must be a 64-bit signed integer, got {seed!r}", "seed")
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]

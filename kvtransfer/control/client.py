@@ -67,6 +67,7 @@ class Pull:
         self._finished = False           # the prefill side said Finished
         self._error: KVTransferError | None = None
         self._release_sent = False
+        self._sent = False               # Submit/Subscribe sent (set on the loop thread): renewable
         self._nothing_to_release = False  # the prefill side refused us: no Released will come
         self._complete = False           # terminal: nothing writes dst_blocks anymore
 
@@ -369,7 +370,12 @@ class ControlClient:
             if self._lost:
                 raise PeerLostError(f"{self.endpoint} stopped answering", op="pull")
             self._pulls[request_id] = p
-        self._loop.call(lambda: self._send(msg))
+
+        def send() -> None:
+            p._sent = True
+            self._send(msg)
+
+        self._loop.call(send)
         return p
 
     def ping(self, timeout: float | None = None) -> float:
@@ -520,9 +526,13 @@ class ControlClient:
         if self.peer is None:
             return  # heartbeats and renewals start after the handshake
         lease = self.lease_s
-        if self._pulls and now - self._last_renew > lease / 3:
+        # only requests the prefill side was told about: a pull registered by pull() whose
+        # Submit is still queued for this thread would come back "lost" in Renewed
+        with self._pulls_lock:
+            renew = [rid for rid, p in self._pulls.items() if p._sent]
+        if renew and now - self._last_renew > lease / 3:
             self._last_renew = now
-            self._send(m.Renew(request_ids=list(self._pulls)[:4096]))
+            self._send(m.Renew(request_ids=renew[:4096]))
         elif now - self._last_sent > self._heartbeat_s:
             self._send(m.Ping())
 

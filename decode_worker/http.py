@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

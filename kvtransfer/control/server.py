@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import zmq
 
-from ..descriptors import EngineDescriptor, RegionDescriptor
+from ..descriptors import EngineDescriptor
 from ..engine import Engine, Region
 from ..errors import ControlError, InvalidArgumentError, LayoutMismatchError
 from ..kv import BlockPool, CompatInfo, KVLayout, check_compatible, compat_problems

@@ -1,0 +1,244 @@
+"""One request's KV on its way into the decode side's blocks (see :mod:`.client`).
+
+All state changes run on the client's loop thread (the ``_on_*`` methods, fed by
+:class:`~kvtransfer.control.client.ControlClient`); the caller's side only waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..engine import Transfer
+from ..errors import (ControlError, InvalidArgumentError, KVTransferError, LeaseExpiredError, PeerLostError,
+                      TransferTimeoutError)
+from ..kv import plan_reads
+from . import messages as m
+from .metrics import PullTimings
+
+if TYPE_CHECKING:
+    from .client import ControlClient
+
+log = logging.getLogger("kvtransfer.control")
+
+
+class Pull:
+    """One request's KV on its way into local blocks. ``wait``/``wait_layer`` block with
+    a timeout; ``timings`` fills in as it goes. Created by :meth:`ControlClient.pull`."""
+
+    def __init__(self, client: "ControlClient", request_id: str, dst_blocks: list[int],
+                 heads: tuple[int, int] | None, deadline: float | None):
+        self.request_id = request_id
+        self.dst_blocks = dst_blocks
+        self.heads = heads
+        self.timings = PullTimings(request_id=request_id, transport=client.transport,
+                                   handshake_s=client.handshake_s)
+        self.result: bytes | None = None
+        self.num_tokens: int | None = None
+        self._client = client
+        self._t0 = self.timings.started = time.monotonic()
+        self._deadline = deadline
+        self._cv = threading.Condition()
+        self._src_blocks: list[int] | None = None
+        self._plans: list[np.ndarray] | None = None  # per layer, computed once at Pinned
+        self._inflight: list[tuple[Transfer, list[int]]] = []  # a read and the layers it carries
+        self._busy_since = 0.0
+        self._started: set[int] = set()  # layers whose read was issued
+        self._layers_done: set[int] = set()
+        self._finished = False           # the prefill side said Finished
+        self._error: KVTransferError | None = None
+        self._release_sent = False
+        self._sent = False               # Submit/Subscribe sent (set on the loop thread): renewable
+        self._nothing_to_release = False  # the prefill side refused us: no Released will come
+        self._complete = False           # terminal: nothing writes dst_blocks anymore
+
+    # --- the caller's side -------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._complete
+
+    def wait(self, timeout: float | None = None) -> bytes:
+        """Until every layer is in place and the release is confirmed; returns the
+        prefill side's result. Raises the pull's error, or TransferTimeoutError if it is
+        still running at ``timeout`` (it goes on)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._complete, timeout):
+                raise TransferTimeoutError(f"pull of {self.request_id!r} still running after {timeout} s "
+                                           f"({len(self._layers_done)} layers in place)", op="pull")
+        if self._error is not None:
+            raise self._error
+        return self.result or b""
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Until ``layer`` is in place locally (the rest may still be coming)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: layer in self._layers_done or self._complete, timeout):
+                raise TransferTimeoutError(f"layer {layer} of {self.request_id!r} not in place after {timeout} s",
+                                           op="wait_layer")
+            if layer in self._layers_done:
+                return
+        if self._error is not None:
+            raise self._error
+        raise ControlError(f"pull of {self.request_id!r} ended without layer {layer}", code="out_of_order",
+                           op="wait_layer")
+
+    def cancel(self) -> None:
+        """Gives up: the prefill side's blocks are released, the pull fails ECANCELED."""
+        err = ControlError(f"pull of {self.request_id!r} cancelled", code="cancelled", errno=errno.ECANCELED,
+                           op="pull")
+        self._client._loop.call(lambda: self._fail(err))
+
+    def __repr__(self) -> str:
+        state = "done" if self._complete else f"{len(self._layers_done)} layers in place"
+        return f"<Pull {self.request_id!r} {state}{' failed' if self._error else ''}>"
+
+    # --- the loop thread ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _on_pinned(self, msg: m.Pinned) -> None:
+        if self._src_blocks is not None:
+            if self._src_blocks != msg.blocks:
+                self._fail(ControlError(f"{self.request_id!r}: pinned twice with different blocks",
+                                        code="out_of_order", op="pull"))
+            return
+        need = self._client.layout.blocks_for(msg.num_tokens)
+        if len(self.dst_blocks) < need:
+            return self._fail(InvalidArgumentError(
+                f"{self.request_id!r}: {msg.num_tokens} tokens need {need} local blocks, "
+                f"{len(self.dst_blocks)} were given", op="pull"))
+        c = self._client
+        # the whole plan now, while the prefill side computes layer 0: a manifest then
+        # costs a slice and a read, nothing more
+        self._plans = plan_reads(c.remote_layout, c.layout, msg.blocks, self.dst_blocks, msg.num_tokens,
+                                 heads=self.heads)
+        self._src_blocks = msg.blocks
+        self.num_tokens = msg.num_tokens
+        self.timings.pinned_s = self._now()
+
+    def _on_manifest(self, msg: m.Manifest) -> None:
+        if self._src_blocks is None:
+            return self._fail(ControlError(f"{self.request_id!r}: manifest before the blocks were pinned",
+                                           code="out_of_order", op="pull"))
+        if self.timings.first_manifest_s is None:
+            self.timings.first_manifest_s = self._now()
+        c = self._client
+        bad = [x for x in msg.layers if x >= c.layout.num_layers]
+        if bad:
+            return self._fail(ControlError(f"{self.request_id!r}: manifest names layers {bad[:8]} of "
+                                           f"{c.layout.num_layers}", code="out_of_order", op="pull"))
+        new = [x for x in dict.fromkeys(msg.layers) if x not in self._started]
+        if not new or self._error is not None:
+            return
+        self._started.update(new)
+        # the layers announced together travel as one batch
+        plan = np.concatenate([self._plans[x] for x in new])
+        if len(plan) == 0:
+            for x in new:
+                self._layer_done(x)
+            return
+        t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
+                                plan["src_region"], plan["src_off"], plan["len"])
+        t.notify_fd(c._transfer_fd)
+        if not self._inflight:
+            self._busy_since = time.monotonic()
+        self._inflight.append((t, new))
+        self.timings.bytes += t.nbytes
+        self.timings.entries += t.entries
+
+    def _on_finished(self, msg: m.Finished) -> None:
+        self._finished = True
+        self.result = msg.result
+        missing = [x for x in range(self._client.layout.num_layers) if x not in self._started]
+        if missing and self._src_blocks is not None:
+            return self._fail(ControlError(f"{self.request_id!r}: finished without layers {missing[:8]}",
+                                           code="out_of_order", op="pull"))
+        if self._src_blocks is None:  # a finished request with nothing pinned: 0 tokens
+            self.num_tokens = 0
+            self._started.update(range(self._client.layout.num_layers))
+            self._layers_done.update(range(self._client.layout.num_layers))
+        self._maybe_release()
+
+    def _check_transfers(self) -> None:
+        for entry in [e for e in self._inflight if e[0].done()]:
+            self._inflight.remove(entry)
+            if not self._inflight:
+                self.timings.transfer_s += time.monotonic() - self._busy_since
+            t, layers = entry
+            t.notify_fd(-1)
+            try:
+                t.wait(0)
+            except KVTransferError as e:
+                self._fail(e)
+                continue
+            if self._error is None:
+                for x in layers:
+                    self._layer_done(x)
+        if self._error is not None:
+            self._settle()
+        else:
+            self._maybe_release()
+
+    def _layer_done(self, layer: int) -> None:
+        now = self._now()
+        with self._cv:
+            self._layers_done.add(layer)
+            self.timings.layers_s[layer] = now
+            if self.timings.first_byte_s is None:
+                self.timings.first_byte_s = now
+            self._cv.notify_all()
+
+    def _maybe_release(self) -> None:
+        if self._finished and not self._inflight and len(self._layers_done) == self._client.layout.num_layers:
+            if self.timings.total_s is None:
+                self.timings.total_s = self._now()
+            self._send_release()
+
+    def _send_release(self) -> None:
+        if not self._release_sent:
+            self._release_sent = True
+            self._client._send(m.Release(request_id=self.request_id, transport=self._client.transport,
+                                         nbytes=self.timings.bytes))
+
+    def _on_released(self, msg: m.Released) -> None:
+        self.timings.released_s = self._now()
+        if not msg.valid and self._error is None:
+            self._error = LeaseExpiredError(f"{self.request_id!r}: {msg.message}")
+        if self._error is None and not self._finished:
+            self._error = ControlError(f"{self.request_id!r}: released before it finished", code="out_of_order")
+        self._complete_now()
+
+    def _fail(self, err: KVTransferError) -> None:
+        """Records the first error; the pull completes once no transfer writes into
+        the destination, after releasing the prefill side's blocks."""
+        if self._complete:
+            return
+        if self._error is None:
+            self._error = err
+            log.warning("%s: pull of %r failed: %s", self._client.name, self.request_id, err)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._inflight:
+            return  # the transfer eventfd brings us back when they end
+        if isinstance(self._error, PeerLostError) or self._client._lost or self._nothing_to_release:
+            return self._complete_now()  # nobody to release to, or nothing held
+        if self._release_sent:
+            return  # the Released answer (or the peer timeout) completes it
+        self._send_release()
+
+    def _complete_now(self) -> None:
+        if self._complete:
+            return
+        for t, _ in self._inflight:
+            t.notify_fd(-1)
+        with self._cv:
+            self._complete = True
+            self._cv.notify_all()
+        self._client._pull_ended(self)

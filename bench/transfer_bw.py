@@ -46,6 +46,32 @@ After the tables, one line per size gives the ratios of BW avg: shm/memcpy and t
 ``--json FILE`` writes a list of records ``{"system", "block_bytes", "blocks", "iters",
 "bw_avg_gbps", "bw_peak_gbps", "mops", "p50_us", "p99_us"}``.
 
+``--device cuda`` (a GPU machine: torch with CUDA) moves GPU memory instead, between a
+target process holding the seeded bytes in a CUDA tensor and this process reading them
+into a CUDA tensor; defaults: ``--total 512M --sizes 32K,256K,512M`` (16,384 scattered
+32 KiB blocks, 2,048 of 256 KiB, one contiguous 512 MiB range). Systems:
+
+* ``shm``      kvtransfer over shm: CUDA IPC, batched device-to-device copies.
+* ``tcp``      kvtransfer over tcp on loopback, device memory on both ends (pinned staging).
+* ``tcp-host`` kvtransfer over tcp with host memory on both ends (what ``tcp`` is held to).
+* ``d2d``      baseline, the ceiling: ``dst.copy_(src)`` of the same number of bytes, one
+               contiguous device-to-device copy in one process.
+* ``gather``   baseline: ``torch.index_select`` of the same scattered blocks in one process.
+* ``kernel``   diagnostic: the engine's batched copy alone (``kvtransfer._C.cuda_gather``: the
+               same blocks as 64 KiB-or-smaller descriptors, uploaded, one launch, waited), in
+               one process: what shm would reach with no transport around it.
+* ``cpu``      baseline, the CPU-mediated path: a sender process gathers the blocks on its
+               GPU, copies them to pinned host memory in 8 MiB chunks and pushes each chunk
+               over ZeroMQ (loopback tcp) as soon as it is there; this process receives
+               each into pinned memory and copies it to the device (non-blocking), then
+               synchronizes.
+
+Torch baselines are timed like the engine: wall clock from the call to the bytes in
+place (``torch.cuda.synchronize()``). Ratios: shm/d2d, shm/gather, shm/cpu, tcp/tcp-host.
+The engine's own CUDA streams are not ordered with torch's: destinations are zeroed and
+synchronized before a verifying pass. The header names the GPU, the driver and how
+batched copies run (``kvtransfer._C.cuda_copy_info()``).
+
 Exit status: 0 when every pass ran and verified, 1 on a verification mismatch, 2 on any
 other error (a failed read, a child process that died or went quiet).
 """
@@ -77,6 +103,14 @@ from kvtransfer.target import parse_size, seeded_bytes
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
+CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
+KERNEL_VARIANTS = tuple(f"kernel{k}" for k in range(6))  # csrc/cuda_copy.c's variants, on request
+CUDA_BASELINES = ("d2d", "gather", "kernel", "cpu") + KERNEL_VARIANTS
+CUDA_RATIOS = (("shm", "d2d"), ("shm", "gather"), ("shm", "cpu"), ("tcp", "tcp-host"), ("kernel", "d2d"),
+               ("shm", "kernel"))
+COPY_CHUNK = 64 << 10  # csrc/cuda_copy.h KVT_COPY_CHUNK: how the transports cut long ranges
+CUDA_CHUNK = 8 << 20  # the cpu baseline's message size
+GPU_WARMUP_S = 0.25  # untimed passes per system and size, at least (after --warmup passes)
 DEFAULT_SYSTEMS = ("shm", "tcp") + BASELINES  # verbs needs an RDMA device: ask for it
 COLUMNS = ("#bytes", "#blocks", "BW avg[GB/s]", "BW peak[GB/s]", "MsgRate[Mops]", "p50[us]", "p99[us]")
 RATIOS = (("shm", "memcpy"), ("tcp", "zmq"))
@@ -92,7 +126,16 @@ SYSTEM_TITLES = {
     "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections)",
     "memcpy": "baseline: single-thread gather copy in one process (np.take), the ceiling for shm",
     "zmq": "baseline: CPU-mediated ZeroMQ PUSH/PULL on loopback, one message per block, copied in place",
+    "tcp-host": "kvtransfer READ over tcp (loopback, {tcp_connections} connections), host memory on both ends",
+    "d2d": "baseline, the ceiling: one contiguous device-to-device copy_ of the same bytes, one process",
+    "gather": "baseline: torch.index_select of the same scattered blocks, one process",
+    "cpu": "baseline: CPU-mediated: GPU gather, device->pinned host, ZeroMQ (8 MiB messages), host->device",
+    "kernel": "diagnostic: kvtransfer's batched copy alone (one launch of the same blocks, one process, waited)",
+    **{f"kernel{k}": f"diagnostic: the same with gather kernel variant {k} (csrc/cuda_copy.c)" for k in range(6)},
 }
+CUDA_TITLES = {"shm": "kvtransfer READ over shm (CUDA IPC, batched device copies, {shm_threads} threads)",
+               "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections), device memory, "
+                      "pinned staging"}
 
 
 class BenchError(Exception):
@@ -153,14 +196,18 @@ class EngineRunner:
         self.peer, self.local, self.remote = peer, local, remote
         self.block_bytes = 0
         self.local_offs = self.remote_offs = np.empty(0, np.int64)
+        self.submit_ns: list[int] = []
 
     def prepare(self, layout: Layout, dst: np.ndarray) -> None:
+        self.submit_ns = []
         self.block_bytes = layout.block_bytes
         self.local_offs = np.arange(layout.blocks, dtype=np.int64) * layout.block_bytes
         self.remote_offs = layout.perm * layout.block_bytes
 
     def run_pass(self) -> None:
+        t0 = time.perf_counter_ns()
         t = self.peer.read_blocks(self.local, self.local_offs, self.remote, self.remote_offs, self.block_bytes)
+        self.submit_ns.append(time.perf_counter_ns() - t0)  # the call alone: packing, checks, queueing
         t.wait(PASS_TIMEOUT_S)
 
 
@@ -349,19 +396,25 @@ def table_lines(rows: list[list[str]]) -> list[str]:
 
 
 def report(header: list[tuple[str, str]], systems: list[str], sizes: list[int], results: dict,
-           engine_opts: dict) -> str:
+           engine_opts: dict, ratios: tuple = RATIOS, titles: dict | None = None) -> str:
     rule = "-" * 90
     out = [rule, *kv_lines(header)]
+    titles = {**SYSTEM_TITLES, **(titles or {})}
     for system in systems:
-        out += [rule, f" {system}: {SYSTEM_TITLES[system].format(**engine_opts)}", rule]
-        out += table_lines([row_cells(results[system, size]) for size in sizes])
-    pairs = [(a, b) for a, b in RATIOS if a in systems and b in systems]
+        out += [rule, f" {system}: {titles[system].format(**engine_opts)}", rule]
+        out += table_lines([row_cells(results[system, size]) if (system, size) in results
+                            else [str(size), "FAILED", "-", "-", "-", "-", "-"] for size in sizes])
+    pairs = [(a, b) for a, b in ratios if a in systems and b in systems]
     if pairs:
-        out += [rule, " Ratios of BW avg:"]
-        for size in sizes:
-            ratios = [f"{a}/{b} {results[a, size].bw_avg_gbps / results[b, size].bw_avg_gbps:5.2f}x"
-                      for a, b in pairs]
-            out.append(f" {human(size) + ' blocks':<17}: " + "   ".join(ratios))
+        for title, key in (("Ratios of BW avg:", lambda r: r.bw_avg_gbps),
+                           ("Ratios at the median pass (p50 times; robust to a few disturbed passes):",
+                            lambda r: 1.0 / r.percentile_us(50))):
+            out += [rule, " " + title]
+            for size in sizes:
+                cells = [f"{a}/{b} {key(results[a, size]) / key(results[b, size]):5.2f}x"
+                         if (a, size) in results and (b, size) in results else f"{a}/{b}     -"
+                         for a, b in pairs]
+                out.append(f" {human(size) + ' blocks':<17}: " + "   ".join(cells))
     out.append(rule)
     return "\n".join(out)
 
@@ -380,13 +433,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:6]))
-    ap.add_argument("--sizes", default="16K,256K,4M", help="block sizes, comma-separated (default %(default)s)")
-    ap.add_argument("--total", type=parse_size, default=256 << 20, help="bytes per pass (default 256M)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="memory to move: host (cpu) or GPU (cuda, see above) (default %(default)s)")
+    ap.add_argument("--sizes", default=None, help="block sizes, comma-separated (default 16K,256K,4M; "
+                                                  "cuda: 32K,256K,512M)")
+    ap.add_argument("--total", type=parse_size, default=None, help="bytes per pass (default 256M; cuda: 512M)")
     ap.add_argument("--iters", type=int, default=10, help="timed passes per size (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed passes per size (default %(default)s)")
-    ap.add_argument("--transports", default=",".join(DEFAULT_SYSTEMS),
+    ap.add_argument("--transports", default=None,
                     help="systems to run: engine transports verbs,shm,tcp and baselines memcpy,zmq "
-                         "(default %(default)s)")
+                         f"(default {','.join(DEFAULT_SYSTEMS)}); cuda: {','.join(CUDA_SYSTEMS)} (all by default)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # cuda-target | cuda-zmq: the other process
+    ap.add_argument("--bytes", type=parse_size, help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="FILE", help="write the results as a JSON list of records")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bytes and the permutations")
     ap.add_argument("--tcp-connections", type=int, default=engine_default("tcp_connections"),
@@ -396,14 +454,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--verbs-qps", type=int, default=engine_default("verbs_qps"),
                     help="Engine(verbs_qps=) (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.child:
+        return args
+    cuda = args.device == "cuda"
+    if args.sizes is None:
+        args.sizes = "32K,256K,512M" if cuda else "16K,256K,4M"
+    if args.total is None:
+        args.total = (512 if cuda else 256) << 20
+    if args.transports is None:
+        args.transports = ",".join(CUDA_SYSTEMS if cuda else DEFAULT_SYSTEMS)
     try:
         args.sizes = [parse_size(s) for s in parse_list(args.sizes)]
     except ValueError:
         ap.error(f"--sizes: cannot parse {args.sizes!r}; expected sizes like 16K,256K,4M")
     args.systems = list(dict.fromkeys(parse_list(args.transports)))  # in order, without repeats
-    unknown = [s for s in args.systems if s not in SYSTEMS]
+    known = CUDA_SYSTEMS + KERNEL_VARIANTS if cuda else SYSTEMS
+    unknown = [s for s in args.systems if s not in known]
     if unknown or not args.systems:
-        ap.error(f"--transports: unknown {', '.join(unknown) or 'empty list'}; choose from {','.join(SYSTEMS)}")
+        ap.error(f"--transports: unknown {', '.join(unknown) or 'empty list'}; choose from {','.join(known)}")
     if not args.sizes or any(s <= 0 or s > args.total for s in args.sizes):
         ap.error(f"--sizes must be between 1 and --total ({args.total}) bytes")
     if args.iters < 1 or args.warmup < 0:
@@ -486,9 +554,299 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cuda
+
+class TorchRunner:
+    """A baseline in this process: ``op()`` then ``torch.cuda.synchronize()``."""
+
+    def __init__(self, torch, op):
+        self.torch, self.op = torch, op
+        self.layout: Layout | None = None
+
+    def prepare(self, layout: Layout, dst) -> None:
+        self.layout = layout
+        self.fn = self.op(layout)
+
+    def run_pass(self) -> None:
+        self.fn()
+        self.torch.cuda.synchronize()
+
+
+class CpuMediatedRunner:
+    """Baseline: the sender process (``--child cuda-zmq``) gathers on its GPU and pushes
+    8 MiB chunks from pinned memory; this process receives each into pinned memory and
+    copies it to the device, in order, so block i lands in place i."""
+
+    def __init__(self, torch, info: dict, dst, total: int):
+        self.torch = torch
+        self.z = ZmqRunner(info)
+        self.dst = dst
+        self.pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        self.pinned_np = self.pinned.numpy()
+        self.chunks: list[tuple[int, int]] = []
+
+    def prepare(self, layout: Layout, dst) -> None:
+        self.z.request(b"perm", str(layout.block_bytes).encode(), layout.perm.tobytes())
+        n = layout.pass_bytes
+        self.chunks = [(a, min(a + CUDA_CHUNK, n)) for a in range(0, n, CUDA_CHUNK)]
+
+    def run_pass(self) -> None:
+        self.z.request(b"go")
+        for a, b in self.chunks:
+            try:
+                got = self.z.pull.recv_into(memoryview(self.pinned_np[a:b]))
+            except zmq.Again:
+                raise BenchError(f"cpu baseline: chunk at {a} did not come in {RECV_TIMEOUT_S} s") from None
+            if got != b - a:
+                raise BenchError(f"cpu baseline: chunk at {a} is {got} bytes, expected {b - a}")
+            self.dst[a:b].copy_(self.pinned[a:b], non_blocking=True)
+        self.torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self.z.close()
+
+
+def child_cuda_target(nbytes: int, seed: int) -> int:
+    """The other process of shm and tcp: seeded bytes in a CUDA tensor, registered."""
+    import torch
+
+    src = torch.from_numpy(seeded_bytes(nbytes, seed)).to("cuda:0")
+    torch.cuda.synchronize()
+    with Engine() as eng:
+        region, desc = eng.register(src)
+        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex(),
+                          "pid": os.getpid()}), flush=True)
+        for _ in sys.stdin:
+            pass
+        region.close()
+    return 0
+
+
+def child_cuda_zmq(nbytes: int, seed: int) -> int:
+    """The sender of the cpu baseline (see CpuMediatedRunner)."""
+    import torch
+
+    src = torch.from_numpy(seeded_bytes(nbytes, seed)).to("cuda:0")
+    staging = torch.empty_like(src)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    pinned_np = pinned.numpy()
+    ctx = zmq.Context()
+    ctrl, push = ctx.socket(zmq.REP), ctx.socket(zmq.PUSH)
+    for sock in (ctrl, push):
+        sock.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDTIMEO, 30000)
+    ctrl.bind("tcp://127.0.0.1:*")
+    push.bind("tcp://127.0.0.1:*")
+    print(json.dumps({"ctrl": ctrl.getsockopt_string(zmq.LAST_ENDPOINT),
+                      "data": push.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()}), flush=True)
+    import threading
+
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()  # end of stdin: exit
+    parent = os.getppid()
+    perm_t, bs = None, 0
+    while os.getppid() == parent:
+        if not ctrl.poll(1000):
+            continue
+        msg = ctrl.recv_multipart()
+        if msg[0] == b"perm":
+            bs = int(msg[1])
+            perm_t = torch.from_numpy(np.frombuffer(msg[2], np.int64).copy()).to("cuda:0")
+            ctrl.send(b"ok")
+        elif msg[0] == b"go" and perm_t is not None:
+            ctrl.send(b"ok")
+            n = len(perm_t) * bs
+            torch.index_select(src[:n].view(-1, bs), 0, perm_t, out=staging[:n].view(-1, bs))
+            events = []
+            for a in range(0, n, CUDA_CHUNK):
+                b = min(a + CUDA_CHUNK, n)
+                pinned[a:b].copy_(staging[a:b], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                events.append((a, b, ev))
+            for a, b, ev in events:
+                ev.synchronize()
+                push.send(memoryview(pinned_np[a:b]), copy=False)
+        else:
+            ctrl.send(b"error: unknown request")
+    return 0
+
+
+def measure_cuda(system: str, runner, layout: Layout, dst, expected, warmup: int, iters: int, torch) -> Result:
+    """Like measure(), for a destination that is a CUDA tensor (or, for tcp-host, a numpy
+    array with its own expected bytes)."""
+    runner.prepare(layout, dst)
+    n = layout.pass_bytes
+    if isinstance(dst, np.ndarray):
+        dst[:n] = 0
+    else:
+        dst[:n].zero_()
+        torch.cuda.synchronize()  # the engine's streams are not ordered with torch's
+    runner.run_pass()
+    if isinstance(dst, np.ndarray):
+        verify(system, layout, dst, expected)
+    elif not torch.equal(dst[:n], expected[:n]):
+        got, want = dst[:n].view(layout.blocks, -1), expected[:n].view(layout.blocks, -1)
+        bad = torch.nonzero((got != want).any(dim=1)).flatten().tolist()
+        raise VerifyError(f"{system}, {layout.block_bytes}-byte blocks: {len(bad)} of {layout.blocks} blocks differ; "
+                          f"first: local block {bad[0]}" + (" (still zero)" if not got[bad[0]].any() else ""))
+    # at least `warmup` passes and GPU_WARMUP_S of them: a GPU left idle (the slow
+    # systems run for seconds) clocks down, and the first timed passes would pay for it
+    t_end = time.perf_counter() + GPU_WARMUP_S
+    done = 0
+    while done < warmup or time.perf_counter() < t_end:
+        runner.run_pass()
+        done += 1
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        runner.run_pass()
+        times.append(time.perf_counter_ns() - t0)
+    return Result(system, layout.block_bytes, layout.blocks, times)
+
+
+def run_cuda(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BenchError("--device cuda: torch sees no CUDA device")
+    from kvtransfer import _C
+
+    total, sizes, systems = args.total, args.sizes, args.systems
+    dev = torch.device("cuda:0")
+    props = torch.cuda.get_device_properties(0)
+    copy_ok, copy_info = _C.cuda_copy_info()
+    header = [("Benchmark", "READ, CUDA memory"),
+              ("Systems", ",".join(systems)),
+              ("Block sizes", ",".join(map(str, sizes)) + f" ({','.join(map(human, sizes))})"),
+              ("Bytes per pass", f"{total} ({human(total)}), blocks in a random permutation, one batch"),
+              ("Iterations", f"{args.iters} timed per size, after 1 verifying + {args.warmup} warmup passes "
+                             f"and at least {GPU_WARMUP_S} s of them"),
+              ("GPU", f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+                      f"torch {torch.__version__}"),
+              ("CUDA copies", copy_info if copy_ok else f"UNAVAILABLE: {copy_info}"),
+              ("Host", f"{socket.gethostname()}, Linux {platform.release()}"),
+              ("CPUs", f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()} ({cpu_model()})")]
+    me = str(Path(__file__).resolve())
+    results: dict[tuple[str, int], Result] = {}
+    failures: list[tuple[str, int, Exception]] = []
+    with contextlib.ExitStack() as stack:
+        reference = seeded_bytes(total, args.seed, alloc_host(total))
+        ref = torch.from_numpy(reference).to(dev)
+        dst = torch.empty(total, dtype=torch.uint8, device=dev)
+        expected = torch.empty_like(dst)
+        runners: dict = {}
+        dsts: dict = {}
+        engine_systems = [s for s in systems if s in ("shm", "tcp", "tcp-host")]
+        if engine_systems:
+            eng = stack.enter_context(Engine(tcp_connections=args.tcp_connections, shm_threads=args.shm_threads))
+            local, _ = eng.register(dst)
+            peers = []
+        if any(s in ("shm", "tcp") for s in systems):
+            _, info = start_child([sys.executable, me, "--child", "cuda-target", "--bytes", str(total), "--seed",
+                                   str(args.seed)], "cuda target", stack)
+            remote = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
+            for name in (s for s in systems if s in ("shm", "tcp")):
+                peer = eng.connect(bytes.fromhex(info["engine"]), transport=name)
+                runners[name], dsts[name] = EngineRunner(peer, local, remote), dst
+                peers.append(f"{name} -> {peer.transport}")
+        if "tcp-host" in systems:
+            _, hinfo = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
+                                    str(args.seed)], "kvtransfer.target", stack)
+            host_dst = alloc_host(total)
+            host_local, _ = eng.register(host_dst)
+            hremote = RegionDescriptor.from_bytes(bytes.fromhex(hinfo["region"]))
+            peer = eng.connect(bytes.fromhex(hinfo["engine"]), transport="tcp")
+            runners["tcp-host"], dsts["tcp-host"] = EngineRunner(peer, host_local, hremote), host_dst
+            peers.append(f"tcp-host -> {peer.transport}")
+        if engine_systems:
+            header.append(("Peer transports", ", ".join(peers)))
+        if "d2d" in systems:
+            runners["d2d"] = TorchRunner(torch, lambda lay: lambda: dst[:lay.pass_bytes].copy_(ref[:lay.pass_bytes]))
+            dsts["d2d"] = dst
+
+        def gather_op(lay: Layout):
+            perm_t = torch.from_numpy(lay.perm).to(dev)
+            n = lay.pass_bytes
+            return lambda: torch.index_select(ref[:n].view(lay.blocks, -1), 0, perm_t,
+                                              out=dst[:n].view(lay.blocks, -1))
+
+        if "gather" in systems:
+            runners["gather"], dsts["gather"] = TorchRunner(torch, gather_op), dst
+
+        def kernel_op(lay: Layout, variant: int = -1):
+            per = max(1, lay.block_bytes // COPY_CHUNK) if lay.block_bytes % COPY_CHUNK == 0 else 1
+            piece = lay.block_bytes // per
+            k = np.arange(per, dtype=np.uint64) * np.uint64(piece)
+            src = (np.uint64(ref.data_ptr()) + lay.perm.astype(np.uint64)[:, None] * np.uint64(lay.block_bytes) + k)
+            dstp = (np.uint64(dst.data_ptr()) + np.arange(lay.blocks, dtype=np.uint64)[:, None]
+                    * np.uint64(lay.block_bytes) + k)
+            descs = np.stack([src.ravel(), dstp.ravel(), np.full(src.size, piece, np.uint64)], axis=1)
+            descs = np.ascontiguousarray(descs).tobytes()
+            return lambda: _C.cuda_gather(0, descs, variant)
+
+        for name, variant in (("kernel", -1),) + tuple((f"kernel{k}", k) for k in range(6)):
+            if name in systems:
+                runners[name] = TorchRunner(torch, lambda lay, v=variant: kernel_op(lay, v))
+                runners[name].run_pass = lambda r=runners[name]: r.fn()  # it waits itself
+                dsts[name] = dst
+        if "cpu" in systems:
+            _, zinfo = start_child([sys.executable, me, "--child", "cuda-zmq", "--bytes", str(total), "--seed",
+                                    str(args.seed)], "cuda zmq sender", stack)
+            cr = CpuMediatedRunner(torch, zinfo, dst, total)
+            stack.callback(cr.close)
+            runners["cpu"], dsts["cpu"] = cr, dst
+            header.append(("ZeroMQ", f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}, data {zinfo['data']}"))
+
+        host_expected = alloc_host(total) if "tcp-host" in systems else None
+        for size in sizes:
+            layout = make_layout(size, total, args.seed)
+            n = layout.pass_bytes
+            perm_t = torch.from_numpy(layout.perm).to(dev)
+            torch.index_select(ref[:n].view(layout.blocks, -1), 0, perm_t, out=expected[:n].view(layout.blocks, -1))
+            if host_expected is not None:
+                gather(reference, layout, host_expected)
+            for system in systems:
+                want = ref if system == "d2d" else host_expected if system == "tcp-host" else expected
+                try:
+                    r = measure_cuda(system, runners[system], layout, dsts[system], want, args.warmup, args.iters,
+                                     torch)
+                except (VerifyError, KVTransferError, BenchError) as e:
+                    # one broken system must not hide the others' numbers: reported, exit status 1 or 2
+                    failures.append((system, size, e))
+                    print(f"[transfer_bw] {system:<8} {human(size):>5} blocks: FAILED: {type(e).__name__}: {e}",
+                          file=sys.stderr, flush=True)
+                    continue
+                results[system, size] = r
+                sub = getattr(runners[system], "submit_ns", None)
+                extra = f", read_blocks call p50 {np.median(sub) / 1e3:.1f} us" if sub else ""
+                print(f"[transfer_bw] {system:<8} {human(size):>5} blocks: verified, {r.bw_avg_gbps:8.2f} GB/s avg, "
+                      f"pass p50 {r.percentile_us(50):.1f} us{extra}", file=sys.stderr, flush=True)
+
+    header.append(("Verified", f"yes (first pass of each of {len(results)} system/size pairs, destination "
+                               "zeroed before it)" + (f"; {len(failures)} FAILED" if failures else "")))
+    print(report(header, systems, sizes, results,
+                 {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections,
+                  "verbs_qps": args.verbs_qps}, CUDA_RATIOS, CUDA_TITLES), flush=True)
+    for system, size, e in failures:
+        print(f" FAILED {system} {human(size)}: {type(e).__name__}: {e}", flush=True)
+    if args.json:
+        records = [dict(results[system, size].record(), device="cuda") for system in systems for size in sizes
+                   if (system, size) in results]
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+    if failures:
+        return 1 if all(isinstance(e, VerifyError) for _, _, e in failures) else 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child == "cuda-target":
+        return child_cuda_target(args.bytes, args.seed)
+    if args.child == "cuda-zmq":
+        return child_cuda_zmq(args.bytes, args.seed)
     try:
+        if args.device == "cuda":
+            return run_cuda(args)
         return run(args)
     except VerifyError as e:
         print(f"transfer_bw: VERIFY FAILED: {e}", file=sys.stderr)

@@ -113,6 +113,7 @@ void kvt_engine_info_get(const kvt_engine *e, kvt_engine_info *info) { *info = e
 int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int device,
                  uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err)
 {
+    kvt_cuda_alloc cuda;
     if (mem_kind == KVT_MEM_CUDA) {
         int ordinal = -1;
         int rc = kvt_cuda_pointer_device(addr, &ordinal, err);
@@ -122,6 +123,10 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
             return kvt_error(err, EINVAL, "register", "0x%lx is on cuda:%d, not cuda:%d",
                              (unsigned long)addr, ordinal, device);
         device = ordinal;
+        /* the allocation and its IPC handle, found once, for every same-host reader */
+        rc = kvt_cuda_export(addr, len, device, &cuda, err);
+        if (rc < 0)
+            return rc;
     } else if (mem_kind != KVT_MEM_HOST) {
         return kvt_error(err, EINVAL, "register", "unknown memory kind %d", mem_kind);
     }
@@ -133,7 +138,8 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
     if (e->verbs)
         rc = kvt_verbs_reg(e->verbs, addr, len, mem_kind, &mr, &lkey, &rkey, &path, err);
     if (rc == 0)
-        rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey, region_id, key, err);
+        rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey,
+                           mem_kind == KVT_MEM_CUDA ? &cuda : NULL, region_id, key, err);
     if (rc == 0) {
         e->mrs[kvt_region_slot(*region_id)] = mr;
         if (verbs_path)
@@ -143,6 +149,18 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
     }
     pthread_mutex_unlock(&e->reg_lock);
     return rc;
+}
+
+int kvt_region_cuda(kvt_engine *e, uint64_t region_id, kvt_cuda_alloc *out, kvt_err *err)
+{
+    kvt_shared_slot s;
+    int rc = kvt_table_snapshot(&e->table, region_id, &s, err);
+    if (rc < 0)
+        return rc;
+    if (s.mem_kind != KVT_MEM_CUDA)
+        return kvt_error(err, EINVAL, "region", "region 0x%lx is host memory", (unsigned long)region_id);
+    *out = s.cuda;
+    return 0;
 }
 
 int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
@@ -203,16 +221,25 @@ void kvt_peer_close(kvt_peer *p)
     free(p);
 }
 
+int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
+{
+    kvt_job_limits lim[2] = {{p->max_pieces, p->max_bytes},
+                             {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
+                              p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes}};
+    return kvt_transfer_start(&p->eng->table, cols, lim, p->device_memory, &p->queue, out, err);
+}
+
 int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)
 {
-    kvt_job *jobs = NULL;
-    kvt_transfer *t = NULL;
-    int rc = kvt_transfer_build(&p->eng->table, reqs, n, p->max_pieces, p->max_bytes, p->device_memory, &t, &jobs,
-                                err);
-    if (rc < 0)
-        return rc;
-    kvt_queue_push_list(&p->queue, jobs);
-    kvt_transfer_start_done(t);
-    *out = t;
-    return 0;
+    const size_t st = sizeof(kvt_read_req) / sizeof(uint64_t);
+    const uint64_t *b = (const uint64_t *)reqs;
+    kvt_read_cols c = {.n = n,
+                       .local_region = {b + 0, st},
+                       .local_off = {b + 1, st},
+                       .remote_region = {b + 2, st},
+                       .remote_key = {b + 3, st},
+                       .remote_addr = {b + 4, st},
+                       .remote_off = {b + 5, st},
+                       .len = {b + 6, st}};
+    return kvt_peer_read_cols(p, &c, out, err);
 }

@@ -15,6 +15,7 @@
 
 #define KVT_ENGINE_ID_LEN 16
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
+#define KVT_CUDA_IPC_HANDLE_BYTES 64
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
 enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
@@ -66,6 +67,33 @@ typedef struct kvt_read_req {
     uint64_t len;
 } kvt_read_req;
 
+/* The same batch as columns: entry i's field is col.p[i * col.stride] (stride in
+ * uint64 units; 0 repeats p[0] for every entry). kvt_read_req arrays are the case
+ * stride = 7; numpy columns and broadcast scalars need no packing. */
+typedef struct kvt_col {
+    const uint64_t *p;
+    size_t stride;
+} kvt_col;
+
+typedef struct kvt_read_cols {
+    size_t n;
+    kvt_col local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len;
+} kvt_read_cols;
+
+/* What registration found out about a CUDA region: the allocation holding it (whole
+ * allocations are exported once; cuMemGetAddressRange), its device, and the CUDA IPC
+ * handle of the allocation that same-host readers open (ipc_status 0), or why there
+ * is none (the CUresult of cuIpcGetMemHandle, e.g. memory from cuMemCreate or a
+ * stream-ordered pool). It lives in the region table, where shm readers find it. */
+typedef struct kvt_cuda_alloc {
+    uint64_t base;
+    uint64_t size;
+    int32_t device;     /* ordinal in the registering process */
+    int32_t ipc_status; /* 0: ipc_handle is valid; else a CUresult */
+    char pci_bus_id[32]; /* "0000:18:00.0": names the device across processes */
+    uint8_t ipc_handle[KVT_CUDA_IPC_HANDLE_BYTES];
+} kvt_cuda_alloc;
+
 int kvt_engine_create(const kvt_engine_opts *opts, kvt_engine **out, kvt_err *err);
 void kvt_engine_destroy(kvt_engine *eng); /* close peers first */
 void kvt_engine_info_get(const kvt_engine *eng, kvt_engine_info *info);
@@ -78,6 +106,8 @@ int kvt_register(kvt_engine *eng, uint64_t addr, uint64_t len, int mem_kind, int
                  uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err);
 /* Refuses new reads at once, then waits for reads being served from it to finish. */
 int kvt_deregister(kvt_engine *eng, uint64_t region_id, kvt_err *err);
+/* The CUDA facts of a registered CUDA region (EINVAL for host memory). */
+int kvt_region_cuda(kvt_engine *eng, uint64_t region_id, kvt_cuda_alloc *out, kvt_err *err);
 
 int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, int transport, kvt_peer **out,
                 kvt_err *err);
@@ -88,6 +118,7 @@ int kvt_peer_transport(const kvt_peer *peer);
  * remote ranges are checked by the target side, and fail the returned transfer. */
 int kvt_peer_read(kvt_peer *peer, const kvt_read_req *reqs, size_t n, kvt_transfer **out,
                   kvt_err *err);
+int kvt_peer_read_cols(kvt_peer *peer, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err);
 
 /* 0 when finished (succeeded or failed), -ETIMEDOUT if still running at the deadline.
  * timeout_ms < 0 waits without a deadline (callers pass one). */
@@ -105,5 +136,10 @@ int kvt_cuda_pointer_device(uint64_t ptr, int *ordinal, kvt_err *err);
 /* A dma-buf fd for the CUDA allocation holding [addr, addr+len), and addr's offset in
  * it (what ibv_reg_dmabuf_mr takes). The caller closes fd. */
 int kvt_cuda_dmabuf(uint64_t addr, uint64_t len, int *fd, uint64_t *offset, kvt_err *err);
+/* Fills *out for the allocation holding [addr, addr+len) on device `device`. */
+int kvt_cuda_export(uint64_t addr, uint64_t len, int device, kvt_cuda_alloc *out, kvt_err *err);
+/* How batched device copies run in this process ("kernel (NVRTC 13.0 ...)",
+ * "cuMemcpyBatchAsync", ...): 0 and a description, or -errno and why none can. */
+int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err);
 
 #endif

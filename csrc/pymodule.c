@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cuda_copy.h"
 #include "kvt.h"
 #include "verbs.h"
 
@@ -161,6 +162,97 @@ static PyObject *Peer_read(PeerObject *self, PyObject *arg)
     return (PyObject *)to;
 }
 
+/* One column of read_cols: an int (the same for every entry) or a 1-D buffer of n
+ * 8-byte integers with any stride that is a multiple of 8 (broadcast views: 0). */
+static int get_col(PyObject *o, Py_ssize_t n, const char *name, Py_buffer *b, uint64_t *scalar, kvt_col *c)
+{
+    if (PyLong_Check(o)) {
+        *scalar = PyLong_AsUnsignedLongLongMask(o);
+        if (PyErr_Occurred())
+            return -1;
+        c->p = scalar;
+        c->stride = 0;
+        return 0;
+    }
+    if (PyObject_GetBuffer(o, b, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *f = b->format ? b->format : "B";
+    char last = f[strlen(f) - 1];
+    if (b->ndim != 1 || b->itemsize != 8 || !strchr("qQlL", last) || b->shape[0] != n ||
+        b->strides[0] % 8 != 0) {
+        PyBuffer_Release(b);
+        b->obj = NULL;
+        PyErr_Format(PyExc_ValueError, "read_cols: %s must be an int or a 1-D array of %zd 64-bit integers", name, n);
+        return -1;
+    }
+    c->p = (const uint64_t *)b->buf;
+    c->stride = b->strides[0] < 0 ? 0 : (size_t)(b->strides[0] / 8);
+    if (b->strides[0] < 0) {
+        PyBuffer_Release(b);
+        b->obj = NULL;
+        PyErr_Format(PyExc_ValueError, "read_cols: %s has a negative stride", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr,
+ * remote_off, len) -> Transfer; each column an int or an array (see get_col). */
+static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
+{
+    Py_ssize_t n;
+    PyObject *o[7];
+    static const char *names[7] = {"local_region", "local_off", "remote_region", "remote_key",
+                                   "remote_addr", "remote_off", "len"};
+    if (!PyArg_ParseTuple(args, "nOOOOOOO", &n, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]))
+        return NULL;
+    if (!self->p) {
+        kvt_err e;
+        kvt_error(&e, EBADF, "read", "peer is closed");
+        return raise_err(&e, -1);
+    }
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "read_cols: n must be >= 0");
+        return NULL;
+    }
+    Py_buffer bufs[7];
+    uint64_t scalars[7];
+    kvt_col cols[7];
+    int got = 0;
+    for (; got < 7; got++) {
+        bufs[got].obj = NULL;
+        if (get_col(o[got], n, names[got], &bufs[got], &scalars[got], &cols[got]) < 0)
+            break;
+    }
+    PyObject *ret = NULL;
+    if (got == 7) {
+        kvt_read_cols rc = {.n = (size_t)n, .local_region = cols[0], .local_off = cols[1], .remote_region = cols[2],
+                            .remote_key = cols[3], .remote_addr = cols[4], .remote_off = cols[5], .len = cols[6]};
+        kvt_err e;
+        kvt_transfer *t = NULL;
+        int r;
+        Py_BEGIN_ALLOW_THREADS
+        r = kvt_peer_read_cols(self->p, &rc, &t, &e);
+        Py_END_ALLOW_THREADS
+        if (r < 0) {
+            raise_err(&e, -1);
+        } else {
+            TransferObject *to = PyObject_New(TransferObject, &TransferType);
+            if (!to) {
+                kvt_transfer_wait(t, -1);
+                kvt_transfer_release(t);
+            } else {
+                to->t = t;
+                ret = (PyObject *)to;
+            }
+        }
+    }
+    for (int i = 0; i < got && i < 7; i++)
+        if (bufs[i].obj)
+            PyBuffer_Release(&bufs[i]);
+    return ret;
+}
+
 static PyObject *Peer_transport(PeerObject *self, void *closure)
 {
     if (!self->p)
@@ -174,6 +266,8 @@ static PyObject *Peer_transport(PeerObject *self, void *closure)
 
 static PyMethodDef Peer_methods[] = {
     {"read", (PyCFunction)Peer_read, METH_O, "read(packed requests) -> Transfer"},
+    {"read_cols", (PyCFunction)Peer_read_cols, METH_VARARGS,
+     "read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer"},
     {"close", (PyCFunction)Peer_close, METH_NOARGS, "close the peer; queued reads fail"},
     {NULL}};
 
@@ -282,6 +376,21 @@ static PyObject *Engine_register(EngineObject *self, PyObject *args)
     return Py_BuildValue("KKs", (unsigned long long)id, (unsigned long long)key, path);
 }
 
+/* region_cuda(region_id) -> dict: the allocation, device and IPC state of a CUDA region */
+static PyObject *Engine_region_cuda(EngineObject *self, PyObject *arg)
+{
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred() || !check_open(self))
+        return NULL;
+    kvt_cuda_alloc a;
+    kvt_err e;
+    if (kvt_region_cuda(self->e, id, &a, &e) < 0)
+        return raise_err(&e, -1);
+    return Py_BuildValue("{s:K,s:K,s:i,s:s,s:i}", "alloc_base", (unsigned long long)a.base, "alloc_nbytes",
+                         (unsigned long long)a.size, "device", a.device, "pci_bus_id", a.pci_bus_id, "ipc_status",
+                         a.ipc_status);
+}
+
 static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
 {
     unsigned long long id = PyLong_AsUnsignedLongLong(arg);
@@ -340,6 +449,7 @@ static PyMethodDef Engine_methods[] = {
     {"info", (PyCFunction)Engine_info, METH_NOARGS, "what a peer needs to reach this engine"},
     {"register", (PyCFunction)Engine_register, METH_VARARGS, "register(addr, nbytes, kind, device)"},
     {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
+    {"region_cuda", (PyCFunction)Engine_region_cuda, METH_O, "region_cuda(region_id) -> dict of its CUDA allocation"},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
     {NULL}};
 
@@ -400,7 +510,43 @@ static PyObject *mod_cuda_available(PyObject *m, PyObject *noargs)
     return Py_BuildValue("(Os)", Py_True, "");
 }
 
+static PyObject *mod_cuda_copy_info(PyObject *m, PyObject *noargs)
+{
+    char buf[1400];
+    kvt_err e;
+    if (kvt_cuda_copy_info(buf, sizeof buf, &e) < 0)
+        return Py_BuildValue("(Os)", Py_False, e.msg);
+    return Py_BuildValue("(Os)", Py_True, buf);
+}
+
+/* cuda_gather(device, descs, variant=-1): descs a buffer of (src, dst, len) uint64
+ * triples; runs them as one batched copy on the device and waits (benchmarks, tests).
+ * variant: -1 as configured, else a kernel variant (csrc/cuda_copy.c lists them). */
+static PyObject *mod_cuda_gather(PyObject *m, PyObject *args)
+{
+    int dev, variant = -1;
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "iy*|i", &dev, &b, &variant))
+        return NULL;
+    if (b.len % sizeof(kvt_copy_desc) != 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "cuda_gather: descriptors are (src, dst, len) uint64 triples");
+        return NULL;
+    }
+    kvt_err e;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvt_cuda_gather_sync(dev, (const kvt_copy_desc *)b.buf, (size_t)b.len / sizeof(kvt_copy_desc), variant, &e);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (rc < 0)
+        return raise_err(&e, -1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"cuda_copy_info", mod_cuda_copy_info, METH_NOARGS, "(bool, how batched device copies run here)"},
+    {"cuda_gather", mod_cuda_gather, METH_VARARGS, "cuda_gather(device, descs): one batched device copy, waited"},
     {"cuda_pointer_device", mod_cuda_pointer_device, METH_O, "CUDA device ordinal of a device pointer"},
     {"cuda_available", mod_cuda_available, METH_NOARGS, "(bool, reason)"},
     {"cuda_dmabuf", mod_cuda_dmabuf, METH_VARARGS, "cuda_dmabuf(ptr, nbytes) -> offset in the exported dma-buf"},

@@ -47,7 +47,8 @@ void kvt_table_destroy(kvt_region_table *t)
 }
 
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint32_t lkey, uint32_t rkey, uint64_t *id, uint64_t *key, kvt_err *err)
+                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, uint64_t *id, uint64_t *key,
+                  kvt_err *err)
 {
     if (len == 0 || addr == 0 || addr + len < addr)
         return kvt_error(err, EINVAL, "register", "bad range addr=0x%lx len=%lu",
@@ -81,6 +82,10 @@ int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind
     s->device = (uint32_t)device;
     s->lkey = lkey;
     s->rkey = rkey;
+    if (cuda)
+        s->cuda = *cuda;
+    else
+        memset(&s->cuda, 0, sizeof s->cuda);
     uint64_t rid = ((uint64_t)++t->gen[slot] << 32) | (slot + 1);
     atomic_store(&s->id, rid); /* publishes the fields above */
     pthread_mutex_unlock(&t->lock);
@@ -136,6 +141,7 @@ static int check_slot(const kvt_shared_slot *s, uint64_t id, uint64_t key, int c
                          (unsigned long)off, (unsigned long)(off + len), (unsigned long)id,
                          (unsigned long)rlen);
     view->addr = raddr + off;
+    view->region_len = rlen;
     view->mem_kind = kind;
     view->device = dev;
     view->lkey = lkey;
@@ -171,4 +177,34 @@ int kvt_shared_check(const kvt_shared_table *s, uint64_t id, uint64_t key, uint6
     if (!slot_of(id, &slot))
         return kvt_error(err, ENOENT, "read", "region 0x%lx is not registered", (unsigned long)id);
     return check_slot(&s->slots[slot], id, key, 1, off, len, view, err);
+}
+
+static int snapshot(const kvt_shared_slot *s, uint64_t id, uint64_t key, int check_key, kvt_shared_slot *out,
+                    kvt_err *err)
+{
+    if (atomic_load(&s->id) != id)
+        return kvt_error(err, ENOENT, "read", "region 0x%lx is not registered (deregistered?)", (unsigned long)id);
+    memcpy((char *)out + sizeof out->id, (const char *)s + sizeof s->id, sizeof *out - sizeof out->id);
+    if (atomic_load(&s->id) != id)
+        return kvt_error(err, ENOENT, "read", "region 0x%lx was deregistered", (unsigned long)id);
+    atomic_store(&out->id, id);
+    if (check_key && out->key != key)
+        return kvt_error(err, EACCES, "read", "wrong key for region 0x%lx", (unsigned long)id);
+    return 0;
+}
+
+int kvt_shared_snapshot(const kvt_shared_table *s, uint64_t id, uint64_t key, kvt_shared_slot *out, kvt_err *err)
+{
+    uint32_t slot;
+    if (!slot_of(id, &slot))
+        return kvt_error(err, ENOENT, "read", "region 0x%lx is not registered", (unsigned long)id);
+    return snapshot(&s->slots[slot], id, key, 1, out, err);
+}
+
+int kvt_table_snapshot(kvt_region_table *t, uint64_t id, kvt_shared_slot *out, kvt_err *err)
+{
+    uint32_t slot;
+    if (!slot_of(id, &slot))
+        return kvt_error(err, ENOENT, "region", "region 0x%lx is not registered", (unsigned long)id);
+    return snapshot(&t->shared->slots[slot], id, 0, 0, out, err);
 }

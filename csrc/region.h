@@ -13,9 +13,10 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "kvt.h"
 
 #define KVT_TABLE_MAGIC 0x6b767472656769ULL /* "kvtregi" */
-#define KVT_TABLE_VERSION 1
+#define KVT_TABLE_VERSION 2 /* 2: CUDA regions carry their allocation and IPC handle */
 #define KVT_MAX_REGIONS 4096
 
 typedef struct kvt_shared_slot {
@@ -27,6 +28,7 @@ typedef struct kvt_shared_slot {
     uint32_t device;
     uint32_t lkey; /* verbs keys of the region's memory registration, 0 without one */
     uint32_t rkey;
+    kvt_cuda_alloc cuda; /* CUDA regions: allocation, device, IPC handle (all 0 for host) */
 } kvt_shared_slot;
 
 typedef struct kvt_shared_table {
@@ -48,6 +50,7 @@ typedef struct kvt_region_table {
 /* A checked view of one range of a region. */
 typedef struct kvt_region_view {
     uint64_t addr; /* absolute address of the range's first byte */
+    uint64_t region_len; /* the whole region's length */
     uint32_t mem_kind;
     uint32_t device;
     uint32_t lkey;
@@ -58,7 +61,8 @@ void kvt_table_destroy(kvt_region_table *t);
 /* With a verbs registration (rkey != 0), the key's low 32 bits are its rkey and the
  * high 32 random; otherwise all 64 bits are random. */
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint32_t lkey, uint32_t rkey, uint64_t *id, uint64_t *key, kvt_err *err);
+                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, uint64_t *id, uint64_t *key,
+                  kvt_err *err);
 static inline uint32_t kvt_region_slot(uint64_t id) { return (uint32_t)(id & 0xffffffffu) - 1; }
 int kvt_table_remove(kvt_region_table *t, uint64_t id, kvt_err *err);
 
@@ -71,6 +75,11 @@ void kvt_table_release(kvt_region_table *t, uint64_t id);
 /* For a table mapped from another process: the same checks without a reference. */
 int kvt_shared_check(const kvt_shared_table *s, uint64_t id, uint64_t key, uint64_t off,
                      uint64_t len, kvt_region_view *view, kvt_err *err);
+/* A consistent copy of the slot of region id (key checked), for readers that need its
+ * CUDA facts; same seqlock rule as kvt_shared_check. */
+int kvt_shared_snapshot(const kvt_shared_table *s, uint64_t id, uint64_t key, kvt_shared_slot *out, kvt_err *err);
+/* The slot of a region of this process's own table (no key check), for its owner. */
+int kvt_table_snapshot(kvt_region_table *t, uint64_t id, kvt_shared_slot *out, kvt_err *err);
 static inline int kvt_shared_still_valid(const kvt_shared_table *s, uint64_t id)
 {
     uint32_t slot = (uint32_t)(id & 0xffffffffu) - 1;

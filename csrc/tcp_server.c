@@ -1,7 +1,9 @@
 /* The tcp transport's target side: a C thread accepts connections and one thread per
  * connection answers read requests straight from registered memory (no Python, no
  * GIL). Every entry is checked against the region table (id, key, bounds) and holds a
- * reference on its region while its bytes are sent, so a deregistration waits for it. */
+ * reference on its region while its bytes are sent, so a deregistration waits for it.
+ * CUDA regions are served through pinned staging buffers (tcp_stage.c): device->host
+ * copies of the next chunk overlap with sending the previous one. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -20,6 +22,7 @@
 
 #include "engine.h"
 #include "sock.h"
+#include "tcp_stage.h"
 #include "verbs.h"
 #include "wire.h"
 
@@ -50,28 +53,28 @@ typedef struct frame {
     kvt_wire_entry ents[KVT_WIRE_MAX_ENTRIES];
     int32_t status[KVT_WIRE_MAX_ENTRIES];
     struct iovec data[KVT_WIRE_MAX_ENTRIES + 1];
+    kvt_seg segs[KVT_WIRE_MAX_ENTRIES];
 } frame;
 
-static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_err *err)
+static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_stage **stage, kvt_err *err)
 {
     int fd = c->fd;
     int rc = kvt_recv_all(fd, f->ents, h->n * sizeof(kvt_wire_entry), "request entries", err);
     if (rc < 0)
         return rc;
     size_t nd = 0;
+    int cuda = 0;
     for (uint32_t i = 0; i < h->n; i++) {
         const kvt_wire_entry *e = &f->ents[i];
         kvt_region_view v;
         kvt_err ignored;
         int st = kvt_table_acquire(c->srv->table, e->region, e->key, 1, e->offset, e->length, &v, &ignored);
-        if (st == 0 && v.mem_kind != KVT_MEM_HOST) {
-            kvt_table_release(c->srv->table, e->region);
-            st = -EOPNOTSUPP;
-        }
         f->status[i] = st;
         if (st == 0) {
             f->data[nd].iov_base = (void *)(uintptr_t)v.addr;
             f->data[nd].iov_len = e->length;
+            f->segs[nd] = (kvt_seg){v.addr, e->length, (int)v.mem_kind, (int)v.device};
+            cuda |= v.mem_kind != KVT_MEM_HOST;
             nd++;
         }
     }
@@ -79,7 +82,7 @@ static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_err *er
     struct iovec head[2] = {{&rh, sizeof rh}, {f->status, h->n * sizeof(int32_t)}};
     rc = kvt_send_iov(fd, head, 2, "response header", err);
     if (rc == 0)
-        rc = kvt_send_iov(fd, f->data, nd, "response data", err);
+        rc = cuda ? kvt_stage_send(stage, fd, f->segs, nd, err) : kvt_send_iov(fd, f->data, nd, "response data", err);
     for (uint32_t i = 0; i < h->n; i++)
         if (f->status[i] == 0)
             kvt_table_release(c->srv->table, f->ents[i].region);
@@ -121,6 +124,7 @@ static void *conn_main(void *arg)
     srv_conn *c = arg;
     kvt_err err;
     kvt_qpset *qs = NULL;
+    kvt_stage *stage = NULL; /* made when this connection first serves CUDA memory */
     frame *f = malloc(sizeof *f);
     kvt_wire_hello hi;
     if (!f || kvt_sock_setup(c->fd, c->srv->io_timeout_ms, &err) < 0 ||
@@ -147,11 +151,12 @@ static void *conn_main(void *arg)
         }
         if (h.magic != KVT_REQ_MAGIC || h.n == 0 || h.n > KVT_WIRE_MAX_ENTRIES)
             break; /* malformed: drop this connection, keep serving the others */
-        if (serve_frame(c, &h, f, &err) < 0)
+        if (serve_frame(c, &h, f, &stage, &err) < 0)
             break;
     }
 out:
     kvt_qpset_destroy(qs);
+    kvt_stage_free(stage);
     free(f);
     /* The peer sees the end now; the fd itself is closed by the reaper, after the
      * join, so its number cannot be reused under a concurrent shutdown(). */

@@ -26,13 +26,41 @@ typedef struct kvt_piece {
     uint32_t lkey;  /* of the local region (verbs) */
 } kvt_piece;
 
+/* A batch of one local and one remote region, kept as columns: its jobs are cut
+ * without writing pieces, and the thread that pops a job writes them (kvt_queue_pop),
+ * so that cutting a batch of thousands of blocks costs the caller little and the
+ * pieces are written in parallel, by the transport threads, while copies run. */
+typedef struct kvt_batch {
+    uint64_t *lo, *ro, *ln; /* local and remote offsets, lengths (ln NULL: len0 each) */
+    size_t cap;             /* bytes of the buffer lo points into (ro, ln follow) */
+    uint64_t len0;
+    uint64_t local_base;
+    uint32_t lkey;
+    uint64_t remote_region, remote_key, remote_addr;
+} kvt_batch;
+
 typedef struct kvt_job {
     struct kvt_job *next;
     kvt_transfer *t;
+    /* lazy jobs (batch != NULL): entries e0..e1 (inclusive), the first from byte off0,
+       the last up to byte end1; pieces[0].entry is set, the rest written at pop */
+    const kvt_batch *batch;
+    size_t e0, e1;
+    uint64_t off0, end1;
+    struct kvt_queue *home; /* whose pool the job returns to when done */
+    size_t cap;             /* pieces it has room for */
     size_t n;
     uint64_t bytes;
+    int local_kind; /* every piece of a job lands in one kind of memory ... */
+    int local_dev;  /* ... on one device (CUDA ordinal, -1 for host) */
     kvt_piece pieces[];
 } kvt_job;
+
+/* How big a job may be, per kind of destination memory. */
+typedef struct kvt_job_limits {
+    size_t pieces;
+    uint64_t bytes;
+} kvt_job_limits;
 
 struct kvt_transfer {
     pthread_mutex_t mu;
@@ -41,6 +69,7 @@ struct kvt_transfer {
     _Atomic int64_t pending; /* jobs not yet completed */
     int status;             /* 1 running, 0 ok, -errno failed (under mu) */
     int finished;           /* every job completed: nothing writes the destination anymore */
+    _Atomic int done;       /* finished, readable without mu (waiters spin on it) */
     kvt_err err;
     int64_t err_entry;
     int notify_fd;
@@ -48,16 +77,20 @@ struct kvt_transfer {
     kvt_region_table *table;
     uint64_t *local_ids;
     size_t n_local;
+    kvt_batch *batch; /* the columns of a lazily cut batch, or NULL */
+    /* KVTRANSFER_TRACE=1: when it started, was cut, first popped, first and last
+       launched on a GPU (ns, CLOCK_MONOTONIC; 0 unset); printed when it finishes */
+    int64_t tr_start, tr_cut;
+    _Atomic int64_t tr_pop, tr_launch1, tr_launchn;
+    size_t tr_entries, tr_jobs;
 };
 
-/* Cuts reqs into jobs of at most max_pieces pieces and max_bytes bytes (a longer
- * entry is split). Local ranges are checked and referenced here. On success the
- * transfer has pending = number of jobs + 1 (a guard the caller drops with
- * kvt_transfer_start_done() after queueing every job). */
-int kvt_transfer_build(kvt_region_table *table, const kvt_read_req *reqs, size_t n,
-                       size_t max_pieces, uint64_t max_bytes, int device_memory, kvt_transfer **out,
-                       kvt_job **jobs, kvt_err *err);
-void kvt_transfer_start_done(kvt_transfer *t);
+/* Tracing (KVTRANSFER_TRACE=1: one line per finished transfer of 1,000 entries or
+ * more on stderr, at most ten a second): where a batch's time goes. */
+int kvt_trace_on(void);
+int64_t kvt_now_ns(void);
+void kvt_trace_launch(kvt_transfer *t);
+
 /* If the job's transfer has already failed, completes the job without running it and
  * returns 1: one error fails a batch at once, not after every remaining job timed out. */
 int kvt_job_skip_if_failed(kvt_job *job);
@@ -69,18 +102,37 @@ typedef struct kvt_queue {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     kvt_job *head, *tail;
+    _Atomic long queued; /* jobs in the queue, read without mu by threads that spin */
     int closed;
     int wake_fd; /* an eventfd written on every push and on close, for consumers that
                     poll() other fds too (verbs); -1 when unused */
+    /* finished jobs kept for reuse: a batch of 16,384 blocks is ~1 MiB of pieces, and
+       fresh memory for it each time costs page faults in the reading call */
+    pthread_mutex_t pool_mu;
+    kvt_job *pool;
+    size_t pool_n;
 } kvt_queue;
 
 void kvt_queue_init(kvt_queue *q);
 void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs);
 int kvt_queue_is_closed(kvt_queue *q);
-/* NULL once closed; with wait == 0, NULL when empty. */
+/* NULL once closed; with wait == 0, NULL when empty. With wait, an empty queue is
+ * polled for KVTRANSFER_WORKER_SPIN_US (default 200) before the thread sleeps: the
+ * next batch usually comes right after the last one, and waking a sleeping thread
+ * costs tens of microseconds (more in a VM). A lazily cut job gets its pieces
+ * written here, by the popping thread. */
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
 /* Closes the queue and fails what is left in it with ECANCELED. */
 void kvt_queue_close(kvt_queue *q, const char *why);
 void kvt_queue_destroy(kvt_queue *q);
+
+/* Starts a batch: checks every local range first (an error names the entry, and
+ * nothing is queued), holds the local regions, then cuts the entries into jobs of at
+ * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination; a
+ * longer entry is split) and pushes each job to q as soon as it is cut, so transports
+ * start on the first while the rest are cut. A job lands in one memory kind and device.
+ * device_memory == 0 refuses CUDA destinations. */
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[2],
+                       int device_memory, kvt_queue *q, kvt_transfer **out, kvt_err *err);
 
 #endif

@@ -4,6 +4,9 @@
  * region ids are re-checked after each copy, so a region deregistered mid-read fails
  * the read; a pidfd tells whether the target is still the process we connected to.
  *
+ * CUDA memory (transport_shm_cuda.c): the target's table also holds each CUDA
+ * region's allocation and IPC handle; jobs that touch CUDA memory go there.
+ *
  * Trust: the kernel lets a same-user process read any of the target's memory; keys
  * here guard against stale or wrong descriptors, not against a hostile local user. */
 #define _GNU_SOURCE
@@ -21,19 +24,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "transport_shm.h"
 
 #define SHM_MAX_PIECES 1024 /* IOV_MAX */
 #define SHM_MAX_BYTES (4u << 20)
-
-typedef struct shm_peer {
-    pid_t pid;
-    int pidfd;
-    const kvt_shared_table *table;
-    kvt_queue *queue;
-    int nthreads;
-    pthread_t threads[KVT_MAX_THREADS];
-} shm_peer;
 
 static int target_alive(const shm_peer *s)
 {
@@ -52,41 +46,23 @@ static int64_t entry_at(const kvt_job *job, uint64_t at)
     return (int64_t)job->pieces[job->n - 1].entry;
 }
 
-static void run_job(shm_peer *s, kvt_job *job, struct iovec *liov, struct iovec *riov)
+int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n, uint64_t bytes, uint64_t *done,
+                  kvt_err *err)
 {
-    kvt_err e;
-    for (size_t i = 0; i < job->n; i++) {
-        const kvt_piece *p = &job->pieces[i];
-        kvt_region_view v;
-        int rc = kvt_shared_check(s->table, p->remote_region, p->remote_key, p->remote_off, p->len, &v, &e);
-        if (rc == 0 && v.mem_kind != KVT_MEM_HOST)
-            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory; shm reads host memory only",
-                           (unsigned long)p->remote_region);
-        if (rc < 0) {
-            kvt_job_done(job, rc, &e, (int64_t)p->entry);
-            return;
-        }
-        liov[i].iov_base = (void *)(uintptr_t)p->local_addr;
-        liov[i].iov_len = p->len;
-        riov[i].iov_base = (void *)(uintptr_t)v.addr;
-        riov[i].iov_len = p->len;
-    }
     /* Local and remote lists have equal element lengths, so a short count advances
      * both the same way. */
     size_t first = 0;
-    uint64_t done = 0;
-    while (done < job->bytes) {
-        ssize_t got = process_vm_readv(s->pid, liov + first, job->n - first, riov + first, job->n - first, 0);
+    *done = 0;
+    while (*done < bytes) {
+        ssize_t got = process_vm_readv(s->pid, liov + first, n - first, riov + first, n - first, 0);
         if (got <= 0) {
             int en = got < 0 ? errno : EFAULT;
             if (!target_alive(s))
                 en = ESRCH;
-            kvt_syserr(&e, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
-                       job->n - first, (unsigned long)done, (unsigned long)job->bytes);
-            kvt_job_done(job, -en, &e, entry_at(job, done));
-            return;
+            return kvt_syserr(err, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
+                              n - first, (unsigned long)*done, (unsigned long)bytes);
         }
-        done += (uint64_t)got;
+        *done += (uint64_t)got;
         size_t left = (size_t)got;
         while (left && left >= liov[first].iov_len) {
             left -= liov[first].iov_len;
@@ -99,30 +75,79 @@ static void run_job(shm_peer *s, kvt_job *job, struct iovec *liov, struct iovec 
             riov[first].iov_len -= left;
         }
     }
+    return 0;
+}
+
+int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
+{
     /* Seqlock check: the bytes count only if every source region outlived the copy
      * and the target is the process we connected to. */
+    uint64_t last = 0;
     for (size_t i = 0; i < job->n; i++) {
-        if (!kvt_shared_still_valid(s->table, job->pieces[i].remote_region)) {
-            kvt_error(&e, ESTALE, "read", "remote region 0x%lx was deregistered during the read",
-                      (unsigned long)job->pieces[i].remote_region);
-            kvt_job_done(job, -ESTALE, &e, (int64_t)job->pieces[i].entry);
-            return;
+        uint64_t id = job->pieces[i].remote_region;
+        if (id == last)
+            continue;
+        last = id;
+        if (!kvt_shared_still_valid(s->table, id)) {
+            *entry = (int64_t)job->pieces[i].entry;
+            return kvt_error(e, ESTALE, "read", "remote region 0x%lx was deregistered during the read",
+                             (unsigned long)id);
         }
     }
     if (!target_alive(s)) {
-        kvt_error(&e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
-        kvt_job_done(job, -ESRCH, &e, (int64_t)job->pieces[0].entry);
-        return;
+        *entry = (int64_t)job->pieces[0].entry;
+        return kvt_error(e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
     }
-    kvt_job_done(job, 0, NULL, -1);
+    return 0;
+}
+
+/* Host memory on both sides. Returns 1 without doing anything when a source is CUDA
+ * memory (the CUDA path takes the job), else completes the job and returns 0. */
+static int run_job(shm_peer *s, kvt_job *job, struct iovec *liov, struct iovec *riov)
+{
+    kvt_err e;
+    for (size_t i = 0; i < job->n; i++) {
+        const kvt_piece *p = &job->pieces[i];
+        kvt_region_view v;
+        int rc = kvt_shared_check(s->table, p->remote_region, p->remote_key, p->remote_off, p->len, &v, &e);
+        if (rc == 0 && v.mem_kind != KVT_MEM_HOST)
+            return 1;
+        if (rc < 0) {
+            kvt_job_done(job, rc, &e, (int64_t)p->entry);
+            return 0;
+        }
+        liov[i].iov_base = (void *)(uintptr_t)p->local_addr;
+        liov[i].iov_len = p->len;
+        riov[i].iov_base = (void *)(uintptr_t)v.addr;
+        riov[i].iov_len = p->len;
+    }
+    uint64_t done = 0;
+    int64_t entry = -1;
+    int rc = kvt_shm_readv(s, liov, riov, job->n, job->bytes, &done, &e);
+    if (rc < 0)
+        entry = entry_at(job, done);
+    else
+        rc = kvt_shm_verify(s, job, &e, &entry);
+    kvt_job_done(job, rc, rc < 0 ? &e : NULL, entry);
+    return 0;
 }
 
 static void *worker(void *arg)
 {
     shm_peer *s = arg;
     struct iovec *liov = malloc(2 * SHM_MAX_PIECES * sizeof *liov);
-    kvt_job *job;
-    while ((job = kvt_queue_pop(s->queue, 1)) != NULL) {
+    kvt_shm_cuda *cu = NULL; /* this thread's CUDA state, made at its first CUDA job */
+    for (;;) {
+        /* With CUDA jobs in flight, look for more work without sleeping; with none to
+         * start, finish the oldest one (that waits for the GPU). */
+        int busy = kvt_shm_cuda_busy(cu);
+        kvt_job *job = kvt_queue_pop(s->queue, !busy);
+        if (!job) {
+            if (!busy)
+                break; /* closed */
+            kvt_shm_cuda_retire(s, cu);
+            continue;
+        }
         if (kvt_job_skip_if_failed(job))
             continue;
         if (!liov) {
@@ -131,8 +156,10 @@ static void *worker(void *arg)
             kvt_job_done(job, -ENOMEM, &e, (int64_t)job->pieces[0].entry);
             continue;
         }
-        run_job(s, job, liov, liov + SHM_MAX_PIECES);
+        if (job->local_kind != KVT_MEM_HOST || run_job(s, job, liov, liov + SHM_MAX_PIECES))
+            kvt_shm_cuda_job(s, &cu, job);
     }
+    kvt_shm_cuda_end(s, cu);
     free(liov);
     return NULL;
 }
@@ -142,6 +169,7 @@ static void shm_close(kvt_peer *p)
     shm_peer *s = p->impl;
     for (int i = 0; i < s->nthreads; i++)
         pthread_join(s->threads[i], NULL);
+    kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */
     munmap((void *)s->table, sizeof(kvt_shared_table));
     close(s->pidfd);
     free(s);
@@ -182,16 +210,24 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     if (!s)
         return kvt_syserr(err, ENOMEM, "calloc", "shm peer");
     s->pid = peer->pid;
+    s->same_process = peer->pid == getpid();
     s->queue = &p->queue;
+    s->ipc = kvt_ipc_cache_create();
+    if (!s->ipc) {
+        free(s);
+        return kvt_syserr(err, ENOMEM, "calloc", "ipc cache");
+    }
     s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
     if (s->pidfd < 0) {
         int rc = kvt_syserr(err, errno, "pidfd_open", "pid=%d", (int)s->pid);
+        kvt_ipc_cache_destroy(s->ipc);
         free(s);
         return rc;
     }
     int rc = map_table(peer, &s->table, err);
     if (rc < 0) {
         close(s->pidfd);
+        kvt_ipc_cache_destroy(s->ipc);
         free(s);
         return rc;
     }
@@ -206,6 +242,7 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
                      : kvt_error(err, ESTALE, "connect", "pid %d is not the engine we were given", (int)s->pid);
         munmap((void *)s->table, sizeof(kvt_shared_table));
         close(s->pidfd);
+        kvt_ipc_cache_destroy(s->ipc);
         free(s);
         return rc;
     }
@@ -214,6 +251,9 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->close = shm_close;
     p->max_pieces = SHM_MAX_PIECES;
     p->max_bytes = SHM_MAX_BYTES;
+    p->dev_max_pieces = SHM_DEV_MAX_PIECES;
+    p->dev_max_bytes = SHM_DEV_MAX_BYTES;
+    p->device_memory = 1;
     for (int i = 0; i < s->nthreads; i++) {
         int e = pthread_create(&s->threads[i], NULL, worker, s);
         if (e != 0) {

@@ -3,7 +3,9 @@
  * from the peer's queue. A thread keeps two requests in flight on its connection so
  * the next request is at the server while the current response streams in, and it
  * receives the bytes straight into the destination with readv. A broken connection
- * fails the jobs on it and is re-dialed for the next job. */
+ * fails the jobs on it and is re-dialed for the next job. A job into CUDA memory is
+ * received through pinned staging buffers (tcp_stage.c): receiving the next chunk
+ * overlaps with the host->device copy of the previous one. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -15,10 +17,19 @@
 
 #include "engine.h"
 #include "sock.h"
+#include "tcp_stage.h"
 #include "wire.h"
 
 #define TCP_MAX_PIECES KVT_WIRE_MAX_ENTRIES
 #define TCP_MAX_BYTES (2u << 20)
+/* Jobs into CUDA memory: KVTRANSFER_TCP_DEV_JOB_KB (64 KiB to 64 MiB), default 8 MiB:
+ * fewer, longer frames amortize the staging (four buffers of 2 MiB per frame). */
+static uint64_t dev_job_bytes(void)
+{
+    const char *e = getenv("KVTRANSFER_TCP_DEV_JOB_KB");
+    long kb = e && *e ? strtol(e, NULL, 10) : 8192;
+    return (uint64_t)(kb < 64 ? 64 : kb > 65536 ? 65536 : kb) << 10;
+}
 #define TCP_PIPELINE 2
 
 typedef struct tcp_peer tcp_peer;
@@ -32,6 +43,8 @@ typedef struct tcp_conn {
     kvt_wire_entry ents[KVT_WIRE_MAX_ENTRIES];
     int32_t status[KVT_WIRE_MAX_ENTRIES];
     struct iovec iov[KVT_WIRE_MAX_ENTRIES];
+    kvt_seg segs[KVT_WIRE_MAX_ENTRIES];
+    kvt_stage *stage; /* made at the first job into CUDA memory */
 } tcp_conn;
 
 struct tcp_peer {
@@ -97,7 +110,7 @@ static const char *refusal(int st)
     case EACCES: return "wrong key";
     case ENOENT: return "region not registered (deregistered?)";
     case ERANGE: return "range outside the region";
-    case EOPNOTSUPP: return "region is CUDA memory, not served over tcp yet";
+    case EOPNOTSUPP: return "not supported by the target";
     default: return "refused";
     }
 }
@@ -125,6 +138,7 @@ static int recv_response(tcp_conn *c, kvt_job *job, uint64_t seq, int *st, int64
         if (s == 0) {
             c->iov[nv].iov_base = (void *)(uintptr_t)p->local_addr;
             c->iov[nv].iov_len = p->len;
+            c->segs[nv] = (kvt_seg){p->local_addr, p->len, job->local_kind, job->local_dev};
             nv++;
         } else if (*st == 0) {
             *st = s < 0 ? s : -EPROTO;
@@ -135,7 +149,10 @@ static int recv_response(tcp_conn *c, kvt_job *job, uint64_t seq, int *st, int64
         }
     }
     kvt_err e2;
-    rc = kvt_recv_iov(c->fd, c->iov, nv, "response data", *st ? &e2 : err);
+    if (job->local_kind != KVT_MEM_HOST)
+        rc = kvt_stage_recv(&c->stage, c->fd, c->segs, nv, *st ? &e2 : err);
+    else
+        rc = kvt_recv_iov(c->fd, c->iov, nv, "response data", *st ? &e2 : err);
     if (rc < 0 && *st)
         *err = e2;
     return rc;
@@ -202,6 +219,8 @@ static void *conn_main(void *arg)
         nfl--;
     }
     drop_fd(c);
+    kvt_stage_free(c->stage);
+    c->stage = NULL;
     return NULL;
 }
 
@@ -259,6 +278,9 @@ int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->close = tcp_close;
     p->max_pieces = TCP_MAX_PIECES;
     p->max_bytes = TCP_MAX_BYTES;
+    p->device_memory = 1; /* received through pinned staging buffers */
+    p->dev_max_pieces = TCP_MAX_PIECES;
+    p->dev_max_bytes = dev_job_bytes();
     if (rc < 0) {
         kvt_queue_close(&p->queue, "connect failed");
         for (int i = tp->nconns; i < n; i++) {

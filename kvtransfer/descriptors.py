@@ -62,6 +62,13 @@ class RegionDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     ``device_index`` the CUDA ordinal (-1 for host memory). ``key`` is 64 bits: tcp and
     shm targets check all of them; when the engine has an RDMA device, its low 32 bits
     are the memory registration's rkey, which the NIC checks for verbs reads.
+
+    CUDA regions also say where they live, for readers and for people: ``pci_bus_id``
+    of the device (``"0000:18:00.0"``: the same in every process, unlike ordinals), and
+    the CUDA allocation holding the region, ``alloc_base`` and ``alloc_nbytes``
+    (``cuMemGetAddressRange``: a same-host reader opens each allocation once, through
+    the CUDA IPC handle the target's region table holds). Empty and 0 for host memory;
+    optional fields, so descriptors of older engines still decode.
     """
 
     version: int = SCHEMA_VERSION
@@ -72,6 +79,9 @@ class RegionDescriptor(msgspec.Struct, frozen=True, kw_only=True):
     device: str
     device_index: Ordinal
     key: U64
+    pci_bus_id: str = ""
+    alloc_base: U64 = 0
+    alloc_nbytes: U64 = 0
 
     def to_bytes(self) -> bytes:
         return msgspec.msgpack.encode(self)

@@ -18,6 +18,27 @@ engines have an RDMA port and queue pairs connect (RDMA READ, the NIC does the w
 :class:`TransportUnavailableError`, never falls back. ``KVTRANSFER_IB_DEVICE``,
 ``KVTRANSFER_IB_PORT`` and ``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and
 GID (default: the first active port, a RoCEv2 GID on Ethernet).
+
+CUDA memory (torch CUDA tensors, cupy arrays, DLPack, raw ``(ptr, nbytes, "cuda:N")``)
+registers like host memory and is read by every transport: ``shm`` copies device to
+device through CUDA IPC with a gather kernel (one launch for thousands of blocks),
+``tcp`` stages through pinned host buffers on both sides, ``verbs`` lets the NIC reach
+GPU memory (dma-buf or nvidia-peermem). Reads into or from CUDA memory are in place
+once the transfer is done (the copies have finished on the GPU). The engine copies on
+CUDA streams of its own, not ordered with the caller's: GPU work that writes a read's
+destination (or, on the target, its source) must have finished before the read starts
+(``torch.cuda.synchronize()``, or an event waited on). See csrc/cuda_copy.h for how
+batched copies run.
+
+Environment (tuning and diagnostics; defaults measured on an H100, see
+bench/transfer_bw.py): ``KVTRANSFER_NVRTC`` (path of libnvrtc, or ``none``),
+``KVTRANSFER_CUDA_COPY=kernel|batch``, ``KVTRANSFER_GATHER_VARIANT`` (csrc/cuda_copy.c),
+``KVTRANSFER_TCP_STAGE_KB`` (pinned staging buffers, default 2048) and
+``KVTRANSFER_TCP_DEV_JOB_KB`` (tcp frames into CUDA memory, default 8192),
+``KVTRANSFER_WAIT_SPIN_US`` (``wait`` polls this long before sleeping, default 1000),
+``KVTRANSFER_WORKER_SPIN_US`` (transport threads poll for the next job this long before
+sleeping, default 200), ``KVTRANSFER_TRACE=1`` (one stderr line per large batch: when
+it was cut, first picked up, first and last launched, done).
 """
 
 from __future__ import annotations
@@ -37,7 +58,7 @@ from . import _C
 from .descriptors import EngineDescriptor, RegionDescriptor
 from .errors import (InvalidArgumentError, KVTransferError, TransferError, TransferTimeoutError,
                      TransportUnavailableError)
-from .memory import MemoryRange, describe
+from .memory import MemoryRange, describe, find_nvrtc
 
 log = logging.getLogger("kvtransfer")
 
@@ -65,7 +86,7 @@ class Region:
     """
 
     def __init__(self, engine: "Engine", region_id: int, mem: MemoryRange, descriptor: RegionDescriptor,
-                 verbs_registration: str | None = None):
+                 verbs_registration: str | None = None, cuda: dict[str, Any] | None = None):
         self._engine = engine
         self.id = region_id
         self.ptr = mem.ptr
@@ -73,6 +94,10 @@ class Region:
         self.device = mem.device if mem.device_index < 0 else f"{mem.device}:{mem.device_index}"
         self.descriptor = descriptor
         self.verbs_registration = verbs_registration
+        #: CUDA regions: ``alloc_base``, ``alloc_nbytes``, ``device``, ``pci_bus_id`` and
+        #: ``ipc_status`` (0: same-host readers can open it through CUDA IPC; else the
+        #: CUresult of cuIpcGetMemHandle, and shm reads of it fail saying so). None for host.
+        self.cuda = cuda
         self._owner = mem.owner
         self._closed = False
 
@@ -112,13 +137,14 @@ class Transfer:
     nothing writes the destination anymore, whether the reads succeeded or not.
     """
 
-    def __init__(self, c: Any, reqs: np.ndarray, transport: str, keep: tuple):
+    def __init__(self, c: Any, reqs: "np.ndarray | _Columns", transport: str, keep: tuple,
+                 nbytes: int | None = None):
         self._c = c
-        self._reqs = reqs
+        self._reqs = reqs  # for messages about a failed entry
         self._keep = keep  # local Regions: their memory must outlive the transfer
         self.transport = transport
         self.entries = len(reqs)
-        self.nbytes = int(reqs["len"].sum())
+        self.nbytes = int(reqs["len"].sum()) if nbytes is None else nbytes
         self._notify_fd: int | None = None  # an eventfd the C core writes when finished
         self._futures: dict[asyncio.AbstractEventLoop, asyncio.Future] = {}
 
@@ -203,6 +229,37 @@ class Transfer:
         return f"<Transfer {self.entries} entries, {self.nbytes} bytes over {self.transport}>"
 
 
+class _Columns:
+    """A batch kept as the columns it was given (int64 arrays, or one int for every
+    entry), so that vectorized reads pass them to the C core without packing;
+    ``batch[i]["field"]`` reads one entry back for error messages."""
+
+    def __init__(self, n: int, **cols: Any):
+        self._n = n
+        self._cols = cols
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {k: int(v) if np.ndim(v) == 0 else int(v[i]) for k, v in self._cols.items()}
+
+    def submit(self, c: Any) -> Any:
+        k = self._cols
+        return c.read_cols(self._n, k["local_region"], k["local_off"], k["remote_region"], k["remote_key"],
+                           k["remote_addr"], k["remote_off"], k["len"])
+
+
+def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
+    """Lengths as the C core takes them (one int, or an int64 array of ``shape``) and
+    their sum."""
+    ln = _offsets(lengths, "length", check_negative=False)
+    if ln.ndim == 0:
+        return int(ln), int(ln) * int(np.prod(shape))
+    ln = np.broadcast_to(ln, shape)
+    return ln, int(ln.sum())
+
+
 class Peer:
     """A connection to another engine, over one transport (``.transport``)."""
 
@@ -251,21 +308,15 @@ class Peer:
         int arrays (bytes), ``lengths`` an array or one int for every block."""
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
-        lo = _offsets(local_offsets, "local offset")
-        ro = _offsets(remote_offsets, "remote offset")
-        ln = np.broadcast_to(_offsets(lengths, "length"), lo.shape)
+        lo = _offsets(local_offsets, "local offset", check_negative=False)
+        ro = _offsets(remote_offsets, "remote offset", check_negative=False)
         if lo.ndim != 1 or lo.shape != ro.shape:
             raise InvalidArgumentError(f"read_blocks: offsets must be 1-D of one length, got {lo.shape} and "
                                        f"{ro.shape}", op="read")
-        reqs = np.empty(len(lo), READ_REQ_DTYPE)
-        reqs["local_region"] = local.id
-        reqs["local_off"] = lo
-        reqs["remote_region"] = remote.region_id
-        reqs["remote_key"] = remote.key
-        reqs["remote_addr"] = remote.addr
-        reqs["remote_off"] = ro
-        reqs["len"] = ln
-        return self._submit(reqs, (local,))
+        ln, nbytes = _length_column(lengths, lo.shape)
+        batch = _Columns(len(lo), local_region=local.id, local_off=lo, remote_region=remote.region_id,
+                         remote_key=remote.key, remote_addr=remote.addr, remote_off=ro, len=ln)
+        return self._submit(batch, (local,), nbytes)
 
     def read_indexed(self, locals_: Sequence[Region], local_index: Any, local_offsets: Any,
                      remotes: Sequence[RegionDescriptor], remote_index: Any, remote_offsets: Any,
@@ -282,9 +333,8 @@ class Peer:
         _check_each(remotes, self._remote_problem)
         li = _offsets(local_index, "local region index")
         ri = _offsets(remote_index, "remote region index")
-        lo = _offsets(local_offsets, "local offset")
-        ro = _offsets(remote_offsets, "remote offset")
-        ln = np.broadcast_to(_offsets(lengths, "length"), lo.shape)
+        lo = _offsets(local_offsets, "local offset", check_negative=False)
+        ro = _offsets(remote_offsets, "remote offset", check_negative=False)
         if lo.ndim != 1 or not (li.shape == ri.shape == lo.shape == ro.shape):
             raise InvalidArgumentError("read_indexed: indexes and offsets must be 1-D arrays of one length", op="read")
         if len(lo) == 0:
@@ -294,20 +344,22 @@ class Peer:
                 i = int(np.argmax(idx >= len(regions)))
                 raise InvalidArgumentError(f"read: entry {i}: {what} region index {int(idx[i])} out of range "
                                            f"({len(regions)} given)", op="read")
-        reqs = np.empty(len(lo), READ_REQ_DTYPE)
-        reqs["local_region"] = np.array([r.id for r in locals_], np.uint64)[li]
-        reqs["local_off"] = lo
-        reqs["remote_region"] = np.array([d.region_id for d in remotes], np.uint64)[ri]
-        reqs["remote_key"] = np.array([d.key for d in remotes], np.uint64)[ri]
-        reqs["remote_addr"] = np.array([d.addr for d in remotes], np.uint64)[ri]
-        reqs["remote_off"] = ro
-        reqs["len"] = ln
-        return self._submit(reqs, tuple(locals_))
+        ln, nbytes = _length_column(lengths, lo.shape)
 
-    def _submit(self, reqs: np.ndarray, keep: tuple) -> Transfer:
+        def column(values: list[int], index: np.ndarray) -> Any:
+            return values[0] if len(values) == 1 else np.array(values, np.uint64)[index]
+
+        batch = _Columns(len(lo), local_region=column([r.id for r in locals_], li), local_off=lo,
+                         remote_region=column([d.region_id for d in remotes], ri),
+                         remote_key=column([d.key for d in remotes], ri),
+                         remote_addr=column([d.addr for d in remotes], ri), remote_off=ro, len=ln)
+        return self._submit(batch, tuple(locals_), nbytes)
+
+    def _submit(self, reqs: "np.ndarray | _Columns", keep: tuple, nbytes: int | None = None) -> Transfer:
         if self._closed:
             raise InvalidArgumentError("read on a closed peer", errno=_errno.EBADF, op="read")
-        return Transfer(self._c.read(reqs), reqs, self.transport, keep)
+        c = reqs.submit(self._c) if isinstance(reqs, _Columns) else self._c.read(reqs)
+        return Transfer(c, reqs, self.transport, keep, nbytes)
 
     def _local_problem(self, r: Any) -> tuple[int, str] | None:
         if not isinstance(r, Region) or r._engine is not self._engine:
@@ -341,6 +393,15 @@ class Peer:
         return f"<Peer {self.descriptor.engine_id.hex()[:8]} via {self.transport}>"
 
 
+def _hint_nvrtc() -> None:
+    """Tells the C core where pip-installed NVRTC lives (``KVTRANSFER_NVRTC``), unless the
+    caller named one; the C core reads it when it first compiles the gather kernel."""
+    if not os.environ.get("KVTRANSFER_NVRTC"):
+        path = find_nvrtc()
+        if path:
+            os.environ["KVTRANSFER_NVRTC"] = path
+
+
 def _check_each(objs: Sequence[Any], problem: Any) -> list[Any]:
     """Checks each distinct object once; an error names the first entry holding it.
     Returns the distinct objects, in order of first use."""
@@ -354,9 +415,11 @@ def _check_each(objs: Sequence[Any], problem: Any) -> list[Any]:
     return distinct
 
 
-def _offsets(values: Any, what: str) -> np.ndarray:
+def _offsets(values: Any, what: str, check_negative: bool = True) -> np.ndarray:
     """Byte offsets or lengths as int64: integers only (no silent float truncation),
-    none negative; an error names the entry."""
+    none negative; an error names the entry. ``check_negative=False`` leaves that
+    check to the C core (it refuses negative offsets and lengths of every entry before
+    anything is sent, naming the entry), so large batches are scanned once, not twice."""
     a = np.asarray(values)
     if a.dtype.kind not in "iu":
         if a.size:
@@ -365,7 +428,7 @@ def _offsets(values: Any, what: str) -> np.ndarray:
     if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
         raise InvalidArgumentError(f"read: {what} {int(a.max())} is too large", op="read")
     a = a.astype(np.int64, copy=False)
-    if a.size and (neg := a < 0).any():
+    if check_negative and a.size and (neg := a < 0).any():
         if a.ndim == 0:
             raise InvalidArgumentError(f"read: negative {what} {int(a)}", op="read")
         i = int(np.argmax(neg))
@@ -419,12 +482,19 @@ class Engine:
         if mem.nbytes <= 0:
             raise InvalidArgumentError(f"cannot register an empty range ({mem.nbytes} bytes)", op="register")
         kind = _C.MEM_CUDA if mem.device == "cuda" else _C.MEM_HOST
+        if kind == _C.MEM_CUDA:
+            _hint_nvrtc()
         region_id, key, verbs_path = self._c.register(mem.ptr, mem.nbytes, kind, mem.device_index)
-        if kind == _C.MEM_CUDA and mem.device_index < 0:
-            mem = MemoryRange(mem.ptr, mem.nbytes, mem.device, _C.cuda_pointer_device(mem.ptr), mem.owner)
+        cuda: dict[str, Any] = {}
+        if kind == _C.MEM_CUDA:
+            cuda = self._c.region_cuda(region_id)
+            if mem.device_index < 0:
+                mem = MemoryRange(mem.ptr, mem.nbytes, mem.device, cuda["device"], mem.owner)
         desc = RegionDescriptor(engine_id=self.descriptor.engine_id, region_id=region_id, addr=mem.ptr,
-                                nbytes=mem.nbytes, device=mem.device, device_index=mem.device_index, key=key)
-        region = Region(self, region_id, mem, desc, verbs_path or None)
+                                nbytes=mem.nbytes, device=mem.device, device_index=mem.device_index, key=key,
+                                pci_bus_id=cuda.get("pci_bus_id", ""), alloc_base=cuda.get("alloc_base", 0),
+                                alloc_nbytes=cuda.get("alloc_nbytes", 0))
+        region = Region(self, region_id, mem, desc, verbs_path or None, cuda or None)
         if verbs_path and kind == _C.MEM_CUDA:
             log.info("engine %s: CUDA region %#x registered with the NIC through %s", self.id[:8], region_id,
                      verbs_path)

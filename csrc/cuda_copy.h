@@ -1,0 +1,69 @@
+/* Batched copies on the GPU (cuda_copy.c): thousands of (src, dst, len) ranges in one
+ * or a few launches, never one cudaMemcpyAsync per block.
+ *
+ * A copy is a list of descriptors. The way they run is decided per device, once:
+ *   kernel  a gather kernel compiled at run time with NVRTC (libnvrtc loaded with
+ *           dlopen: $KVTRANSFER_NVRTC, else libnvrtc.so.13/.12/.11.2/.so on the loader's
+ *           path, else /usr/local/cuda/lib64). One launch copies every descriptor: each
+ *           CTA (256 threads) takes descriptors in turn and copies them with 16-byte
+ *           loads and stores where source and destination agree modulo 16, bytes
+ *           otherwise (head, tail, odd alignment). Long ranges are cut into
+ *           KVT_COPY_CHUNK-byte descriptors so every CTA gets a share.
+ *   batch   cuMemcpyBatchAsync (drivers of CUDA 12.8 and later), when NVRTC is missing:
+ *           correct, but slow for many small ranges (about 20 GB/s for 16,384 blocks of
+ *           32 KiB on an H100, against about 1,200 for the kernel).
+ * KVTRANSFER_CUDA_COPY=kernel|batch forces one; KVTRANSFER_NVRTC=none disables NVRTC
+ * (the batch path, where the driver has it). With neither available, copies fail
+ * with EOPNOTSUPP saying why (there is no silent one-copy-per-block fallback).
+ * Descriptors may name any memory the device can address: its own, another device's
+ * opened through CUDA IPC, pinned host memory. */
+#ifndef KVT_CUDA_COPY_H
+#define KVT_CUDA_COPY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cuda.h"
+
+typedef struct kvt_copy_desc {
+    uint64_t src;
+    uint64_t dst;
+    uint64_t len;
+} kvt_copy_desc;
+
+#define KVT_COPY_CHUNK (64u << 10)
+
+/* Descriptors that len bytes take (at most). */
+static inline size_t kvt_copy_ndesc(uint64_t len) { return (size_t)((len + KVT_COPY_CHUNK - 1) / KVT_COPY_CHUNK); }
+
+/* Writes the descriptors of one range at out; returns how many. */
+static inline size_t kvt_copy_split(kvt_copy_desc *out, uint64_t src, uint64_t dst, uint64_t len)
+{
+    size_t n = 0;
+    for (uint64_t off = 0; off < len; off += KVT_COPY_CHUNK) {
+        uint64_t take = len - off < KVT_COPY_CHUNK ? len - off : KVT_COPY_CHUNK;
+        out[n++] = (kvt_copy_desc){src + off, dst + off, take};
+    }
+    return n;
+}
+
+/* Enqueues the copies of n descriptors on stream s of device dev, whose context is
+ * current. h: the descriptors in host memory; d: a device copy of them, or 0 when h
+ * is pinned host memory the kernel reads directly. The caller keeps h (and d) as
+ * they are until the stream has run the copy. */
+int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
+
+/* The same, for copies between device memory and pinned host memory (tcp staging):
+ * always a load/store kernel variant, never the bulk-copy one. */
+int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
+
+/* Whether device dev (context current) copies with "kernel" or "batch"; compiles
+ * and loads the kernel at the first call. 0 or -errno (EOPNOTSUPP: neither works). */
+int kvt_copy_prepare(int dev, const char **mode, kvt_err *err);
+
+/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as
+ * copies run here) and waits for them. */
+/* variant: -1 as configured, else a kernel variant (cuda_copy.c; ignored in batch mode). */
+int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
+
+#endif

@@ -1,0 +1,443 @@
+/* shm transport, CUDA memory: same-host reads through CUDA IPC and batched copies.
+ *
+ * Device <- device (the case that matters): the target's region table names each
+ * CUDA region's allocation and IPC handle; the reader opens each allocation once
+ * (cuda_ipc.c) and copies a job's blocks with the gather kernel (cuda_copy.c): the
+ * job's (src, dst, len) descriptors are written to pinned memory, uploaded with one
+ * cuMemcpyHtoDAsync and copied by one launch (two for the largest jobs); the first
+ * jobs of a batch are small (transfer.c), so the GPU starts on them while the rest
+ * are cut, and a thread prepares its next job while the GPU copies. The kernel runs on
+ * the destination's device, in its primary context, on a stream of this thread's;
+ * a reader on another GPU reads over peer access. The job stays in flight (an event
+ * marks its end) while the thread starts the next one: two jobs per device and
+ * thread, double-buffered descriptors. A job is completed (and its transfer may
+ * finish) only after its event: nothing writes the destination after that.
+ *
+ * Mixed kinds, correct rather than fast (and said so here): device <- host memory
+ * goes through a pinned bounce buffer (process_vm_readv, then cuMemcpyHtoDAsync per
+ * block); host <- device memory is one cuMemcpyDtoH per block. Both complete before
+ * the job does. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "cuda.h"
+#include "cuda_copy.h"
+#include "transport_shm.h"
+
+#define MAX_DEVICES 64
+#define SLOT_DESCS (SHM_DEV_MAX_PIECES + SHM_DEV_MAX_BYTES / KVT_COPY_CHUNK)
+#define LAUNCH_EVERY 4096 /* descriptors: jobs of up to SLOT_DESCS run as one or two launches */
+#define BOUNCE_BYTES (4u << 20)
+#define BOUNCE_IOVS 1024
+#define FIFO_MAX (2 * MAX_DEVICES)
+
+/* The last remote region a lane resolved: checked and mapped once, not per block. */
+typedef struct remote {
+    uint64_t id, key;
+    uint64_t addr, len;
+    uint32_t kind;
+    int map_dev;         /* CUDA: the device (here) its allocation is opened on */
+    uint64_t src_base;   /* CUDA: the allocation's address here */
+    uint64_t alloc_base; /* CUDA: the allocation's address in the target */
+} remote;
+
+typedef struct slot {
+    kvt_copy_desc *h; /* pinned */
+    CUdeviceptr d;
+    CUevent ev;
+    kvt_job *job; /* in flight, or NULL */
+} slot;
+
+typedef struct lane {
+    int dev;
+    CUstream s;
+    slot slots[2];
+    int next;
+    remote last;
+} lane;
+
+struct kvt_shm_cuda {
+    lane *lanes[MAX_DEVICES];
+    struct {
+        lane *l;
+        int slot;
+    } fifo[FIFO_MAX];
+    int head, count;
+    remote host_last; /* for host destinations */
+    void *bounce;     /* pinned */
+    struct iovec *liov, *riov;
+    int cur_dev; /* whose primary context is current in this thread */
+};
+
+static int enter(kvt_shm_cuda *cu, int dev, kvt_err *e)
+{
+    if (cu->cur_dev == dev)
+        return 0;
+    int rc = kvt_cuda_enter(dev, e);
+    if (rc == 0)
+        cu->cur_dev = dev;
+    return rc;
+}
+
+static void lane_free(const kvt_cu *c, lane *l)
+{
+    for (int i = 0; i < 2; i++) {
+        if (l->slots[i].ev)
+            c->EventDestroy(l->slots[i].ev);
+        if (l->slots[i].d)
+            c->MemFree(l->slots[i].d);
+        if (l->slots[i].h)
+            c->MemFreeHost(l->slots[i].h);
+    }
+    if (l->s)
+        c->StreamDestroy(l->s);
+    free(l);
+}
+
+/* This thread's stream and descriptor buffers on device dev (its context current). */
+static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
+{
+    if (dev < 0 || dev >= MAX_DEVICES) {
+        *rc = kvt_error(e, EINVAL, "read", "CUDA device %d out of range", dev);
+        return NULL;
+    }
+    if (cu->lanes[dev])
+        return cu->lanes[dev];
+    const kvt_cu *c = kvt_cu_get(e);
+    if (!c) {
+        *rc = -ENODEV;
+        return NULL;
+    }
+    if ((*rc = kvt_copy_prepare(dev, NULL, e)) < 0)
+        return NULL;
+    lane *l = calloc(1, sizeof *l);
+    if (!l) {
+        *rc = kvt_syserr(e, ENOMEM, "calloc", "lane");
+        return NULL;
+    }
+    l->dev = dev;
+    CUresult r = c->StreamCreate(&l->s, CU_STREAM_NON_BLOCKING);
+    const char *what = "cuStreamCreate";
+    for (int i = 0; i < 2 && r == CUDA_SUCCESS; i++) {
+        what = "cuMemHostAlloc";
+        r = c->MemHostAlloc((void **)&l->slots[i].h, SLOT_DESCS * sizeof(kvt_copy_desc),
+                            CU_MEMHOSTALLOC_PORTABLE);
+        if (r == CUDA_SUCCESS) {
+            what = "cuMemAlloc";
+            r = c->MemAlloc(&l->slots[i].d, SLOT_DESCS * sizeof(kvt_copy_desc));
+        }
+        if (r == CUDA_SUCCESS) {
+            what = "cuEventCreate";
+            r = c->EventCreate(&l->slots[i].ev, CU_EVENT_DISABLE_TIMING);
+        }
+    }
+    if (r != CUDA_SUCCESS) {
+        *rc = kvt_cu_fail(e, r, what, "copy buffers for %d descriptors on device %d", SLOT_DESCS, dev);
+        lane_free(c, l);
+        return NULL;
+    }
+    cu->lanes[dev] = l;
+    return l;
+}
+
+/* Checks piece p against the target's table (once per region, then bounds only) and
+ * finds its source address in this process. dev: the destination's device, where a
+ * CUDA source is opened; -1 (host destination): the source's own device. */
+static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_piece *p, uint64_t *src,
+                   kvt_err *e)
+{
+    if (r->id != p->remote_region || r->key != p->remote_key) {
+        kvt_shared_slot snap;
+        r->id = 0;
+        int rc = kvt_shared_snapshot(s->table, p->remote_region, p->remote_key, &snap, e);
+        if (rc < 0)
+            return rc;
+        r->addr = snap.addr;
+        r->len = snap.len;
+        r->kind = snap.mem_kind;
+        if (snap.mem_kind == KVT_MEM_CUDA) {
+            r->map_dev = dev;
+            if (dev < 0) {
+                rc = s->same_process ? (r->map_dev = (int)snap.cuda.device, 0)
+                                     : kvt_cuda_device_by_pci(snap.cuda.pci_bus_id, &r->map_dev, e);
+                if (rc == 0)
+                    rc = enter(cu, r->map_dev, e);
+            }
+            if (rc == 0)
+                rc = kvt_ipc_map(s->ipc, r->map_dev, &snap.cuda, s->same_process, &r->src_base, e);
+            if (rc < 0)
+                return rc;
+            r->alloc_base = snap.cuda.base;
+        }
+        r->id = p->remote_region;
+        r->key = p->remote_key;
+    }
+    if (p->remote_off > r->len || p->len > r->len - p->remote_off)
+        return kvt_error(e, ERANGE, "read", "range [%lu, %lu) is outside region 0x%lx of %lu bytes",
+                         (unsigned long)p->remote_off, (unsigned long)(p->remote_off + p->len),
+                         (unsigned long)p->remote_region, (unsigned long)r->len);
+    *src = r->kind == KVT_MEM_CUDA ? r->src_base + (r->addr - r->alloc_base) + p->remote_off : r->addr + p->remote_off;
+    return 0;
+}
+
+/* Uploads descriptors [from, to) of the slot and launches their copy. */
+static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kvt_err *e)
+{
+    const kvt_cu *c = kvt_cu_get(e);
+    CUdeviceptr d = sl->d + from * sizeof(kvt_copy_desc);
+    CUresult r = c->MemcpyHtoDAsync(d, sl->h + from, (to - from) * sizeof(kvt_copy_desc), l->s);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%zu copy descriptors to device %d", to - from, l->dev);
+    int rc = kvt_copy_launch(l->dev, l->s, sl->h + from, d, to - from, e);
+    if (rc == 0 && t)
+        kvt_trace_launch(t);
+    return rc;
+}
+
+/* Device <- host blocks of a job, through the bounce buffer; synchronous. */
+static int from_host(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job, kvt_err *e, int64_t *entry)
+{
+    const kvt_cu *c = kvt_cu_get(e);
+    if (!cu->bounce) {
+        CUresult r = c->MemHostAlloc(&cu->bounce, BOUNCE_BYTES, CU_MEMHOSTALLOC_PORTABLE);
+        cu->liov = malloc(2 * BOUNCE_IOVS * sizeof(struct iovec));
+        if (r != CUDA_SUCCESS || !cu->liov) {
+            if (r == CUDA_SUCCESS)
+                c->MemFreeHost(cu->bounce);
+            cu->bounce = NULL;
+            free(cu->liov);
+            cu->liov = NULL;
+            return r != CUDA_SUCCESS ? kvt_cu_fail(e, r, "cuMemHostAlloc", "%u-byte bounce buffer", BOUNCE_BYTES)
+                                     : kvt_syserr(e, ENOMEM, "malloc", "iovecs");
+        }
+        cu->riov = cu->liov + BOUNCE_IOVS;
+    }
+    struct {
+        uint64_t dst, len;
+    } parts[BOUNCE_IOVS];
+    size_t i = 0;
+    uint64_t in_piece = 0; /* bytes of piece i already done */
+    while (i < job->n) {
+        size_t n = 0;
+        uint64_t fill = 0;
+        int64_t first_entry = -1;
+        for (; i < job->n && n < BOUNCE_IOVS && fill < BOUNCE_BYTES;) {
+            const kvt_piece *p = &job->pieces[i];
+            uint64_t src;
+            int rc = resolve(s, cu, &l->last, l->dev, p, &src, e);
+            if (rc < 0) {
+                *entry = (int64_t)p->entry;
+                return rc;
+            }
+            if (l->last.kind != KVT_MEM_HOST) {
+                i++;
+                continue;
+            }
+            uint64_t take = p->len - in_piece < BOUNCE_BYTES - fill ? p->len - in_piece : BOUNCE_BYTES - fill;
+            cu->liov[n] = (struct iovec){(char *)cu->bounce + fill, take};
+            cu->riov[n] = (struct iovec){(void *)(uintptr_t)(src + in_piece), take};
+            parts[n].dst = p->local_addr + in_piece;
+            parts[n].len = take;
+            if (first_entry < 0)
+                first_entry = (int64_t)p->entry;
+            n++;
+            fill += take;
+            in_piece += take;
+            if (in_piece == p->len) {
+                in_piece = 0;
+                i++;
+            }
+        }
+        if (n == 0)
+            break;
+        uint64_t done = 0;
+        int rc = kvt_shm_readv(s, cu->liov, cu->riov, n, fill, &done, e);
+        if (rc < 0) {
+            *entry = first_entry;
+            return rc;
+        }
+        uint64_t off = 0;
+        for (size_t k = 0; k < n; k++) {
+            CUresult r = c->MemcpyHtoDAsync(parts[k].dst, (char *)cu->bounce + off, parts[k].len, l->s);
+            if (r != CUDA_SUCCESS) {
+                *entry = first_entry;
+                return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%lu bytes to 0x%lx on device %d",
+                                   (unsigned long)parts[k].len, (unsigned long)parts[k].dst, l->dev);
+            }
+            off += parts[k].len;
+        }
+        CUresult r = c->StreamSynchronize(l->s); /* before the bounce buffer is filled again */
+        if (r != CUDA_SUCCESS) {
+            *entry = first_entry;
+            return kvt_cu_fail(e, r, "cuStreamSynchronize", "device %d", l->dev);
+        }
+    }
+    return 0;
+}
+
+static void complete(shm_peer *s, kvt_job *job, int rc, kvt_err *e, int64_t entry)
+{
+    if (rc == 0)
+        rc = kvt_shm_verify(s, job, e, &entry);
+    kvt_job_done(job, rc, rc < 0 ? e : NULL, entry);
+}
+
+void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
+{
+    if (!cu || cu->count == 0)
+        return;
+    lane *l = cu->fifo[cu->head].l;
+    slot *sl = &l->slots[cu->fifo[cu->head].slot];
+    cu->head = (cu->head + 1) % FIFO_MAX;
+    cu->count--;
+    kvt_job *job = sl->job;
+    sl->job = NULL;
+    kvt_err e;
+    int rc = enter(cu, l->dev, &e);
+    if (rc == 0) {
+        CUresult r = kvt_cu_get(&e)->EventSynchronize(sl->ev);
+        if (r != CUDA_SUCCESS)
+            rc = kvt_cu_fail(&e, r, "cuEventSynchronize", "copy of %zu blocks on device %d", job->n, l->dev);
+    }
+    complete(s, job, rc, &e, (int64_t)job->pieces[0].entry);
+}
+
+static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
+{
+    kvt_err e;
+    int64_t entry = (int64_t)job->pieces[0].entry;
+    int dev = job->local_dev;
+    int rc = enter(cu, dev, &e);
+    lane *l = rc == 0 ? get_lane(cu, dev, &e, &rc) : NULL;
+    if (!l) {
+        kvt_job_done(job, rc, &e, entry);
+        return;
+    }
+    const kvt_cu *c = kvt_cu_get(&e);
+    int si = l->next;
+    slot *sl = &l->slots[si];
+    while (sl->job) /* its previous job: retire in order until it is done */
+        kvt_shm_cuda_retire(s, cu);
+    rc = enter(cu, dev, &e); /* retiring may have switched devices */
+    if (rc < 0) {
+        kvt_job_done(job, rc, &e, entry);
+        return;
+    }
+    l->next ^= 1;
+    size_t n = 0, launched = 0, nhost = 0;
+    for (size_t i = 0; i < job->n && rc == 0; i++) {
+        const kvt_piece *p = &job->pieces[i];
+        uint64_t src;
+        rc = resolve(s, cu, &l->last, dev, p, &src, &e);
+        if (rc == 0 && l->last.kind == KVT_MEM_HOST) {
+            nhost++;
+            continue;
+        }
+        if (rc == 0) {
+            n += kvt_copy_split(sl->h + n, src, p->local_addr, p->len);
+            if (n - launched >= LAUNCH_EVERY) {
+                rc = launch(l, sl, launched, n, job->t, &e);
+                launched = n;
+            }
+        }
+        if (rc < 0)
+            entry = (int64_t)p->entry;
+    }
+    if (rc == 0 && n > launched)
+        rc = launch(l, sl, launched, n, job->t, &e);
+    if (rc == 0 && nhost)
+        rc = from_host(s, cu, l, job, &e, &entry);
+    if (rc == 0 && !nhost) {
+        CUresult r = c->EventRecord(sl->ev, l->s);
+        if (r == CUDA_SUCCESS) {
+            sl->job = job;
+            int tail = (cu->head + cu->count) % FIFO_MAX;
+            cu->fifo[tail].l = l;
+            cu->fifo[tail].slot = si;
+            cu->count++;
+            return;
+        }
+        rc = kvt_cu_fail(&e, r, "cuEventRecord", "device %d", dev);
+    }
+    /* Completed here (an error, or host sources): first wait for what was launched,
+     * so that nothing writes the destination once the job is done. */
+    CUresult r = c->StreamSynchronize(l->s);
+    if (rc == 0 && r != CUDA_SUCCESS)
+        rc = kvt_cu_fail(&e, r, "cuStreamSynchronize", "device %d", dev);
+    complete(s, job, rc, &e, entry);
+}
+
+/* Host destination, some source in CUDA memory: one cuMemcpyDtoH per block. */
+static void host_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
+{
+    kvt_err e;
+    int64_t entry = (int64_t)job->pieces[0].entry;
+    int rc = 0;
+    const kvt_cu *c = kvt_cu_get(&e);
+    for (size_t i = 0; i < job->n && rc == 0; i++) {
+        const kvt_piece *p = &job->pieces[i];
+        uint64_t src;
+        entry = (int64_t)p->entry;
+        rc = resolve(s, cu, &cu->host_last, -1, p, &src, &e);
+        if (rc < 0)
+            break;
+        if (cu->host_last.kind == KVT_MEM_CUDA) {
+            rc = enter(cu, cu->host_last.map_dev, &e);
+            CUresult r = rc == 0 ? c->MemcpyDtoH((void *)(uintptr_t)p->local_addr, src, p->len) : CUDA_SUCCESS;
+            if (r != CUDA_SUCCESS)
+                rc = kvt_cu_fail(&e, r, "cuMemcpyDtoH", "%lu bytes from device %d", (unsigned long)p->len,
+                                 cu->host_last.map_dev);
+        } else {
+            struct iovec l = {(void *)(uintptr_t)p->local_addr, p->len}, r = {(void *)(uintptr_t)src, p->len};
+            uint64_t done;
+            rc = kvt_shm_readv(s, &l, &r, 1, p->len, &done, &e);
+        }
+    }
+    complete(s, job, rc, &e, entry);
+}
+
+void kvt_shm_cuda_job(shm_peer *s, kvt_shm_cuda **cup, kvt_job *job)
+{
+    kvt_err e;
+    if (!*cup) {
+        if (!kvt_cu_get(&e)) {
+            kvt_job_done(job, e.code, &e, (int64_t)job->pieces[0].entry);
+            return;
+        }
+        kvt_shm_cuda *cu = calloc(1, sizeof *cu);
+        if (!cu) {
+            kvt_syserr(&e, ENOMEM, "calloc", "CUDA state");
+            kvt_job_done(job, -ENOMEM, &e, (int64_t)job->pieces[0].entry);
+            return;
+        }
+        cu->cur_dev = -1;
+        *cup = cu;
+    }
+    if (job->local_kind == KVT_MEM_CUDA)
+        dev_job(s, *cup, job);
+    else
+        host_job(s, *cup, job);
+}
+
+int kvt_shm_cuda_busy(const kvt_shm_cuda *cu) { return cu && cu->count > 0; }
+
+void kvt_shm_cuda_end(shm_peer *s, kvt_shm_cuda *cu)
+{
+    if (!cu)
+        return;
+    while (cu->count)
+        kvt_shm_cuda_retire(s, cu);
+    kvt_err e;
+    const kvt_cu *c = kvt_cu_get(&e);
+    for (int d = 0; d < MAX_DEVICES; d++) {
+        if (cu->lanes[d] && enter(cu, d, &e) == 0)
+            lane_free(c, cu->lanes[d]);
+    }
+    if (cu->bounce)
+        c->MemFreeHost(cu->bounce);
+    free(cu->liov);
+    free(cu);
+}

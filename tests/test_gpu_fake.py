@@ -1,0 +1,411 @@
+"""The CUDA paths, on any machine: the C core against a stand-in driver.
+
+tests/c/fake_cuda.c builds a fake ``libcuda.so.1`` (device memory a memfd whose
+handed-out address is PROT_NONE, so host code touching it crashes; IPC handles that
+another process opens through /proc; synchronous streams; a "kernel" that performs
+the gather its descriptors describe) and a fake ``libnvrtc``. Each test runs this file
+as a script in a child process whose loader finds the fakes (the pytest process may
+already have looked for the real driver), and the child starts a target process of
+its own: registration records the allocation and IPC handle, shm opens it and copies
+with batched launches, tcp stages through pinned buffers, mixed host/CUDA reads,
+refusals, and the reasons given when IPC or a batched copy is unavailable. What the
+fakes cannot show (the driver's semantics, the kernel itself, speed) is left to
+tests/test_gpu.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD_TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the fake driver")
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("fake_cuda")
+    src = str(ROOT / "tests/c/fake_cuda.c")
+    cc = ["cc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-Wno-unused-parameter"]
+    (d / "batch").mkdir()
+    (d / "nobatch").mkdir()
+    subprocess.run(cc + ["-o", str(d / "batch/libcuda.so.1"), src], check=True, timeout=60)
+    subprocess.run(cc + ["-DFAKE_NO_BATCH", "-o", str(d / "nobatch/libcuda.so.1"), src], check=True, timeout=60)
+    subprocess.run(cc + ["-DFAKE_NVRTC", "-o", str(d / "libnvrtc-fake.so"), src], check=True, timeout=60)
+    return d
+
+
+def run(fakes: Path, scenario: str, *, batch: bool = True, nvrtc: bool = True, **env: str) -> str:
+    e = dict(os.environ)
+    e.pop("KVTRANSFER_TRANSPORT", None)
+    e.pop("KVTRANSFER_CUDA_COPY", None)
+    e["LD_LIBRARY_PATH"] = str(fakes / ("batch" if batch else "nobatch"))
+    # without NVRTC: "none", not a wrong path, or a machine's own libnvrtc would be found
+    # (and a real NVRTC does not work beside the fake driver)
+    e["KVTRANSFER_NVRTC"] = str(fakes / "libnvrtc-fake.so") if nvrtc else "none"
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e.update(env)
+    p = subprocess.run([sys.executable, __file__, scenario], env=e, capture_output=True, text=True,
+                       timeout=CHILD_TIMEOUT_S)
+    assert p.returncode == 0, f"child {scenario} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return p.stdout
+
+
+def test_registration_records_the_allocation(fakes):
+    run(fakes, "register")
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_device_to_device_across_processes(fakes, transport):
+    out = run(fakes, f"read-{transport}")
+    assert "launches" in out
+
+
+def test_batched_copies_without_nvrtc_use_memcpy_batch(fakes):
+    out = run(fakes, "read-shm", nvrtc=False)
+    assert "no gather kernel: NVRTC disabled" in out and "cuMemcpyBatchAsync available" in out, out
+
+
+def test_forced_batch_mode(fakes):
+    out = run(fakes, "read-shm", KVTRANSFER_CUDA_COPY="batch")
+    assert "KVTRANSFER_CUDA_COPY=batch" in out, out
+
+
+def test_no_batched_copy_at_all_is_refused_clearly(fakes):
+    run(fakes, "no-copy", batch=False, nvrtc=False)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_mixed_host_and_device_memory(fakes, transport):
+    run(fakes, f"mixed-{transport}")
+
+
+def test_same_process_engines(fakes):
+    run(fakes, "same-process")
+
+
+def test_target_without_ipc_handles(fakes):
+    run(fakes, "no-ipc", FAKE_CUDA_NO_IPC="1")
+
+
+def test_refusals_over_shm(fakes):
+    run(fakes, "refusals")
+
+
+# ---------------------------------------------------------------------- the child side
+
+class FakeGPU:
+    """Allocations and copies through the fake driver this process loaded."""
+
+    def __init__(self) -> None:
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.cu.cuInit(0)
+        self.keep: list[int] = []
+
+    def alloc(self, nbytes: int) -> int:
+        p = ctypes.c_uint64()
+        assert self.cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(nbytes)) == 0
+        return p.value
+
+    def upload(self, dst: int, data: np.ndarray) -> None:
+        assert self.cu.cuMemcpyHtoD_v2(ctypes.c_uint64(dst), data.ctypes.data_as(ctypes.c_void_p),
+                                       ctypes.c_size_t(data.nbytes)) == 0
+
+    def download(self, src: int, nbytes: int) -> np.ndarray:
+        out = np.empty(nbytes, np.uint8)
+        assert self.cu.cuMemcpyDtoH_v2(out.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(src),
+                                       ctypes.c_size_t(nbytes)) == 0
+        return out
+
+    def launches(self) -> int:
+        self.cu.fake_cuda_launches.restype = ctypes.c_ulong
+        return self.cu.fake_cuda_launches()
+
+
+TARGET_BYTES = 3 << 20
+
+
+def seeded(n: int, seed: int) -> np.ndarray:
+    return np.frombuffer(np.random.default_rng(seed).bytes(n), np.uint8).copy()
+
+
+def child_target() -> int:
+    """Serves a fake-device buffer (seed 1) and a host buffer (seed 2); stdin commands:
+    ``deregister`` (the device region), end of stdin exits."""
+    from kvtransfer import Engine
+
+    gpu = FakeGPU()
+    dev = gpu.alloc(TARGET_BYTES)
+    gpu.upload(dev, seeded(TARGET_BYTES, 1))
+    host = seeded(TARGET_BYTES, 2)
+    with Engine() as eng:
+        dreg, ddesc = eng.register((dev, TARGET_BYTES, "cuda:0"))
+        hreg, hdesc = eng.register(host)
+        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "dev": ddesc.to_bytes().hex(),
+                          "host": hdesc.to_bytes().hex()}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "deregister":
+                dreg.close()
+                print("deregistered", flush=True)
+    return 0
+
+
+def start_target():
+    from kvtransfer import EngineDescriptor, RegionDescriptor
+
+    p = subprocess.Popen([sys.executable, __file__, "target"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env=os.environ)
+    hello = json.loads(p.stdout.readline())
+    return (p, EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"])),
+            RegionDescriptor.from_bytes(bytes.fromhex(hello["dev"])),
+            RegionDescriptor.from_bytes(bytes.fromhex(hello["host"])))
+
+
+def scatter_plan(n_blocks: int, rng: np.random.Generator):
+    """Blocks of mixed sizes (aligned and odd) at scattered remote offsets, packed
+    locally: (local offsets, remote offsets, lengths)."""
+    lens = rng.choice([64, 1024, 4096, 4099, 777, 16], size=n_blocks).astype(np.int64)
+    lo = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) + 3
+    ro = rng.integers(0, TARGET_BYTES - 5000, size=n_blocks).astype(np.int64)
+    return lo, ro, lens
+
+
+def check(got: np.ndarray, src: np.ndarray, lo, ro, lens, what: str) -> None:
+    for i in range(len(lo)):
+        a, b, n = int(lo[i]), int(ro[i]), int(lens[i])
+        if not np.array_equal(got[a:a + n], src[b:b + n]):
+            raise AssertionError(f"{what}: block {i} (local {a}, remote {b}, {n} bytes) differs")
+
+
+def child_read(transport: str) -> int:
+    from kvtransfer import Engine, _C
+
+    gpu = FakeGPU()
+    p, edesc, ddesc, _ = start_target()
+    try:
+        with Engine() as eng:
+            rng = np.random.default_rng(5)
+            lo, ro, lens = scatter_plan(6000, rng)  # several jobs, several launches each
+            size = int(lo[-1] + lens[-1]) + 64
+            dst = gpu.alloc(size)
+            gpu.upload(dst, np.full(size, 0xEE, np.uint8))
+            local, _ = eng.register((dst, size, "cuda:0"))
+            peer = eng.connect(edesc, transport=transport)
+            before = gpu.launches()
+            peer.read_blocks(local, lo, ddesc, ro, lens).wait(30)
+            got = gpu.download(dst, size)
+            check(got, seeded(TARGET_BYTES, 1), lo, ro, lens, f"{transport} device<-device")
+            assert got[:3].tolist() == [0xEE] * 3 and (got[int(lo[-1] + lens[-1]):] == 0xEE).all(), "poison touched"
+            launches = gpu.launches() - before
+            if transport == "shm":
+                assert 0 < launches < 40, f"{launches} launches for 6000 blocks: not batched"
+            # a plain read() (packed requests) works the same way
+            peer.read([(local, 0, ddesc, 100, 5000)]).wait(30)
+            assert np.array_equal(gpu.download(dst, 5000), seeded(TARGET_BYTES, 1)[100:5100])
+            print(f"{transport}: 6000 blocks verified, {launches} launches; copy: {_C.cuda_copy_info()[1]}")
+            # the target deregisters: reads fail, nothing crashes
+            p.stdin.write("deregister\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "deregistered"
+            try:
+                peer.read([(local, 0, ddesc, 0, 4096)]).wait(30)
+                raise AssertionError("read of a deregistered region succeeded")
+            except Exception as e:
+                assert getattr(e, "errno", None) in (errno.ENOENT, errno.ESTALE), e
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    return 0
+
+
+def child_mixed(transport: str) -> int:
+    from kvtransfer import Engine, alloc_host
+
+    gpu = FakeGPU()
+    p, edesc, ddesc, hdesc = start_target()
+    try:
+        with Engine() as eng:
+            rng = np.random.default_rng(9)
+            lo, ro, lens = scatter_plan(1500, rng)
+            size = int(lo[-1] + lens[-1]) + 64
+            dst = gpu.alloc(size)
+            dev_local, _ = eng.register((dst, size, "cuda:0"))
+            host_dst = alloc_host(size)
+            host_local, _ = eng.register(host_dst)
+            peer = eng.connect(edesc, transport=transport)
+            # device <- host memory of the target
+            peer.read_blocks(dev_local, lo, hdesc, ro, lens).wait(30)
+            check(gpu.download(dst, size), seeded(TARGET_BYTES, 2), lo, ro, lens, f"{transport} device<-host")
+            # host <- device memory of the target
+            peer.read_blocks(host_local, lo, ddesc, ro, lens).wait(30)
+            check(host_dst, seeded(TARGET_BYTES, 1), lo, ro, lens, f"{transport} host<-device")
+            # one batch mixing both sources into device memory
+            half = len(lo) // 2
+            t = peer.read_indexed([dev_local], np.zeros(len(lo), np.int64), lo, [ddesc, hdesc],
+                                  (np.arange(len(lo)) >= half).astype(np.int64), ro, lens)
+            t.wait(30)
+            got = gpu.download(dst, size)
+            check(got[:], seeded(TARGET_BYTES, 1), lo[:half], ro[:half], lens[:half], "mixed batch, device part")
+            check(got[:], seeded(TARGET_BYTES, 2), lo[half:], ro[half:], lens[half:], "mixed batch, host part")
+            print(f"{transport}: mixed host/device reads verified")
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    return 0
+
+
+def child_register() -> int:
+    from kvtransfer import Engine, InvalidArgumentError
+
+    gpu = FakeGPU()
+    base = gpu.alloc(1 << 20)
+    with Engine() as eng:
+        region, desc = eng.register((base + 4096, 8192, "cuda"))
+        assert (desc.device, desc.device_index, desc.pci_bus_id) == ("cuda", 0, "0000:00:1e.0"), desc
+        assert (desc.alloc_base, desc.alloc_nbytes) == (base, 1 << 20), desc
+        assert region.cuda["ipc_status"] == 0 and region.device == "cuda:0"
+        try:
+            eng.register((base + (1 << 20) - 10, 100, "cuda:0"))
+            raise AssertionError("a range crossing its allocation's end registered")
+        except InvalidArgumentError as e:
+            assert "crosses the end" in str(e), e
+        host = np.zeros(4096, np.uint8)
+        try:
+            eng.register((host.ctypes.data, 4096, "cuda:0"))
+            raise AssertionError("host memory registered as CUDA memory")
+        except InvalidArgumentError as e:
+            assert "not CUDA device memory" in str(e), e
+    print("registration ok")
+    return 0
+
+
+def child_same_process() -> int:
+    from kvtransfer import Engine
+
+    gpu = FakeGPU()
+    src = gpu.alloc(1 << 20)
+    data = seeded(1 << 20, 3)
+    gpu.upload(src, data)
+    dst = gpu.alloc(1 << 20)
+    with Engine() as a, Engine() as b:
+        sregion, sdesc = a.register((src, 1 << 20, "cuda:0"))  # keep the handle: dropping it deregisters
+        local, _ = b.register((dst, 1 << 20, "cuda:0"))
+        for transport in ("shm", "tcp"):
+            gpu.upload(dst, np.zeros(1 << 20, np.uint8))
+            peer = b.connect(a.descriptor, transport=transport)
+            offs = np.arange(256, dtype=np.int64) * 4096
+            peer.read_blocks(local, offs, sdesc, offs[::-1].copy(), 4096).wait(30)
+            got = gpu.download(dst, 1 << 20).reshape(256, 4096)
+            assert np.array_equal(got, data.reshape(256, 4096)[::-1]), transport
+    # the batched copy alone (what bench/transfer_bw.py's "kernel" system times)
+    from kvtransfer import _C
+
+    gpu.upload(dst, np.zeros(1 << 20, np.uint8))
+    descs = np.array([[src + 4096 * (255 - i), dst + 4096 * i, 4096] for i in range(256)], np.uint64)
+    _C.cuda_gather(0, descs.tobytes())
+    assert np.array_equal(gpu.download(dst, 1 << 20).reshape(256, 4096), data.reshape(256, 4096)[::-1])
+    print("same-process shm and tcp ok; cuda_gather ok")
+    return 0
+
+
+def child_no_ipc() -> int:
+    from kvtransfer import Engine, TransferError
+
+    gpu = FakeGPU()
+    p, edesc, ddesc, _ = start_target()
+    try:
+        with Engine() as eng:
+            dst = gpu.alloc(1 << 20)
+            local, _ = eng.register((dst, 1 << 20, "cuda:0"))
+            shm = eng.connect(edesc, transport="shm")
+            try:
+                shm.read([(local, 0, ddesc, 0, 4096)]).wait(30)
+                raise AssertionError("shm read of memory without an IPC handle succeeded")
+            except TransferError as e:
+                assert e.errno == errno.EOPNOTSUPP and "cuIpcGetMemHandle" in str(e) and "tcp" in str(e), e
+            tcp = eng.connect(edesc, transport="tcp")
+            tcp.read([(local, 0, ddesc, 0, 4096)]).wait(30)
+            assert np.array_equal(gpu.download(dst, 4096), seeded(TARGET_BYTES, 1)[:4096])
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    print("no IPC: shm refused clearly, tcp served")
+    return 0
+
+
+def child_no_copy() -> int:
+    from kvtransfer import Engine, TransferError, _C
+
+    ok, why = _C.cuda_copy_info()
+    assert not ok and "NVRTC disabled" in why and "cuMemcpyBatchAsync" in why, why
+    gpu = FakeGPU()
+    p, edesc, ddesc, _ = start_target()
+    try:
+        with Engine() as eng:
+            dst = gpu.alloc(1 << 20)
+            local, _ = eng.register((dst, 1 << 20, "cuda:0"))
+            peer = eng.connect(edesc, transport="shm")
+            try:
+                peer.read([(local, 0, ddesc, 0, 4096)]).wait(30)
+                raise AssertionError("a device copy ran with neither NVRTC nor cuMemcpyBatchAsync")
+            except TransferError as e:
+                assert e.errno == errno.EOPNOTSUPP and "no batched device copy" in str(e), e
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    print("no batched copy: refused clearly")
+    return 0
+
+
+def child_refusals() -> int:
+    from kvtransfer import Engine, RegionDescriptor, RemoteAccessError
+    import msgspec
+
+    gpu = FakeGPU()
+    p, edesc, ddesc, _ = start_target()
+    try:
+        with Engine() as eng:
+            dst = gpu.alloc(1 << 20)
+            local, _ = eng.register((dst, 1 << 20, "cuda:0"))
+            peer = eng.connect(edesc, transport="shm")
+            bad_key = msgspec.structs.replace(ddesc, key=ddesc.key ^ 1)
+            cases = [((local, 0, bad_key, 0, 4096), errno.EACCES),
+                     ((local, 0, ddesc, TARGET_BYTES - 100, 4096), errno.ERANGE)]
+            for entry, want in cases:
+                try:
+                    peer.read([(local, 8192, ddesc, 0, 4096), entry]).wait(30)
+                    raise AssertionError(f"{entry} was not refused")
+                except RemoteAccessError as e:
+                    assert e.errno == want and e.entry == 1, e
+            assert isinstance(ddesc, RegionDescriptor)
+    finally:
+        p.stdin.close()
+        p.wait(30)
+    print("refusals ok")
+    return 0
+
+
+def main(scenario: str) -> int:
+    if scenario == "target":
+        return child_target()
+    if scenario.startswith("read-"):
+        return child_read(scenario[5:])
+    if scenario.startswith("mixed-"):
+        return child_mixed(scenario[6:])
+    return {"register": child_register, "same-process": child_same_process, "no-ipc": child_no_ipc,
+            "no-copy": child_no_copy, "refusals": child_refusals}[scenario]()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -7,7 +7,7 @@ once through the OpenAI-compatible HTTP API (streamed), prints the completions a
 request, what moving its KV took; then runs the same model in this one process and
 checks that every token is the same. Workers are stopped at the end, also on Ctrl-C.
 
-    python -m kvtransfer.demo [--model DIR] [--max-tokens 24] [--transport shm|tcp]
+    python -m kvtransfer.demo [--model DIR] [--max-tokens 24] [--transport shm|tcp] [--device cuda]
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="model folder (default: the seeded random Llama)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--transport", choices=("shm", "tcp"), help="force the KV transport (default: the engine's choice)")
+    ap.add_argument("--device", default="cpu", help="torch device of both workers' model and KV pool (e.g. cuda)")
     args = ap.parse_args(argv)
     from .model import default_model_dir, load_model, load_tokenizer
     from .model.generate import reference_generate
@@ -109,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {folder}")
         progress.show("  starting the prefill worker ...")
         pf, hello = start_child([py, "-m", "prefill_worker", "--model", folder, "--control", "tcp://127.0.0.1:0",
-                                 "--log-level", "warning"], timeout=120, what="prefill worker")
+                                 "--device", args.device, "--log-level", "warning"], timeout=120,
+                                what="prefill worker")
         procs.append((pf, "prefill worker"))
         progress.done(f"prefill worker  pid {pf.pid}, control plane {hello['control']}")
         progress.show("  starting the decode worker ...")
         cmd = [py, "-m", "decode_worker", "--model", folder, "--prefill", hello["control"], "--port", "0",
-               "--log-level", "warning"] + (["--transport", args.transport] if args.transport else [])
+               "--device", args.device, "--log-level", "warning"]
+        cmd += ["--transport", args.transport] if args.transport else []
         dw, ready = start_child(cmd, timeout=120, what="decode worker")
         procs.append((dw, "decode worker"))
         url = ready["url"]
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{kv['transfer_s'] * 1e3:>11.2f} {gbps:>7} {r['ttft'] * 1e3:>8.1f} {len(r['ids']):>6}")
 
         progress.show("  checking against the same model in one process ...")
-        model, tok = load_model(folder), load_tokenizer(folder)
+        model, tok = load_model(folder, device=args.device), load_tokenizer(folder)
         same = 0
         for p, r in zip(PROMPTS, results):
             want = reference_generate(model, tok.encode(p), args.max_tokens)

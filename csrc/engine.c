@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "engine.h"
+#include "cuda_copy.h"
 #include "verbs.h"
 
 #include <errno.h>
@@ -127,6 +128,11 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
         rc = kvt_cuda_export(addr, len, device, &cuda, err);
         if (rc < 0)
             return rc;
+        /* Build the gather kernel for this device now (NVRTC takes a few hundred ms),
+         * not inside the first read into it. A failure here is remembered and reported
+         * by the reads that need the kernel; registration itself does not depend on it. */
+        kvt_err ignored;
+        kvt_copy_prepare(device, NULL, &ignored);
     } else if (mem_kind != KVT_MEM_HOST) {
         return kvt_error(err, EINVAL, "register", "unknown memory kind %d", mem_kind);
     }

@@ -110,6 +110,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtransfer import target
+from report import cpu_model, kv_lines
 
 SYSTEMS = ("pair", "local")
 SYSTEM_TITLES = {
@@ -697,18 +698,6 @@ def compare_workloads(summaries: dict[str, Summary]) -> int:
 
 
 # --------------------------------------------------------------------------- report
-
-def kv_lines(pairs: list[tuple[str, str]]) -> list[str]:
-    return [f" {k:<17}: {v}" for k, v in pairs]
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
 
 def num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)

@@ -98,6 +98,7 @@ import zmq
 import kvtransfer
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host
 from kvtransfer import target
+from report import cpu_model, kv_lines
 from kvtransfer.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
@@ -360,18 +361,6 @@ def human(nbytes: int) -> str:
         if nbytes % mult == 0:
             return f"{nbytes // mult}{unit}"
     return str(nbytes)
-
-
-def kv_lines(pairs: list[tuple[str, str]]) -> list[str]:
-    return [f" {k:<17}: {v}" for k, v in pairs]
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def gbps(x: float) -> str:

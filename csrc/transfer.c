@@ -576,36 +576,28 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     return 0;
 }
 
-/* Spinning pays only where cores are spare: on a small machine a polling thread takes
- * the core the copy (or the peer process) needs. */
-static int64_t default_spin_ns(int64_t ns)
+/* How long to poll before sleeping, in ns: environment variable `name` (microseconds;
+ * 0 never spins), else `default_us` on machines with 8 CPUs or more and 0 below —
+ * spinning pays only where cores are spare; on a small machine the polling thread
+ * takes the core the copy (or the peer process) needs. Read once into *cache. */
+static int64_t spin_setting(const char *name, int64_t default_us, _Atomic int64_t *cache)
 {
-    return sysconf(_SC_NPROCESSORS_ONLN) >= 8 ? ns : 0;
-}
-
-/* How long a waiter polls before it sleeps: a GPU batch finishes in hundreds of
- * microseconds, and waking a sleeping thread costs tens of them (more in a VM).
- * KVTRANSFER_WAIT_SPIN_US overrides the default (1000 with 8 CPUs or more, else 0);
- * 0 never spins. */
-static int64_t spin_ns(void)
-{
-    static _Atomic int64_t cached = -1;
-    int64_t v = atomic_load(&cached);
+    int64_t v = atomic_load(cache);
     if (v < 0) {
-        const char *e = getenv("KVTRANSFER_WAIT_SPIN_US");
-        v = e && *e ? strtoll(e, NULL, 10) * 1000 : default_spin_ns(1000 * 1000);
-        if (v < 0)
-            v = 0;
-        atomic_store(&cached, v);
+        const char *e = getenv(name);
+        v = e && *e ? strtoll(e, NULL, 10) : (sysconf(_SC_NPROCESSORS_ONLN) >= 8 ? default_us : 0);
+        v = v < 0 ? 0 : v * 1000;
+        atomic_store(cache, v);
     }
     return v;
 }
 
-static int64_t now_ns(void)
+/* A waiter: a GPU batch finishes in hundreds of microseconds, and waking a sleeping
+ * thread costs tens of them (more in a VM). */
+static int64_t spin_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    static _Atomic int64_t cached = -1;
+    return spin_setting("KVTRANSFER_WAIT_SPIN_US", 1000, &cached);
 }
 
 int kvt_transfer_wait(kvt_transfer *t, int64_t timeout_ms)
@@ -614,12 +606,12 @@ int kvt_transfer_wait(kvt_transfer *t, int64_t timeout_ms)
     if (timeout_ms >= 0 && timeout_ms * 1000000 < spin)
         spin = timeout_ms * 1000000;
     if (spin > 0 && !atomic_load(&t->done)) {
-        int64_t end = now_ns() + spin;
+        int64_t end = kvt_now_ns() + spin;
         for (unsigned i = 1; !atomic_load(&t->done); i++) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
-            if ((i & 63) == 0 && now_ns() >= end)
+            if ((i & 63) == 0 && kvt_now_ns() >= end)
                 break;
         }
     }
@@ -743,18 +735,11 @@ int kvt_queue_is_closed(kvt_queue *q)
     return c;
 }
 
+/* A transport thread whose queue ran dry: the next job of a batch usually follows soon. */
 static int64_t worker_spin_ns(void)
 {
     static _Atomic int64_t cached = -1;
-    int64_t v = atomic_load(&cached);
-    if (v < 0) {
-        const char *e = getenv("KVTRANSFER_WORKER_SPIN_US");
-        v = e && *e ? strtoll(e, NULL, 10) * 1000 : default_spin_ns(200 * 1000);
-        if (v < 0)
-            v = 0;
-        atomic_store(&cached, v);
-    }
-    return v;
+    return spin_setting("KVTRANSFER_WORKER_SPIN_US", 200, &cached);
 }
 
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
@@ -762,12 +747,12 @@ kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
     if (wait && atomic_load(&q->queued) == 0) {
         int64_t spin = worker_spin_ns();
         if (spin > 0) {
-            int64_t end = now_ns() + spin;
+            int64_t end = kvt_now_ns() + spin;
             for (unsigned i = 1; atomic_load(&q->queued) == 0; i++) {
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();
 #endif
-                if ((i & 63) == 0 && (now_ns() >= end || kvt_queue_is_closed(q)))
+                if ((i & 63) == 0 && (kvt_now_ns() >= end || kvt_queue_is_closed(q)))
                     break;
             }
         }

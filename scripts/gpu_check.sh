@@ -8,13 +8,7 @@
 # Exit status: the first failing step's.
 #   device tool: run(command="bash scripts/gpu_check.sh", kind="nvidia-h100-x1", carry=[".whl"])
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 status=0
 step() { local rc=$?; [ "$status" -eq 0 ] && [ "$rc" -ne 0 ] && status=$rc; return 0; }

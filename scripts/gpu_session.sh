@@ -5,13 +5,8 @@
 # scripts/gpu_check.sh (build, GPU tests, transfer benchmark). Logs under $OUT.
 #   device tool: run(command="bash scripts/gpu_session.sh", carry=[".whl"])
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 KVTRANSFER_CACHE=/tmp/kvt-cache
+source "$(dirname "$0")/gpu_env.sh"
+export KVTRANSFER_CACHE=/tmp/kvt-cache
 python3 setup.py -q build_ext --inplace > "$OUT/build0.txt" 2>&1 || tail -20 "$OUT/build0.txt"
 timeout 120 python3 bench/control_overhead.py --json "$OUT/control.json" 2>&1 | tee "$OUT/control.txt"
 timeout 120 python3 -m kvtransfer.demo --device cuda 2>&1 | tee "$OUT/demo_cuda.txt"

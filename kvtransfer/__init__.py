@@ -1,7 +1,10 @@
 """kvtransfer: KV-cache disaggregation for prefill/decode split LLM inference.
 
-The transfer engine (:class:`Engine`) registers memory and reads remote registered
-memory one-sidedly over ``shm`` or ``tcp`` (``verbs`` to come), in C threads.
+The transfer engine (:class:`Engine`) registers host or CUDA memory and reads remote
+registered memory one-sidedly over ``verbs``, ``shm`` or ``tcp``, in C threads.
+Above it: :mod:`kvtransfer.kv` (KV layouts and read plans), :mod:`kvtransfer.control`
+(the ZeroMQ control plane between prefill and decode workers) and
+:mod:`kvtransfer.model` (the Llama-family model the workers run).
 """
 
 from .descriptors import EngineDescriptor, RegionDescriptor

@@ -52,8 +52,8 @@ def seeded(n: int, seed: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the target process
 
-def target_main(nbytes: int, seed: int) -> int:
-    dev = torch.from_numpy(seeded(nbytes, seed)).to("cuda:0")
+def target_main(nbytes: int, seed: int, device: str = "cuda:0") -> int:
+    dev = torch.from_numpy(seeded(nbytes, seed)).to(device)
     host = alloc_host(nbytes)
     host[:] = seeded(nbytes, seed + 1)
     torch.cuda.synchronize()
@@ -70,9 +70,10 @@ def target_main(nbytes: int, seed: int) -> int:
 
 
 class Target:
-    def __init__(self, nbytes: int = TARGET_BYTES, seed: int = SEED, env: dict | None = None):
+    def __init__(self, nbytes: int = TARGET_BYTES, seed: int = SEED, env: dict | None = None,
+                 device: str = "cuda:0"):
         self.nbytes, self.seed = nbytes, seed
-        self.proc = subprocess.Popen([sys.executable, __file__, "target", str(nbytes), str(seed)],
+        self.proc = subprocess.Popen([sys.executable, __file__, "target", str(nbytes), str(seed), device],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONPATH": pythonpath(), **(env or {})})
         line = self._readline(STARTUP_S)
@@ -365,6 +366,27 @@ def reader_batch_main() -> int:
 
 # --------------------------------------------------------------------------- dma-buf, verbs
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_reads_from_another_gpu(reader, transport):
+    """The target's memory on cuda:1, the reader's on cuda:0: shm opens the IPC handle on
+    the reader's device and the gather kernel reads over peer access; tcp stages."""
+    t = Target(device="cuda:1")
+    try:
+        assert (t.dev.device, t.dev.device_index) == ("cuda", 1)
+        lo, ro, lens, size = plan(3000, 11)
+        dst = torch.full((size,), 0x5A, dtype=torch.uint8, device="cuda:0")
+        region, _ = reader.register(dst)
+        peer = reader.connect(t.engine, transport=transport)
+        peer.read_blocks(region, lo, t.dev, ro, lens).wait(WAIT_S)
+        got = dst.cpu().numpy()
+        want = expect(t.bytes_dev(), lo, ro, lens, size, 0x5A)
+        assert np.array_equal(got, want), first_difference(got, want)
+        region.close()
+    finally:
+        t.close()
+
+
 def test_dmabuf_export_of_a_torch_allocation():
     """What the verbs transport registers GPU memory with: a dma-buf of the allocation
     (cuMemGetHandleForAddressRange), and where the tensor lies in it."""
@@ -389,7 +411,7 @@ def test_verbs_without_an_rdma_device_is_unavailable_cleanly():
 
 if __name__ == "__main__":
     if sys.argv[1] == "target":
-        sys.exit(target_main(int(sys.argv[2]), int(sys.argv[3])))
+        sys.exit(target_main(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))
     if sys.argv[1] == "reader-batch":
         sys.exit(reader_batch_main())
     sys.exit(f"unknown command {sys.argv[1:]}")

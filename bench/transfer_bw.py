@@ -345,12 +345,18 @@ def measure(system: str, runner: Runner, layout: Layout, dst: np.ndarray, expect
     verify(system, layout, dst, expected)
     for _ in range(warmup):
         runner.run_pass()
+    return Result(system, layout.block_bytes, layout.blocks, timed_passes(runner, iters))
+
+
+def timed_passes(runner, iters: int) -> list[int]:
+    """The time of each of ``iters`` passes, in ns, from the call that starts it to the
+    last byte in place."""
     times = []
     for _ in range(iters):
         t0 = time.perf_counter_ns()
         runner.run_pass()
         times.append(time.perf_counter_ns() - t0)
-    return Result(system, layout.block_bytes, layout.blocks, times)
+    return times
 
 
 # --------------------------------------------------------------------------- report
@@ -685,12 +691,7 @@ def measure_cuda(system: str, runner, layout: Layout, dst, expected, warmup: int
     while done < warmup or time.perf_counter() < t_end:
         runner.run_pass()
         done += 1
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        runner.run_pass()
-        times.append(time.perf_counter_ns() - t0)
-    return Result(system, layout.block_bytes, layout.blocks, times)
+    return Result(system, layout.block_bytes, layout.blocks, timed_passes(runner, iters))
 
 
 def run_cuda(args: argparse.Namespace) -> int:

@@ -402,6 +402,19 @@ static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j)
     kvt_queue_push_list(q, j);
 }
 
+/* Every job is queued (or cutting failed: the transfer fails, with what was queued
+ * still finishing): the transfer is the caller's from here. */
+static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **out)
+{
+    if (rc < 0)
+        fail_start(t, rc, err);
+    if (t->tr_start)
+        t->tr_cut = kvt_now_ns();
+    *out = t;
+    start_done(t);
+    return 0;
+}
+
 int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[2],
                        int device_memory, kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
@@ -492,13 +505,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
         c->remote_addr.stride == 0) {
         rc = cut_lazy(t, c, &ls.views[0], lim, q, err);
         free(ls.views);
-        if (rc < 0)
-            fail_start(t, rc, err);
-        if (t->tr_start)
-            t->tr_cut = kvt_now_ns();
-        *out = t;
-        start_done(t);
-        return 0;
+        return started(t, rc, err, out);
     }
 
     /* Pass 2: cut into jobs, each queued as soon as it is full. Only memory can fail
@@ -567,13 +574,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     if (cur && rc == 0)
         push_job(t, q, cur);
     free(ls.views);
-    if (rc < 0)
-        fail_start(t, rc, err);
-    if (t->tr_start)
-        t->tr_cut = kvt_now_ns();
-    *out = t;
-    start_done(t);
-    return 0;
+    return started(t, rc, err, out);
 }
 
 /* How long to poll before sleeping, in ns: environment variable `name` (microseconds;

@@ -28,7 +28,7 @@ import pytest
 
 import kvtransfer
 from kvtransfer import Engine, EngineDescriptor, Region, RegionDescriptor
-from kvtransfer.target import seeded_bytes
+from kvtransfer.target import seeded_bytes, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,21 +62,6 @@ def tail_file(path: str) -> str:
             return f.read()[-4000:]
     except OSError:
         return "<stderr unavailable>"
-
-
-def stop_process(p: subprocess.Popen, timeout: float) -> None:
-    """End of stdin, a bounded wait, then SIGKILL by pid (only a process we started)."""
-    try:
-        p.stdin.close()
-    except OSError:
-        pass
-    try:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=timeout)
-    if p.stdout:
-        p.stdout.close()
 
 
 def pump_lines(stream, q: "queue.Queue[str | None]") -> None:
@@ -180,7 +165,7 @@ class Target:
                 os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped target cannot see end of stdin
             except ProcessLookupError:
                 pass
-        stop_process(self.proc, EXIT_DEADLINE_S)
+        stop_child(self.proc, EXIT_DEADLINE_S)
         try:
             os.unlink(self.stderr_path)
         except OSError:

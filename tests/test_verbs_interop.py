@@ -36,8 +36,9 @@ import numpy as np
 import pytest
 
 from kvtransfer import EngineDescriptor, RegionDescriptor, RemoteAccessError
+from kvtransfer.target import stop_child
 from support import (MiB, Target, TargetLauncher, alloc_dst, assert_bytes, close_within, make_engine, plan,
-                     pump_lines, stop_process, tail_file)
+                     pump_lines, tail_file)
 
 PEER = Path(__file__).resolve().parent / "rdma" / "pyverbs_peer.py"
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-pyverbs lives
@@ -117,7 +118,7 @@ class PyverbsServer:
         return tail_file(self.stderr_path)
 
     def stop(self) -> None:
-        stop_process(self.proc, EXIT_S)
+        stop_child(self.proc, EXIT_S)
 
 
 @pytest.fixture

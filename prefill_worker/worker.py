@@ -21,7 +21,7 @@ import torch
 
 from kvtransfer import Engine
 from kvtransfer.control import ControlServer, CurveServerKeys, PrefillRequest
-from kvtransfer.errors import KVTransferError
+from kvtransfer.errors import KVTransferError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model
 from kvtransfer.model.generate import pick_token
@@ -83,7 +83,7 @@ class PrefillWorker:
                 req.fail(f"bad prefill payload: {e}", code="bad_request")
             except (KVTransferError, msgspec.DecodeError) as e:
                 log.warning("%s: request %r failed: %s", self.name, req.request_id, e)
-                code = "pool_exhausted" if getattr(e, "errno", 0) == 28 else "prefill_failed"
+                code = "pool_exhausted" if isinstance(e, PoolExhaustedError) else "prefill_failed"
                 req.fail(str(e), code=code)
             except Exception as e:  # a bug must not strand the request's blocks
                 log.exception("%s: request %r", self.name, req.request_id)

@@ -105,7 +105,7 @@ ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
 CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
-KERNEL_VARIANTS = tuple(f"kernel{k}" for k in range(6))  # csrc/cuda_copy.c's variants, on request
+KERNEL_VARIANTS = ("kernel0", "kernel1")  # csrc/cuda_copy.c's shapes (device, staged), on request
 CUDA_BASELINES = ("d2d", "gather", "kernel", "cpu") + KERNEL_VARIANTS
 CUDA_RATIOS = (("shm", "d2d"), ("shm", "gather"), ("shm", "cpu"), ("tcp", "tcp-host"), ("kernel", "d2d"),
                ("shm", "kernel"))
@@ -132,7 +132,8 @@ SYSTEM_TITLES = {
     "gather": "baseline: torch.index_select of the same scattered blocks, one process",
     "cpu": "baseline: CPU-mediated: GPU gather, device->pinned host, ZeroMQ (8 MiB messages), host->device",
     "kernel": "diagnostic: kvtransfer's batched copy alone (one launch of the same blocks, one process, waited)",
-    **{f"kernel{k}": f"diagnostic: the same with gather kernel variant {k} (csrc/cuda_copy.c)" for k in range(6)},
+    **{f"kernel{k}": f"diagnostic: the same with gather kernel shape {k} (csrc/cuda_copy.c: 0 device, 1 staged)"
+       for k in range(2)},
 }
 CUDA_TITLES = {"shm": "kvtransfer READ over shm (CUDA IPC, batched device copies, {shm_threads} threads)",
                "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections), device memory, "
@@ -774,7 +775,7 @@ def run_cuda(args: argparse.Namespace) -> int:
             descs = np.ascontiguousarray(descs).tobytes()
             return lambda: _C.cuda_gather(0, descs, variant)
 
-        for name, variant in (("kernel", -1),) + tuple((f"kernel{k}", k) for k in range(6)):
+        for name, variant in (("kernel", -1),) + tuple((name, k) for k, name in enumerate(KERNEL_VARIANTS)):
             if name in systems:
                 runners[name] = TorchRunner(torch, lambda lay, v=variant: kernel_op(lay, v))
                 runners[name].run_pass = lambda r=runners[name]: r.fn()  # it waits itself

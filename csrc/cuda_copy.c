@@ -11,55 +11,36 @@
 #include <string.h>
 
 #define MAX_DEVICES 64
-#define THREADS 256
-#define THREADS_BULK 32 /* variant 5: one warp per CTA */
-#define CTAS_PER_SM 8
 #define BATCH_CALL_MAX 8192 /* descriptors per cuMemcpyBatchAsync call */
 
-/* One CTA per descriptor at a time (grid-stride over descriptors; the next
- * descriptor is loaded while this one is copied). 16-byte vectors when source and
- * destination agree modulo 16: a byte head up to the first aligned address, U
+/* The gather kernel: a CTA copies one descriptor at a time (grid-stride over them; the
+ * next descriptor is loaded while this one is copied). 16-byte vectors when source
+ * and destination agree modulo 16: a byte head up to the first aligned address, U
  * independent 16-byte loads per thread before their stores, a byte tail; otherwise
- * bytes (correct, slow, rare). Sources are read through the read-only path
- * (ld.global.nc: they are not written during a copy). Variants (the copy is bound by
- * memory bandwidth; which is fastest is measured, bench/transfer_bw.py "kernelN"):
- *   0  U = 4, streaming stores (st.global.cs)
- *   1  U = 8, streaming stores
- *   2  U = 8, plain stores
- *   3  U = 8, plain stores, loads asking L2 to fetch 256-byte sectors (.L2::256B)
- *   4  U = 16, plain stores
- *   5  Hopper's bulk copy engine (cp.async.bulk through shared memory; one warp per
- *      CTA; sm_90 and later, elsewhere variant 0's code); device memory only: staging
- *      through pinned host memory (tcp) always uses variant STAGE_VARIANT
- * KVTRANSFER_GATHER_VARIANT=0..5 picks one; the default is DEFAULT_VARIANT. Measured on
- * an H100 (one process, 16,384 scattered 32 KiB blocks / one 512 MiB range, GB/s,
- * torch copy_ of the same bytes 1,396-1,431): v0 1,071-1,227 / 1,311-1,316, v1 1,202 /
- * 1,314, v2 1,225-1,230 / 1,311-1,312, v3 1,208 / 1,308, v4 1,231 / 1,314, v5 1,221 /
- * 1,291: alike within noise; v2 is the default (plain loads and stores, any memory). */
-#define N_VARIANTS 6
-#define DEFAULT_VARIANT 2
-#define STAGE_VARIANT 2
+ * bytes (correct, slow, rare). Sources are read through the read-only path (they are
+ * not written during a copy). Two shapes, each best where it is used:
+ *   0 "device"  device memory to device memory (shm, also over peer access): 1,024
+ *               threads, U = 2, one CTA per SM: 32 KiB in flight per SM
+ *   1 "staged"  to or from pinned host memory (tcp staging, over PCIe): 256 threads,
+ *               U = 8, as many CTAs as fit: more bytes in flight for PCIe's latency
+ * Why shape 0 (bench/gather_sweep.py, 136 shapes, one H200, 16,384 scattered 32 KiB
+ * blocks, 512 MiB, against copy_ of the same bytes at 2,054 GB/s): the more bytes a
+ * thread or an SM has in flight, the worse: 256 threads x U = 8 x 6 CTAs per SM (the
+ * previous default) 0.90x, 512 x 2 x 3 0.94x, 1,024 x 4 x 1 0.93x, 1,024 x 2 x 1
+ * 0.977x; cache hints (.nc no-allocate, .cs, .cg, L2 256-byte prefetch) 0.85-0.92x;
+ * torch index_select 0.90x. From another GPU every shape reads at 0.95-0.96x of
+ * torch's peer copy_. KVTRANSFER_GATHER_VARIANT=0|1 forces one shape everywhere. */
+#define N_VARIANTS 2
+#define VARIANT_DEVICE 0
+#define VARIANT_STAGED 1
+static const struct {
+    const char *name;
+    int threads;
+    int max_per_sm; /* CTAs per SM at most (0: as many as fit) */
+} SHAPE[N_VARIANTS] = {{"kvt_gather_device", 1024, 1}, {"kvt_gather_staged", 256, 0}};
 static const char KERNEL_SRC[] =
     "struct kvt_copy { unsigned long long src, dst, len; };\n"
-    "template <int P>\n"
-    "__device__ __forceinline__ uint4 load16(const uint4 *p)\n"
-    "{\n"
-    "#if __CUDA_ARCH__ >= 800\n"
-    "    if (P) {\n"
-    "        uint4 v;\n"
-    "        asm volatile(\"ld.global.nc.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\"\n"
-    "                     : \"=r\"(v.x), \"=r\"(v.y), \"=r\"(v.z), \"=r\"(v.w) : \"l\"(p));\n"
-    "        return v;\n"
-    "    }\n"
-    "#endif\n"
-    "    return __ldg(p);\n"
-    "}\n"
-    "template <int CS>\n"
-    "__device__ __forceinline__ void store16(uint4 *p, uint4 v)\n"
-    "{\n"
-    "    if (CS) __stcs(p, v); else *p = v;\n"
-    "}\n"
-    "template <int U, int CS, int P>\n"
+    "template <int U>\n"
     "__device__ __forceinline__ void copy_one(kvt_copy c)\n"
     "{\n"
     "    const unsigned long long B = blockDim.x, s0 = c.src, t0 = c.dst, len = c.len;\n"
@@ -78,14 +59,14 @@ static const char KERNEL_SRC[] =
     "    for (; j + (U - 1) * B < nv; j += U * B) {\n"
     "        uint4 v[U];\n"
     "#pragma unroll\n"
-    "        for (int u = 0; u < U; u++) v[u] = load16<P>(vs + j + u * B);\n"
+    "        for (int u = 0; u < U; u++) v[u] = __ldg(vs + j + u * B);\n"
     "#pragma unroll\n"
-    "        for (int u = 0; u < U; u++) store16<CS>(vt + j + u * B, v[u]);\n"
+    "        for (int u = 0; u < U; u++) vt[j + u * B] = v[u];\n"
     "    }\n"
-    "    for (; j < nv; j += B) store16<CS>(vt + j, load16<P>(vs + j));\n"
+    "    for (; j < nv; j += B) vt[j] = __ldg(vs + j);\n"
     "    for (unsigned long long k = head + (nv << 4) + threadIdx.x; k < len; k += B) t[k] = s[k];\n"
     "}\n"
-    "template <int U, int CS, int P>\n"
+    "template <int U>\n"
     "__device__ __forceinline__ void gather(const kvt_copy *__restrict__ d, unsigned long long n)\n"
     "{\n"
     "    unsigned long long i = blockIdx.x;\n"
@@ -95,110 +76,19 @@ static const char KERNEL_SRC[] =
     "        const unsigned long long next = i + gridDim.x;\n"
     "        kvt_copy c2 = c;\n"
     "        if (next < n) c2 = d[next];\n"
-    "        copy_one<U, CS, P>(c);\n"
+    "        copy_one<U>(c);\n"
     "        c = c2;\n"
     "    }\n"
     "}\n"
-    "#if __CUDA_ARCH__ >= 900\n"
-    "/* Variant 5: Hopper's bulk copy engine (cp.async.bulk, TMA without tensor maps). One\n"
-    " * warp per CTA; lane 0 streams 8 KiB segments global -> shared (completion counted on\n"
-    " * an mbarrier per buffer) -> global, four buffers deep, at most two loads in flight\n"
-    " * per CTA; a buffer is reloaded only once the store that read it has finished\n"
-    " * reading it (cp.async.bulk.wait_group.read). Ranges not 16-byte aligned, or of a\n"
-    " * length that is not a multiple of 16, are copied by the warp's loads and stores. */\n"
-    "#define BS 4\n"
-    "#define BSEG 8192\n"
-    "__device__ __forceinline__ unsigned smem(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }\n"
-    "struct bulk_pipe {\n"
-    "    unsigned long long dst[BS];\n"
-    "    unsigned len[BS];\n"
-    "    unsigned bar[BS], buf[BS];\n"
-    "    unsigned phase;\n"
-    "    unsigned long long issued, completed;\n"
-    "    __device__ __forceinline__ void complete_oldest()\n"
-    "    {\n"
-    "        const int k = (int)(completed % BS);\n"
-    "        const unsigned par = (phase >> k) & 1u;\n"
-    "        unsigned ok = 0;\n"
-    "        do {\n"
-    "            asm volatile(\"{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }\"\n"
-    "                         : \"=r\"(ok) : \"r\"(bar[k]), \"r\"(par) : \"memory\");\n"
-    "        } while (!ok);\n"
-    "        phase ^= 1u << k;\n"
-    "        asm volatile(\"cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\"\n"
-    "                     :: \"l\"(dst[k]), \"r\"(buf[k]), \"r\"(len[k]) : \"memory\");\n"
-    "        asm volatile(\"cp.async.bulk.commit_group;\" ::: \"memory\");\n"
-    "        completed++;\n"
-    "    }\n"
-    "    __device__ __forceinline__ void load(unsigned long long src, unsigned long long d, unsigned bytes)\n"
-    "    {\n"
-    "        const unsigned long long j = issued;\n"
-    "        const int k = (int)(j % BS);\n"
-    "        if (j >= BS) {\n"
-    "            /* stores issued after the one that read buffer k: wait until at most that many are\n"
-    "               still reading, so that one is done with the buffer */\n"
-    "            const long long newer = (long long)completed - 1 - (long long)(j - BS);\n"
-    "            if (newer <= 0) asm volatile(\"cp.async.bulk.wait_group.read 0;\" ::: \"memory\");\n"
-    "            else if (newer == 1) asm volatile(\"cp.async.bulk.wait_group.read 1;\" ::: \"memory\");\n"
-    "            else if (newer == 2) asm volatile(\"cp.async.bulk.wait_group.read 2;\" ::: \"memory\");\n"
-    "            else asm volatile(\"cp.async.bulk.wait_group.read 3;\" ::: \"memory\");\n"
-    "        }\n"
-    "        asm volatile(\"mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\" :: \"r\"(bar[k]), \"r\"(bytes) : \"memory\");\n"
-    "        asm volatile(\"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\"\n"
-    "                     :: \"r\"(buf[k]), \"l\"(src), \"r\"(bytes), \"r\"(bar[k]) : \"memory\");\n"
-    "        dst[k] = d;\n"
-    "        len[k] = bytes;\n"
-    "        issued++;\n"
-    "        if (issued - completed >= BS - 1) complete_oldest();\n"
-    "    }\n"
-    "};\n"
-    "extern \"C\" __global__ void __launch_bounds__(32) kvt_gather_v5(const kvt_copy *__restrict__ d, unsigned long long n)\n"
-    "{\n"
-    "    __shared__ __align__(128) unsigned char buf[BS][BSEG];\n"
-    "    __shared__ __align__(8) unsigned long long bar[BS];\n"
-    "    bulk_pipe pp;\n"
-    "    if (threadIdx.x == 0) {\n"
-    "        for (int k = 0; k < BS; k++) {\n"
-    "            pp.bar[k] = smem(&bar[k]);\n"
-    "            pp.buf[k] = smem(buf[k]);\n"
-    "            asm volatile(\"mbarrier.init.shared::cta.b64 [%0], 1;\" :: \"r\"(pp.bar[k]) : \"memory\");\n"
-    "        }\n"
-    "        asm volatile(\"fence.mbarrier_init.release.cluster;\" ::: \"memory\");\n"
-    "        pp.phase = 0;\n"
-    "        pp.issued = pp.completed = 0;\n"
-    "    }\n"
-    "    __syncwarp();\n"
-    "    for (unsigned long long i = blockIdx.x; i < n; i += gridDim.x) {\n"
-    "        const kvt_copy c = d[i];\n"
-    "        if (((c.src | c.dst | c.len) & 15) != 0) {\n"
-    "            copy_one<4, 0, 0>(c);\n"
-    "        } else if (threadIdx.x == 0) {\n"
-    "            for (unsigned long long off = 0; off < c.len; off += BSEG)\n"
-    "                pp.load(c.src + off, c.dst + off, (unsigned)(c.len - off < BSEG ? c.len - off : BSEG));\n"
-    "        }\n"
-    "        __syncwarp();\n"
-    "    }\n"
-    "    if (threadIdx.x == 0) {\n"
-    "        while (pp.completed < pp.issued) pp.complete_oldest();\n"
-    "        asm volatile(\"cp.async.bulk.wait_group 0;\" ::: \"memory\");\n"
-    "    }\n"
-    "}\n"
-    "#else\n"
-    "extern \"C\" __global__ void __launch_bounds__(32) kvt_gather_v5(const kvt_copy *__restrict__ d, unsigned long long n)\n"
-    "{ gather<4, 0, 0>(d, n); }\n"
-    "#endif\n"
-    "#define KVT_VARIANT(name, U, CS, P) extern \"C\" __global__ void __launch_bounds__(256) \\\n"
-    "    name(const kvt_copy *__restrict__ d, unsigned long long n) { gather<U, CS, P>(d, n); }\n"
-    "KVT_VARIANT(kvt_gather_v0, 4, 1, 0)\n"
-    "KVT_VARIANT(kvt_gather_v1, 8, 1, 0)\n"
-    "KVT_VARIANT(kvt_gather_v2, 8, 0, 0)\n"
-    "KVT_VARIANT(kvt_gather_v3, 8, 0, 1)\n"
-    "KVT_VARIANT(kvt_gather_v4, 16, 0, 0)\n";
+    "extern \"C\" __global__ void __launch_bounds__(1024, 1)\n"
+    "kvt_gather_device(const kvt_copy *__restrict__ d, unsigned long long n) { gather<2>(d, n); }\n"
+    "extern \"C\" __global__ void __launch_bounds__(256)\n"
+    "kvt_gather_staged(const kvt_copy *__restrict__ d, unsigned long long n) { gather<8>(d, n); }\n";
 
 static int gather_variant(void)
 {
     const char *v = getenv("KVTRANSFER_GATHER_VARIANT");
-    return v && v[0] >= '0' && v[0] < '0' + N_VARIANTS && !v[1] ? v[0] - '0' : DEFAULT_VARIANT;
+    return v && v[0] >= '0' && v[0] < '0' + N_VARIANTS && !v[1] ? v[0] - '0' : -1;
 }
 
 typedef int nvrtcResult;
@@ -291,7 +181,7 @@ static struct {
         int mode;  /* 1 kernel, 2 batch */
         CUfunction fn[N_VARIANTS];
         int grid[N_VARIANTS]; /* SMs x resident CTAs per SM, per variant */
-        int pick;             /* KVTRANSFER_GATHER_VARIANT, else DEFAULT_VARIANT */
+        int pick;             /* KVTRANSFER_GATHER_VARIANT, else -1 (each copy's own shape) */
         kvt_err why;
     } dev[MAX_DEVICES];
 } st = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -299,7 +189,8 @@ static struct {
 enum { MODE_KERNEL = 1, MODE_BATCH = 2 };
 
 /* Compiles the kernel for the device's architecture (a CUBIN; PTX when this NVRTC
- * cannot target the architecture directly) and loads it into the current context. */
+ * cannot target the architecture directly) and loads it into the current context
+ * (the device's primary context: kvt_copy_prepare makes it current). */
 static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err *err)
 {
     pthread_once(&nv.once, load_nvrtc);
@@ -361,14 +252,13 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
     r = c->ModuleLoadData(&mod, image);
     free(image);
     for (int k = 0; k < N_VARIANTS && r == CUDA_SUCCESS; k++) {
-        char name[32];
-        snprintf(name, sizeof name, "kvt_gather_v%d", k);
-        r = c->ModuleGetFunction(&ds->fn[k], mod, name);
-        int per_sm = CTAS_PER_SM;
+        r = c->ModuleGetFunction(&ds->fn[k], mod, SHAPE[k].name);
+        int per_sm = 2048 / SHAPE[k].threads; /* without the occupancy call: threads alone */
         if (r == CUDA_SUCCESS && c->OccupancyMaxActiveBlocksPerMultiprocessor &&
-            c->OccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ds->fn[k], k == 5 ? THREADS_BULK : THREADS, 0) !=
-                CUDA_SUCCESS)
-            per_sm = CTAS_PER_SM;
+            c->OccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ds->fn[k], SHAPE[k].threads, 0) != CUDA_SUCCESS)
+            per_sm = 2048 / SHAPE[k].threads;
+        if (SHAPE[k].max_per_sm && per_sm > SHAPE[k].max_per_sm)
+            per_sm = SHAPE[k].max_per_sm;
         ds->grid[k] = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
     }
     if (r != CUDA_SUCCESS)
@@ -392,7 +282,15 @@ int kvt_copy_prepare(int dev, const char **mode, kvt_err *err)
         int force_kernel = want && !strcmp(want, "kernel"), force_batch = want && !strcmp(want, "batch");
         int have_batch = c->MemcpyBatchAsync_v2 || c->MemcpyBatchAsync_v1;
         kvt_err kwhy;
-        int rc = force_batch ? kvt_error(&kwhy, EOPNOTSUPP, "cuda", "KVTRANSFER_CUDA_COPY=batch") : build_kernel(c, dev, ds, &kwhy);
+        /* the module belongs to the context current while it loads: the device's primary
+           context, whichever one the caller has current (registering memory of cuda:1
+           while cuda:0 is current must not load it into cuda:0's) */
+        int rc = force_batch ? kvt_error(&kwhy, EOPNOTSUPP, "cuda", "KVTRANSFER_CUDA_COPY=batch")
+                             : kvt_cuda_push(dev, &kwhy);
+        if (rc == 0) {
+            rc = build_kernel(c, dev, ds, &kwhy);
+            kvt_cuda_pop();
+        }
         if (rc == 0) {
             ds->mode = MODE_KERNEL;
             ds->ready = 1;
@@ -453,21 +351,21 @@ static int launch_batch(const kvt_cu *c, int dev, CUstream s, const kvt_copy_des
 }
 
 static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant,
-                       kvt_err *err);
+                       int forced, kvt_err *err);
 
 int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, -1, err);
+    return launch_with(dev, s, h, d, n, VARIANT_DEVICE, 0, err);
 }
 
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, STAGE_VARIANT, err);
+    return launch_with(dev, s, h, d, n, VARIANT_STAGED, 0, err);
 }
 
-/* variant: -1 the configured one, else 0..N_VARIANTS-1 */
+/* variant: 0..N_VARIANTS-1; KVTRANSFER_GATHER_VARIANT overrides it unless forced */
 static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant,
-                       kvt_err *err)
+                       int forced, kvt_err *err)
 {
     if (n == 0)
         return 0;
@@ -478,12 +376,12 @@ static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr 
     struct dev_state *ds = &st.dev[dev];
     if (ds->mode == MODE_BATCH)
         return launch_batch(c, dev, s, h, n, err);
-    int k = variant >= 0 && variant < N_VARIANTS ? variant : ds->pick;
+    int k = !forced && ds->pick >= 0 ? ds->pick : variant;
     CUdeviceptr descs = d ? d : (CUdeviceptr)(uintptr_t)h;
     unsigned long long count = n;
     void *params[] = {&descs, &count};
     unsigned int grid = n < (size_t)ds->grid[k] ? (unsigned int)n : (unsigned int)ds->grid[k];
-    CUresult r = c->LaunchKernel(ds->fn[k], grid, 1, 1, k == 5 ? THREADS_BULK : THREADS, 1, 1, 0, s, params, NULL);
+    CUresult r = c->LaunchKernel(ds->fn[k], grid, 1, 1, SHAPE[k].threads, 1, 1, 0, s, params, NULL);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %zu ranges on device %d, grid %u", n, dev, grid);
     return 0;
@@ -499,8 +397,9 @@ int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err)
     int have_batch = c->MemcpyBatchAsync_v2 || c->MemcpyBatchAsync_v1;
     char kernel[1100], batch[100];
     if (nv.ok)
-        snprintf(kernel, sizeof kernel, "gather kernel (variant %d) via NVRTC %d.%d (%s)", gather_variant(), nv.major,
-                 nv.minor, nv.path);
+        snprintf(kernel, sizeof kernel, "gather kernel (%s) via NVRTC %d.%d (%s)",
+                 gather_variant() < 0 ? "device and staged shapes" : SHAPE[gather_variant()].name, nv.major, nv.minor,
+                 nv.path);
     else
         snprintf(kernel, sizeof kernel, "no gather kernel: %s", nv.why);
     snprintf(batch, sizeof batch, "cuMemcpyBatchAsync %s", have_batch ? "available" : "not in this driver");
@@ -528,6 +427,8 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
         return -ENODEV;
     if (dev < 0 || dev >= MAX_DEVICES)
         return kvt_error(err, EINVAL, "cuda", "device ordinal %d out of range", dev);
+    if (variant >= N_VARIANTS)
+        return kvt_error(err, EINVAL, "cuda", "no kernel variant %d (0..%d)", variant, N_VARIANTS - 1);
     pthread_mutex_lock(&mu);
     int rc = kvt_cuda_push(dev, err);
     if (rc < 0) {
@@ -558,7 +459,8 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     if (r != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuda gather", "%zu descriptors on device %d", n, dev);
     if (rc == 0)
-        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, variant, err);
+        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, variant >= 0 ? variant : VARIANT_DEVICE,
+                         variant >= 0, err);
     if (rc == 0 && (r = c->StreamSynchronize(sc[dev].s)) != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuStreamSynchronize", "gather on device %d", dev);
     kvt_cuda_pop();

@@ -5,10 +5,12 @@
  *   kernel  a gather kernel compiled at run time with NVRTC (libnvrtc loaded with
  *           dlopen: $KVTRANSFER_NVRTC, else libnvrtc.so.13/.12/.11.2/.so on the loader's
  *           path, else /usr/local/cuda/lib64). One launch copies every descriptor: each
- *           CTA (256 threads) takes descriptors in turn and copies them with 16-byte
- *           loads and stores where source and destination agree modulo 16, bytes
- *           otherwise (head, tail, odd alignment). Long ranges are cut into
- *           KVT_COPY_CHUNK-byte descriptors so every CTA gets a share.
+ *           CTA takes descriptors in turn and copies them with 16-byte loads and
+ *           stores where source and destination agree modulo 16, bytes otherwise
+ *           (head, tail, odd alignment); its shape (threads, loads in flight, CTAs per
+ *           SM) is the one measured best for device memory, or for pinned host
+ *           memory (staging). Long ranges are cut into KVT_COPY_CHUNK-byte
+ *           descriptors so every CTA gets a share.
  *   batch   cuMemcpyBatchAsync (drivers of CUDA 12.8 and later), when NVRTC is missing:
  *           correct, but slow for many small ranges (about 20 GB/s for 16,384 blocks of
  *           32 KiB on an H100, against about 1,200 for the kernel).
@@ -54,16 +56,18 @@ static inline size_t kvt_copy_split(kvt_copy_desc *out, uint64_t src, uint64_t d
 int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
 
 /* The same, for copies between device memory and pinned host memory (tcp staging):
- * always a load/store kernel variant, never the bulk-copy one. */
+ * the kernel shape with more bytes in flight, for PCIe's latency. */
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
 
-/* Whether device dev (context current) copies with "kernel" or "batch"; compiles
- * and loads the kernel at the first call. 0 or -errno (EOPNOTSUPP: neither works). */
+/* Whether device dev copies with "kernel" or "batch"; compiles the kernel and loads
+ * it into dev's primary context at the first call, whatever context is current. 0 or
+ * -errno (EOPNOTSUPP: neither works). */
 int kvt_copy_prepare(int dev, const char **mode, kvt_err *err);
 
 /* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as
  * copies run here) and waits for them. */
-/* variant: -1 as configured, else a kernel variant (cuda_copy.c; ignored in batch mode). */
+/* variant: -1 as device copies run, else a kernel shape (cuda_copy.c: 0 device, 1 staged;
+ * ignored in batch mode). */
 int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

@@ -32,20 +32,19 @@ fi
 # KVTRANSFER_TRACE=1: where a shm batch's time goes (stderr, a line every 100 ms)
 KVTRANSFER_TRACE=${KVTRANSFER_TRACE:-1} timeout 240 python3 bench/transfer_bw.py --device cuda --iters 20 \
   --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} > "$OUT/bench_cuda.txt" 2> "$OUT/bench_cuda.err"; step
-# GPU_CHECK_SWEEP=1: tuning runs, one line each (kernel variants alone and inside shm,
-# tcp staging buffer and job sizes, shm threads)
-ratios() { sed -n '/Ratios/,$p' "$1" | sed -n '2,4p' | tr -s ' ' | tr '\n' ';'; }
+# GPU_CHECK_SWEEP=1: tuning runs, one line each (the kernel's two shapes alone, shm
+# with 1 and 4 copy threads, the batch mode); bench/gather_sweep.py tunes the shapes
 if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
   {
-    timeout 90 python3 bench/transfer_bw.py --device cuda --transports d2d,kernel2,kernel5,kernel0 \
+    timeout 90 python3 bench/transfer_bw.py --device cuda --transports d2d,kernel0,kernel1 \
       --iters 20 > "$OUT/sweep_kernels.txt" 2>&1
     echo "kernels: $(grep -E '^\[transfer_bw\]' "$OUT/sweep_kernels.txt" | awk '{print $2, $3, $6}' | tr '\n' ';')"
     grep -E "FAILED|Error|error" "$OUT/sweep_kernels.txt" | head -3
-    KVTRANSFER_GATHER_VARIANT=5 timeout 90 python3 bench/transfer_bw.py --device cuda --transports shm,d2d \
-      --iters 20 > "$OUT/sweep_shm_v5.txt" 2>&1
-    echo "shm variant 5: $(ratios "$OUT/sweep_shm_v5.txt")"
-    KVTRANSFER_GATHER_VARIANT=5 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-      -k "device_to_device or kv_sized or same_process or mixed" 2>&1 | tail -2
+    for th in 1 4; do
+      timeout 90 python3 bench/transfer_bw.py --device cuda --transports shm,d2d --shm-threads $th \
+        --iters 20 > "$OUT/sweep_shm_t$th.txt" 2>&1
+      echo "shm, $th threads: $(ratios "$OUT/sweep_shm_t$th.txt")"
+    done
     KVTRANSFER_CUDA_COPY=batch timeout 90 python3 bench/transfer_bw.py --device cuda --transports shm,d2d,kernel \
       --iters 20 > "$OUT/sweep_shm_batch.txt" 2>&1
     echo "shm batch mode: $(ratios "$OUT/sweep_shm_batch.txt")"

@@ -353,7 +353,7 @@ int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 {
     CUdeviceptr d = *(CUdeviceptr *)params[0];
     unsigned long long n = *(unsigned long long *)params[1];
-    if (gx == 0 || gx > n || bx != 256)
+    if (gx == 0 || gx > n || (bx != 256 && bx != 1024)) /* cuda_copy.c's two kernel shapes */
         return INVALID_VALUE;
     const desc *ds = (const desc *)at(d, n * sizeof(desc));
     for (unsigned long long i = 0; i < n; i++)

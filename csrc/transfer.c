@@ -375,8 +375,8 @@ static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_vi
     return 0;
 }
 
-/* Writes the pieces of a lazy job (each entry of a job is one piece). */
-static void materialize(kvt_job *j)
+/* Each entry of a lazy job is one piece. */
+void kvt_job_materialize(kvt_job *j)
 {
     const kvt_batch *b = j->batch;
     size_t k = 0;
@@ -774,8 +774,8 @@ kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
         int64_t zero = 0;
         atomic_compare_exchange_strong(&j->t->tr_pop, &zero, kvt_now_ns());
     }
-    if (j && j->batch)
-        materialize(j);
+    if (j && j->batch && !(q->lazy_dev && j->local_kind != KVT_MEM_HOST))
+        kvt_job_materialize(j);
     return j;
 }
 

@@ -106,6 +106,8 @@ typedef struct kvt_queue {
     int closed;
     int wake_fd; /* an eventfd written on every push and on close, for consumers that
                     poll() other fds too (verbs); -1 when unused */
+    int lazy_dev; /* the consumer copies lazy jobs into device memory from the batch's
+                     columns (shm's CUDA path): kvt_queue_pop leaves them lazy */
     /* finished jobs kept for reuse: a batch of 16,384 blocks is ~1 MiB of pieces, and
        fresh memory for it each time costs page faults in the reading call */
     pthread_mutex_t pool_mu;
@@ -120,8 +122,10 @@ int kvt_queue_is_closed(kvt_queue *q);
  * polled for KVTRANSFER_WORKER_SPIN_US (default 200) before the thread sleeps: the
  * next batch usually comes right after the last one, and waking a sleeping thread
  * costs tens of microseconds (more in a VM). A lazily cut job gets its pieces
- * written here, by the popping thread. */
+ * written here, by the popping thread (but see lazy_dev). */
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
+/* Writes the pieces of a job that is still lazy (job->batch != NULL). */
+void kvt_job_materialize(kvt_job *j);
 /* Closes the queue and fails what is left in it with ECANCELED. */
 void kvt_queue_close(kvt_queue *q, const char *why);
 void kvt_queue_destroy(kvt_queue *q);

@@ -84,7 +84,8 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
      * and the target is the process we connected to. */
     uint64_t last = 0;
     for (size_t i = 0; i < job->n; i++) {
-        uint64_t id = job->pieces[i].remote_region;
+        /* a job still lazy (the CUDA path copies from the batch's columns) has one region */
+        uint64_t id = job->batch ? job->batch->remote_region : job->pieces[i].remote_region;
         if (id == last)
             continue;
         last = id;
@@ -254,6 +255,7 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
     p->device_memory = 1;
+    p->queue.lazy_dev = 1; /* kvt_shm_cuda_job copies lazy device jobs from the columns */
     for (int i = 0; i < s->nthreads; i++) {
         int e = pthread_create(&s->threads[i], NULL, worker, s);
         if (e != 0) {

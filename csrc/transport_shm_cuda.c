@@ -4,14 +4,18 @@
  * CUDA region's allocation and IPC handle; the reader opens each allocation once
  * (cuda_ipc.c) and copies a job's blocks with the gather kernel (cuda_copy.c): the
  * job's (src, dst, len) descriptors are written to pinned memory, uploaded with one
- * cuMemcpyHtoDAsync and copied by one launch (two for the largest jobs); the first
- * jobs of a batch are small (transfer.c), so the GPU starts on them while the rest
- * are cut, and a thread prepares its next job while the GPU copies. The kernel runs on
- * the destination's device, in its primary context, on a stream of this thread's;
- * a reader on another GPU reads over peer access. The job stays in flight (an event
- * marks its end) while the thread starts the next one: two jobs per device and
- * thread, double-buffered descriptors. A job is completed (and its transfer may
- * finish) only after its event: nothing writes the destination after that.
+ * cuMemcpyHtoDAsync and copied by one launch. A job cut lazily from one region to
+ * one region (read_blocks) gets its descriptors straight from the batch's columns,
+ * its source region checked once and every range's bounds in the same loop: a few
+ * ns a block, so two threads keep ahead of an H200 copying 32 KiB blocks (writing
+ * pieces first and checking each one cost ~30 ns a block and left the GPU waiting).
+ * Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
+ * the GPU starts on them while the rest are cut. The kernel runs on the destination's
+ * device, in its primary context; a reader on another GPU reads over peer access.
+ * Each thread keeps two jobs in flight per device, each with its own descriptor
+ * buffer and stream (a job's copy may start while the one before drains) and an
+ * event marking its end; a job is completed (and its transfer may finish) only after
+ * its event: nothing writes the destination after that.
  *
  * Mixed kinds, correct rather than fast (and said so here): device <- host memory
  * goes through a pinned bounce buffer (process_vm_readv, then cuMemcpyHtoDAsync per
@@ -45,6 +49,7 @@ typedef struct remote {
 } remote;
 
 typedef struct slot {
+    CUstream s;       /* its own: a job's copy may start while the one before drains */
     kvt_copy_desc *h; /* pinned */
     CUdeviceptr d;
     CUevent ev;
@@ -53,7 +58,6 @@ typedef struct slot {
 
 typedef struct lane {
     int dev;
-    CUstream s;
     slot slots[2];
     int next;
     remote last;
@@ -91,9 +95,9 @@ static void lane_free(const kvt_cu *c, lane *l)
             c->MemFree(l->slots[i].d);
         if (l->slots[i].h)
             c->MemFreeHost(l->slots[i].h);
+        if (l->slots[i].s)
+            c->StreamDestroy(l->slots[i].s);
     }
-    if (l->s)
-        c->StreamDestroy(l->s);
     free(l);
 }
 
@@ -119,11 +123,14 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
         return NULL;
     }
     l->dev = dev;
-    CUresult r = c->StreamCreate(&l->s, CU_STREAM_NON_BLOCKING);
-    const char *what = "cuStreamCreate";
+    CUresult r = CUDA_SUCCESS;
+    const char *what = "";
     for (int i = 0; i < 2 && r == CUDA_SUCCESS; i++) {
+        what = "cuStreamCreate";
+        r = c->StreamCreate(&l->slots[i].s, CU_STREAM_NON_BLOCKING);
         what = "cuMemHostAlloc";
-        r = c->MemHostAlloc((void **)&l->slots[i].h, SLOT_DESCS * sizeof(kvt_copy_desc),
+        if (r == CUDA_SUCCESS)
+            r = c->MemHostAlloc((void **)&l->slots[i].h, SLOT_DESCS * sizeof(kvt_copy_desc),
                             CU_MEMHOSTALLOC_PORTABLE);
         if (r == CUDA_SUCCESS) {
             what = "cuMemAlloc";
@@ -188,17 +195,19 @@ static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kv
 {
     const kvt_cu *c = kvt_cu_get(e);
     CUdeviceptr d = sl->d + from * sizeof(kvt_copy_desc);
-    CUresult r = c->MemcpyHtoDAsync(d, sl->h + from, (to - from) * sizeof(kvt_copy_desc), l->s);
+    CUresult r = c->MemcpyHtoDAsync(d, sl->h + from, (to - from) * sizeof(kvt_copy_desc), sl->s);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%zu copy descriptors to device %d", to - from, l->dev);
-    int rc = kvt_copy_launch(l->dev, l->s, sl->h + from, d, to - from, e);
+    int rc = kvt_copy_launch(l->dev, sl->s, sl->h + from, d, to - from, e);
     if (rc == 0 && t)
         kvt_trace_launch(t);
     return rc;
 }
 
-/* Device <- host blocks of a job, through the bounce buffer; synchronous. */
-static int from_host(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job, kvt_err *e, int64_t *entry)
+/* Device <- host blocks of a job, through the bounce buffer, on the slot's stream;
+ * synchronous. */
+static int from_host(shm_peer *s, kvt_shm_cuda *cu, lane *l, CUstream stream, const kvt_job *job, kvt_err *e,
+                     int64_t *entry)
 {
     const kvt_cu *c = kvt_cu_get(e);
     if (!cu->bounce) {
@@ -261,7 +270,7 @@ static int from_host(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job,
         }
         uint64_t off = 0;
         for (size_t k = 0; k < n; k++) {
-            CUresult r = c->MemcpyHtoDAsync(parts[k].dst, (char *)cu->bounce + off, parts[k].len, l->s);
+            CUresult r = c->MemcpyHtoDAsync(parts[k].dst, (char *)cu->bounce + off, parts[k].len, stream);
             if (r != CUDA_SUCCESS) {
                 *entry = first_entry;
                 return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%lu bytes to 0x%lx on device %d",
@@ -269,7 +278,7 @@ static int from_host(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job,
             }
             off += parts[k].len;
         }
-        CUresult r = c->StreamSynchronize(l->s); /* before the bounce buffer is filled again */
+        CUresult r = c->StreamSynchronize(stream); /* before the bounce buffer is filled again */
         if (r != CUDA_SUCCESS) {
             *entry = first_entry;
             return kvt_cu_fail(e, r, "cuStreamSynchronize", "device %d", l->dev);
@@ -305,6 +314,65 @@ void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
     complete(s, job, rc, &e, (int64_t)job->pieces[0].entry);
 }
 
+/* A lazy job's descriptors straight from its batch's columns, without pieces: the
+ * source region is looked up once and every range's bounds are checked in the same
+ * loop. The number of descriptors; 0 when the pieces path must take the job (the
+ * source is host memory, or a range is out of bounds: that path names the entry);
+ * -errno when the source region is not there. */
+static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job, kvt_copy_desc *out, kvt_err *e)
+{
+    const kvt_batch *b = job->batch;
+    const kvt_piece whole = {.remote_region = b->remote_region, .remote_key = b->remote_key, .entry = job->e0};
+    uint64_t src0;
+    int rc = resolve(s, cu, &l->last, l->dev, &whole, &src0, e);
+    if (rc < 0)
+        return rc;
+    if (l->last.kind != KVT_MEM_CUDA)
+        return 0;
+    const uint64_t rlen = l->last.len, dst0 = b->local_base;
+    uint64_t bad = 0;
+    size_t n = 0;
+    for (size_t i = job->e0; i <= job->e1; i++) {
+        const uint64_t len = b->ln ? b->ln[i] : b->len0;
+        const uint64_t from = i == job->e0 ? job->off0 : 0, to = i == job->e1 ? job->end1 : len;
+        const uint64_t ro = b->ro[i] + from, k = to - from;
+        bad |= (uint64_t)(ro > rlen) | (uint64_t)(k > rlen - ro);
+        n += kvt_copy_split(out + n, src0 + ro, dst0 + b->lo[i] + from, k);
+    }
+    return bad ? 0 : (long)n;
+}
+
+/* A job's descriptors from its pieces, launched every LAUNCH_EVERY of them; blocks
+ * from host memory are counted in *nhost and left for from_host. 0 or -errno (*entry:
+ * the piece at fault). */
+static int piece_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, kvt_job *job, size_t *nhost, kvt_err *e,
+                       int64_t *entry)
+{
+    size_t n = 0, launched = 0;
+    int rc = 0;
+    for (size_t i = 0; i < job->n && rc == 0; i++) {
+        const kvt_piece *p = &job->pieces[i];
+        uint64_t src;
+        rc = resolve(s, cu, &l->last, l->dev, p, &src, e);
+        if (rc == 0 && l->last.kind == KVT_MEM_HOST) {
+            (*nhost)++;
+            continue;
+        }
+        if (rc == 0) {
+            n += kvt_copy_split(sl->h + n, src, p->local_addr, p->len);
+            if (n - launched >= LAUNCH_EVERY) {
+                rc = launch(l, sl, launched, n, job->t, e);
+                launched = n;
+            }
+        }
+        if (rc < 0)
+            *entry = (int64_t)p->entry;
+    }
+    if (rc == 0 && n > launched)
+        rc = launch(l, sl, launched, n, job->t, e);
+    return rc;
+}
+
 static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
 {
     kvt_err e;
@@ -327,31 +395,21 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
         return;
     }
     l->next ^= 1;
-    size_t n = 0, launched = 0, nhost = 0;
-    for (size_t i = 0; i < job->n && rc == 0; i++) {
-        const kvt_piece *p = &job->pieces[i];
-        uint64_t src;
-        rc = resolve(s, cu, &l->last, dev, p, &src, &e);
-        if (rc == 0 && l->last.kind == KVT_MEM_HOST) {
-            nhost++;
-            continue;
-        }
-        if (rc == 0) {
-            n += kvt_copy_split(sl->h + n, src, p->local_addr, p->len);
-            if (n - launched >= LAUNCH_EVERY) {
-                rc = launch(l, sl, launched, n, job->t, &e);
-                launched = n;
-            }
-        }
-        if (rc < 0)
-            entry = (int64_t)p->entry;
+    size_t nhost = 0;
+    long lazy = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
+    if (lazy > 0)
+        rc = launch(l, sl, 0, (size_t)lazy, job->t, &e);
+    else if (lazy < 0)
+        rc = (int)lazy;
+    else {
+        if (job->batch)
+            kvt_job_materialize(job);
+        rc = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
     }
-    if (rc == 0 && n > launched)
-        rc = launch(l, sl, launched, n, job->t, &e);
     if (rc == 0 && nhost)
-        rc = from_host(s, cu, l, job, &e, &entry);
+        rc = from_host(s, cu, l, sl->s, job, &e, &entry);
     if (rc == 0 && !nhost) {
-        CUresult r = c->EventRecord(sl->ev, l->s);
+        CUresult r = c->EventRecord(sl->ev, sl->s);
         if (r == CUDA_SUCCESS) {
             sl->job = job;
             int tail = (cu->head + cu->count) % FIFO_MAX;
@@ -364,7 +422,7 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
     }
     /* Completed here (an error, or host sources): first wait for what was launched,
      * so that nothing writes the destination once the job is done. */
-    CUresult r = c->StreamSynchronize(l->s);
+    CUresult r = c->StreamSynchronize(sl->s);
     if (rc == 0 && r != CUDA_SUCCESS)
         rc = kvt_cu_fail(&e, r, "cuStreamSynchronize", "device %d", dev);
     complete(s, job, rc, &e, entry);

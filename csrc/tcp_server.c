@@ -22,6 +22,7 @@
 
 #include "engine.h"
 #include "sock.h"
+#include "cuda_copy.h"
 #include "tcp_stage.h"
 #include "verbs.h"
 #include "wire.h"
@@ -56,6 +57,23 @@ typedef struct frame {
     kvt_seg segs[KVT_WIRE_MAX_ENTRIES];
 } frame;
 
+/* Whether this process can stage memory of CUDA device dev (its context and the copy
+ * kernel), asked before a response's header goes out: a device that cannot be staged
+ * fails its entries, with the reason on stderr, instead of the connection being cut
+ * mid-response. *memo caches the last device's answer for one frame. */
+static int stageable(int dev, int memo[2])
+{
+    if (memo[0] == dev)
+        return memo[1];
+    kvt_err why;
+    int rc = kvt_copy_prepare(dev, NULL, &why);
+    if (rc < 0)
+        fprintf(stderr, "kvtransfer tcp server: cannot stage memory of cuda:%d: %s\n", dev, why.msg);
+    memo[0] = dev;
+    memo[1] = rc;
+    return rc;
+}
+
 static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_stage **stage, kvt_err *err)
 {
     int fd = c->fd;
@@ -63,12 +81,14 @@ static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_stage *
     if (rc < 0)
         return rc;
     size_t nd = 0;
-    int cuda = 0;
+    int cuda = 0, memo[2] = {-1, 0};
     for (uint32_t i = 0; i < h->n; i++) {
         const kvt_wire_entry *e = &f->ents[i];
         kvt_region_view v;
         kvt_err ignored;
         int st = kvt_table_acquire(c->srv->table, e->region, e->key, 1, e->offset, e->length, &v, &ignored);
+        if (st == 0 && v.mem_kind != KVT_MEM_HOST && (st = stageable((int)v.device, memo)) < 0)
+            kvt_table_release(c->srv->table, e->region);
         f->status[i] = st;
         if (st == 0) {
             f->data[nd].iov_base = (void *)(uintptr_t)v.addr;
@@ -81,8 +101,14 @@ static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_stage *
     kvt_wire_hdr rh = {.magic = KVT_RESP_MAGIC, .n = h->n, .seq = h->seq};
     struct iovec head[2] = {{&rh, sizeof rh}, {f->status, h->n * sizeof(int32_t)}};
     rc = kvt_send_iov(fd, head, 2, "response header", err);
-    if (rc == 0)
-        rc = cuda ? kvt_stage_send(stage, fd, f->segs, nd, err) : kvt_send_iov(fd, f->data, nd, "response data", err);
+    if (rc == 0 && cuda) {
+        rc = kvt_stage_send(stage, fd, f->segs, nd, err);
+        if (rc < 0) /* the reader sees the connection end; the reason is here */
+            fprintf(stderr, "kvtransfer tcp server: dropping a connection while staging device memory: %s\n",
+                    err->msg);
+    } else if (rc == 0) {
+        rc = kvt_send_iov(fd, f->data, nd, "response data", err);
+    }
     for (uint32_t i = 0; i < h->n; i++)
         if (f->status[i] == 0)
             kvt_table_release(c->srv->table, f->ents[i].region);

@@ -361,6 +361,18 @@ def child_no_copy() -> int:
                 raise AssertionError("a device copy ran with neither NVRTC nor cuMemcpyBatchAsync")
             except TransferError as e:
                 assert e.errno == errno.EOPNOTSUPP and "no batched device copy" in str(e), e
+            # over tcp the target stages its device memory with the same copies: it
+            # refuses the entry (its reason on its stderr) and keeps the connection
+            host = np.zeros(4096, np.uint8)
+            hlocal, _ = eng.register(host)
+            tcp = eng.connect(edesc, transport="tcp")
+            for _ in range(2):
+                try:
+                    tcp.read([(hlocal, 0, ddesc, 0, 4096)]).wait(30)
+                    raise AssertionError("the target staged device memory without a way to copy it")
+                except TransferError as e:
+                    assert e.errno == errno.EOPNOTSUPP and e.entry == 0, e
+                    print(f"tcp: {e}")
     finally:
         p.stdin.close()
         p.wait(30)
@@ -388,6 +400,19 @@ def child_refusals() -> int:
                     raise AssertionError(f"{entry} was not refused")
                 except RemoteAccessError as e:
                     assert e.errno == want and e.entry == 1, e
+            # read_blocks: its jobs are copied from the batch's columns without pieces;
+            # a block out of bounds still fails the read naming that block
+            lo = np.arange(64, dtype=np.uint64) * 4096
+            ro = lo.copy()
+            ro[37] = TARGET_BYTES - 100
+            try:
+                peer.read_blocks(local, lo, ddesc, ro, 4096).wait(30)
+                raise AssertionError("block 37 out of bounds was not refused")
+            except RemoteAccessError as e:
+                assert e.errno == errno.ERANGE and e.entry == 37, e
+            peer.read_blocks(local, lo[:37], ddesc, ro[:37], 4096).wait(30)
+            check(gpu.download(dst, 37 * 4096), seeded(TARGET_BYTES, 1), lo[:37], ro[:37], np.full(37, 4096),
+                  "read_blocks after a refused one")
             assert isinstance(ddesc, RegionDescriptor)
     finally:
         p.stdin.close()

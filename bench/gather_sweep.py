@@ -145,6 +145,10 @@ def main(argv=None) -> int:
                     help="the source's GPU (the destination is GPU 0): 1 times reads from another GPU")
     ap.add_argument("--run-on", choices=("dst", "src"), default="dst",
                     help="which GPU runs the kernel: the destination's (pull) or the source's (push)")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="instead: the device shape (1,024 x 2, one CTA per SM) on 32 KiB scattered blocks cut "
+                         "into jobs as the engine cuts them, on 1, 2 or 4 streams, with and without uploading "
+                         "each job's descriptors; wall time of a pass, synchronized")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import cupy as cp
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
           + "; ".join(f"index_select {k} {gbps(v):.0f} GB/s ({copy_s[0] / v:.3f}x)" for k, v in base.items()),
           flush=True)
 
+    if args.pipeline:
+        return pipeline(args, cp, torch, src, dst, sms, copy_s[0], workloads["32K perm"][1], gbps)
     todo = shapes(args.quick)
     names = sorted({f"g<{t},{u},{w},{ld},{st}>" for t, u, w, ld, st, _, _ in todo})
     cp.cuda.Device(runs_on).use()
@@ -246,6 +252,75 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"copy_gbps": [gbps(s) for s in copy_s], "index_select_ratio":
                        {k: copy_s[0] / v for k, v in base.items()}, "rows": rows}, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _per_call(fn, iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def pipeline(args, cp, torch, src, dst, sms, copy_s, perm, gbps) -> int:
+    """Costs of cutting one gather into jobs (bench/transfer_bw.py's shm path does):
+    a pass launches every job, then waits for all (as a READ does)."""
+    import cupyx
+
+    mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["g<1024,2,0,0,0>"])
+    fn = mod.get_function("g<1024,2,0,0,0>")
+    d = descs(src.data_ptr(), dst.data_ptr(), perm, 32 << 10, 64 << 10)
+    host = cupyx.empty_pinned(d.shape, np.uint64)
+    host[...] = d
+    dd = cp.asarray(d)
+    n = len(d)
+    ref = dst.clone()
+    ref.copy_(torch.index_select(src.view(-1, 32 << 10), 0, torch.from_numpy(perm).to(src.device)).view(-1))
+    big = 2048
+    cuts = {"1 job": [n], "2 jobs": [n // 2] * 2, "engine (128, 512, 2048...)": [128, 512],
+            "8192 each": [8192] * 2, "4096 each": [4096] * 4, "128, 512, 8192...": [128, 512]}
+    for k in ("engine (128, 512, 2048...)", "128, 512, 8192..."):
+        step = big if k.startswith("engine") else 8192
+        while sum(cuts[k]) < n:
+            cuts[k].append(min(step, n - sum(cuts[k])))
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(4)]
+
+    def copy_pass():
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    copy_pass()
+    copy_s = min(_per_call(copy_pass, args.iters) for _ in range(3))
+    print(f"copy_ then synchronize: {copy_s * 1e6:.1f} us a pass ({gbps(copy_s):.0f} GB/s)", flush=True)
+    rows = []
+    for name, sizes in cuts.items():
+        for ns in (1, 2, 4):
+            for upload in (False, True):
+                def one_pass():
+                    at = 0
+                    for j, k in enumerate(sizes):
+                        st = streams[j % ns]
+                        part = dd[at:at + k]
+                        if upload:
+                            part.set(host[at:at + k], stream=st)
+                        with st:
+                            fn((min(sms, k),), (1024,), (part, np.uint64(k)))
+                        at += k
+                    for st in streams[:ns]:
+                        st.synchronize()
+                one_pass()
+                best = min(_per_call(one_pass, args.iters) for _ in range(3))
+                dst.zero_()
+                torch.cuda.synchronize()
+                one_pass()
+                ok = bool(torch.equal(dst, ref))
+                row = {"cut": name, "jobs": len(sizes), "streams": ns, "upload": upload,
+                       "us": round(best * 1e6, 1), "ratio": round(copy_s / best, 4), "ok": ok}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_gbps": gbps(copy_s), "rows": rows}, f, indent=1)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

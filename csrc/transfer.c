@@ -117,8 +117,9 @@ static void trace_print(kvt_transfer *t)
         return;
     int64_t s = t->tr_start;
 #define US(x) ((x) ? ((x) - s) / 1000.0 : -1.0)
-    fprintf(stderr, "kvtransfer trace: %zu entries, %zu jobs: cut +%.1f us, first pop +%.1f, first launch +%.1f, "
-            "last launch +%.1f, done +%.1f us\n", t->tr_entries, t->tr_jobs, US(t->tr_cut), US(atomic_load(&t->tr_pop)),
+    fprintf(stderr, "kvtransfer trace: %zu entries, %zu jobs: checked +%.1f us, cut +%.1f, first pop +%.1f, first launch "
+            "+%.1f, last launch +%.1f, done +%.1f us\n", t->tr_entries, t->tr_jobs, US(t->tr_checked), US(t->tr_cut),
+            US(atomic_load(&t->tr_pop)),
             US(atomic_load(&t->tr_launch1)), US(atomic_load(&t->tr_launchn)), US(now));
 #undef US
 }
@@ -415,6 +416,10 @@ static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **o
     return 0;
 }
 
+/* Batches this long take long enough to check and cut (several microseconds) that
+ * waking the transport threads first hides their wake-up. */
+#define KICK_ENTRIES 256
+
 int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[2],
                        int device_memory, kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
@@ -439,6 +444,8 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
         t->tr_start = kvt_now_ns();
         t->tr_entries = c->n;
     }
+    if (c->n >= KICK_ENTRIES)
+        kvt_queue_kick(q); /* sleeping threads wake while the ranges are checked and cut */
 
     /* Pass 1: every local range, before anything is queued. One local region (the
      * common case) is looked up once and its ranges checked in a tight loop; the
@@ -454,14 +461,17 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
         size_t i = 0;
         if (so == 1 && sr == 1 && sl == 0 && ln[0] != 0 && ln[0] <= rlen) {
             /* read_blocks' shape (offset arrays, one length): blocks of 256 entries checked
-               without branches, so the compiler vectorizes it; the loop below finds the
-               entry at fault in a bad block */
+               with subtractions and ORs alone, which the compiler vectorizes (x86-64 has no
+               64-bit vector compare before SSE4.2): last - lo has its top bit set exactly
+               when lo > last, for lo below 2^63, and lo's own top bit catches the rest; a
+               negative remote offset has its top bit set. The loop below finds the entry
+               at fault in a bad block. */
             const uint64_t last = rlen - ln[0];
             for (; i + 256 <= c->n; i += 256) {
                 uint64_t bad = 0;
                 for (size_t k = 0; k < 256; k++)
-                    bad |= (uint64_t)(lo[i + k] > last) | (ro[i + k] >> 63);
-                if (bad)
+                    bad |= (last - lo[i + k]) | lo[i + k] | ro[i + k];
+                if (bad >> 63)
                     break;
             }
         }
@@ -491,6 +501,8 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
             break;
         }
     }
+    if (t->tr_start)
+        t->tr_checked = kvt_now_ns();
     if (rc < 0) {
         free(ls.views);
         release_locals(t);
@@ -743,8 +755,19 @@ static int64_t worker_spin_ns(void)
     return spin_setting("KVTRANSFER_WORKER_SPIN_US", 200, &cached);
 }
 
+void kvt_queue_kick(kvt_queue *q)
+{
+    if (worker_spin_ns() <= 0)
+        return; /* threads that do not spin would only go back to sleep */
+    pthread_mutex_lock(&q->mu);
+    q->kicks++;
+    pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+}
+
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
 {
+again:
     if (wait && atomic_load(&q->queued) == 0) {
         int64_t spin = worker_spin_ns();
         if (spin > 0) {
@@ -759,8 +782,13 @@ kvt_job *kvt_queue_pop(kvt_queue *q, int wait)
         }
     }
     pthread_mutex_lock(&q->mu);
-    while (!q->head && !q->closed && wait)
+    const unsigned kicks = q->kicks;
+    while (!q->head && !q->closed && wait && q->kicks == kicks)
         pthread_cond_wait(&q->cv, &q->mu);
+    if (!q->head && !q->closed && wait) { /* kicked: a batch is being cut, spin for its jobs */
+        pthread_mutex_unlock(&q->mu);
+        goto again;
+    }
     kvt_job *j = q->closed ? NULL : q->head;
     if (j) {
         q->head = j->next;

@@ -78,9 +78,9 @@ struct kvt_transfer {
     uint64_t *local_ids;
     size_t n_local;
     kvt_batch *batch; /* the columns of a lazily cut batch, or NULL */
-    /* KVTRANSFER_TRACE=1: when it started, was cut, first popped, first and last
+    /* KVTRANSFER_TRACE=1: when it started, had its local ranges checked, was cut, first popped, first and last
        launched on a GPU (ns, CLOCK_MONOTONIC; 0 unset); printed when it finishes */
-    int64_t tr_start, tr_cut;
+    int64_t tr_start, tr_checked, tr_cut;
     _Atomic int64_t tr_pop, tr_launch1, tr_launchn;
     size_t tr_entries, tr_jobs;
 };
@@ -104,6 +104,7 @@ typedef struct kvt_queue {
     kvt_job *head, *tail;
     _Atomic long queued; /* jobs in the queue, read without mu by threads that spin */
     int closed;
+    unsigned kicks; /* kvt_queue_kick: sleeping poppers go back to spinning */
     int wake_fd; /* an eventfd written on every push and on close, for consumers that
                     poll() other fds too (verbs); -1 when unused */
     int lazy_dev; /* the consumer copies lazy jobs into device memory from the batch's
@@ -126,6 +127,10 @@ int kvt_queue_is_closed(kvt_queue *q);
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
 /* Writes the pieces of a job that is still lazy (job->batch != NULL). */
 void kvt_job_materialize(kvt_job *j);
+/* Wakes threads asleep in kvt_queue_pop to spin for jobs about to be pushed (a large
+ * batch starts: waking them first hides the wake-up); nothing where threads do not
+ * spin (KVTRANSFER_WORKER_SPIN_US=0, or fewer than 8 CPUs by default). */
+void kvt_queue_kick(kvt_queue *q);
 /* Closes the queue and fails what is left in it with ECANCELED. */
 void kvt_queue_close(kvt_queue *q, const char *why);
 void kvt_queue_destroy(kvt_queue *q);

@@ -3,8 +3,8 @@
  * Device <- device (the case that matters): the target's region table names each
  * CUDA region's allocation and IPC handle; the reader opens each allocation once
  * (cuda_ipc.c) and copies a job's blocks with the gather kernel (cuda_copy.c): the
- * job's (src, dst, len) descriptors are written to pinned memory, uploaded with one
- * cuMemcpyHtoDAsync and copied by one launch. A job cut lazily from one region to
+ * job's (src, dst, len) descriptors are written to pinned, device-mapped memory and
+ * copied by one launch that reads them there. A job cut lazily from one region to
  * one region (read_blocks) gets its descriptors straight from the batch's columns,
  * its source region checked once and every range's bounds in the same loop: a few
  * ns a block, so two threads keep ahead of an H200 copying 32 KiB blocks (writing
@@ -50,8 +50,8 @@ typedef struct remote {
 
 typedef struct slot {
     CUstream s;       /* its own: a job's copy may start while the one before drains */
-    kvt_copy_desc *h; /* pinned */
-    CUdeviceptr d;
+    kvt_copy_desc *h; /* pinned, device-mapped: the kernel reads its descriptors here */
+    CUdeviceptr d;    /* h as the device addresses it */
     CUevent ev;
     kvt_job *job; /* in flight, or NULL */
 } slot;
@@ -91,8 +91,6 @@ static void lane_free(const kvt_cu *c, lane *l)
     for (int i = 0; i < 2; i++) {
         if (l->slots[i].ev)
             c->EventDestroy(l->slots[i].ev);
-        if (l->slots[i].d)
-            c->MemFree(l->slots[i].d);
         if (l->slots[i].h)
             c->MemFreeHost(l->slots[i].h);
         if (l->slots[i].s)
@@ -131,10 +129,10 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
         what = "cuMemHostAlloc";
         if (r == CUDA_SUCCESS)
             r = c->MemHostAlloc((void **)&l->slots[i].h, SLOT_DESCS * sizeof(kvt_copy_desc),
-                            CU_MEMHOSTALLOC_PORTABLE);
+                                CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
         if (r == CUDA_SUCCESS) {
-            what = "cuMemAlloc";
-            r = c->MemAlloc(&l->slots[i].d, SLOT_DESCS * sizeof(kvt_copy_desc));
+            what = "cuMemHostGetDevicePointer";
+            r = c->MemHostGetDevicePointer(&l->slots[i].d, l->slots[i].h, 0);
         }
         if (r == CUDA_SUCCESS) {
             what = "cuEventCreate";
@@ -190,15 +188,12 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
     return 0;
 }
 
-/* Uploads descriptors [from, to) of the slot and launches their copy. */
+/* Launches the copy of descriptors [from, to) of the slot. The kernel reads them from
+ * the pinned buffer itself (24 bytes a block, over PCIe, each CTA loading its next
+ * while it copies one): no upload to wait for before the copy starts. */
 static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kvt_err *e)
 {
-    const kvt_cu *c = kvt_cu_get(e);
-    CUdeviceptr d = sl->d + from * sizeof(kvt_copy_desc);
-    CUresult r = c->MemcpyHtoDAsync(d, sl->h + from, (to - from) * sizeof(kvt_copy_desc), sl->s);
-    if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%zu copy descriptors to device %d", to - from, l->dev);
-    int rc = kvt_copy_launch(l->dev, sl->s, sl->h + from, d, to - from, e);
+    int rc = kvt_copy_launch(l->dev, sl->s, sl->h + from, sl->d + from * sizeof(kvt_copy_desc), to - from, e);
     if (rc == 0 && t)
         kvt_trace_launch(t);
     return rc;

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 import logging
+import math
 import os
 import socket
 import threading
@@ -256,7 +257,7 @@ def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
     their sum."""
     ln = _offsets(lengths, "length", check_negative=False)
     if ln.ndim == 0:
-        return int(ln), int(ln) * int(np.prod(shape))
+        return int(ln), int(ln) * math.prod(shape)
     ln = np.broadcast_to(ln, shape)
     return ln, int(ln.sum())
 

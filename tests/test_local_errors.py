@@ -207,3 +207,28 @@ def test_non_integer_offsets_and_lengths_are_invalid(engine, shared_target, api,
                              args["remote_offset"], args["length"])
     time.sleep(0.1)
     assert not dst.any(), "the batch was refused but bytes were read"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["negative_local", "negative_remote", "local_out_of_range"])
+def test_read_blocks_long_batch_names_the_bad_entry(engine, shared_target, transport, kind):
+    """A batch long enough for the C core's vectorized check (blocks of 256 entries)
+    still names the entry at fault, and reads nothing."""
+    n, bad = 1000, 700
+    peer = connect(engine, shared_target, transport)
+    dst, region = alloc_dst(engine, n * 64)
+    lo = np.arange(n, dtype=np.int64) * 64
+    ro = lo.copy()
+    if kind == "negative_local":
+        lo[bad] = -64
+    elif kind == "negative_remote":
+        ro[bad] = -1
+    else:
+        lo[bad] = n * 64 - 32
+    dst[:] = 0x3C
+    with pytest.raises(InvalidArgumentError) as ei:
+        peer.read_blocks(region, lo, shared_target.region, ro, 64)
+    assert re.search(rf"\bentry {bad}\b", str(ei.value)), ei.value
+    time.sleep(0.1)
+    assert (dst == 0x3C).all(), "read_blocks refused the batch but bytes were read"
+    good_read(engine, peer, shared_target)

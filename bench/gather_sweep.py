@@ -149,8 +149,14 @@ def main(argv=None) -> int:
                     help="instead: the device shape (1,024 x 2, one CTA per SM) on 32 KiB scattered blocks cut "
                          "into jobs as the engine cuts them, on 1, 2 or 4 streams, with and without uploading "
                          "each job's descriptors; wall time of a pass, synchronized")
+    ap.add_argument("--ipc", action="store_true",
+                    help="instead: the device shape on a source in another process, opened through CUDA IPC "
+                         "(as shm reads it), against the same source in this process")
+    ap.add_argument("--ipc-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.ipc_child:
+        return ipc_child(args.ipc_child)
     import cupy as cp
     import torch
 
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
           + "; ".join(f"index_select {k} {gbps(v):.0f} GB/s ({copy_s[0] / v:.3f}x)" for k, v in base.items()),
           flush=True)
 
+    if args.ipc:
+        return ipc_compare(args, cp, torch, src, dst, sms, workloads["32K perm"][1], gbps)
     if args.pipeline:
         return pipeline(args, cp, torch, src, dst, sms, copy_s[0], workloads["32K perm"][1], gbps)
     todo = shapes(args.quick)
@@ -253,6 +261,51 @@ def main(argv=None) -> int:
             json.dump({"copy_gbps": [gbps(s) for s in copy_s], "index_select_ratio":
                        {k: copy_s[0] / v for k, v in base.items()}, "rows": rows}, f, indent=1)
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def ipc_child(total: int) -> int:
+    """Holds `total` random bytes on cuda:0 and prints their CUDA IPC handle."""
+    import cupy as cp
+
+    buf = cp.random.randint(0, 255, total, dtype=cp.uint8)
+    cp.cuda.Device().synchronize()
+    print(bytes(cp.cuda.runtime.ipcGetMemHandle(buf.data.ptr)).hex(), flush=True)
+    sys.stdin.read()
+    return 0
+
+
+def ipc_compare(args, cp, torch, src, dst, sms, perm, gbps) -> int:
+    import subprocess
+
+    total = src.numel()
+    child = subprocess.Popen([sys.executable, __file__, "--ipc-child", str(total)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(child.stdout.readline().strip()))
+        mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["g<1024,2,0,0,0>"])
+        fn = mod.get_function("g<1024,2,0,0,0>")
+
+        def timed(f) -> float:
+            f()
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                best = min(best, _per_call(lambda: (f(), torch.cuda.synchronize()), args.iters))
+            return best
+
+        out = {}
+        for where, base in (("this process", src.data_ptr()), ("CUDA IPC", ptr), ("this process again", src.data_ptr())):
+            d = cp.asarray(descs(base, dst.data_ptr(), perm, 32 << 10, 64 << 10))
+            n = len(d)
+            out[where] = timed(lambda: fn((sms,), (1024,), (d, np.uint64(n))))
+            contiguous = timed(lambda: cp.cuda.runtime.memcpyAsync(dst.data_ptr(), base, total, 3, 0))
+            print(f"source in {where}: gather of 32 KiB blocks {out[where] * 1e6:.1f} us ({gbps(out[where]):.0f} GB/s); "
+                  f"contiguous cudaMemcpyAsync {contiguous * 1e6:.1f} us ({gbps(contiguous):.0f} GB/s)", flush=True)
+        cp.cuda.runtime.ipcCloseMemHandle(ptr)
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    return 0
 
 
 def _per_call(fn, iters: int) -> float:

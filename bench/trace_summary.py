@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 
 LINE = re.compile(r"kvtransfer trace: (\d+) entries, (\d+) jobs: (.*)")
-FIELD = re.compile(r"([a-z ]+) \+(-?[\d.]+)")
+FIELD = re.compile(r"([a-z ]+) \+?(-?[\d.]+)")
 
 
 def main(paths: list[str]) -> int:

@@ -102,6 +102,7 @@ static void load(void)
         }
     }
     *(void **)&cu.api.MemGetHandleForAddressRange = dlsym(h, "cuMemGetHandleForAddressRange");
+    *(void **)&cu.api.EventElapsedTime = dlsym(h, "cuEventElapsedTime");
     *(void **)&cu.api.OccupancyMaxActiveBlocksPerMultiprocessor = dlsym(h, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     *(void **)&cu.api.MemcpyBatchAsync_v2 = dlsym(h, "cuMemcpyBatchAsync_v2");
     if (!cu.api.MemcpyBatchAsync_v2)

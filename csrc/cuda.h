@@ -98,6 +98,7 @@ typedef struct kvt_cu {
     CUresult (*LaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
                              unsigned int, unsigned int, CUstream, void **, void **);
     /* optional */
+    CUresult (*EventElapsedTime)(float *, CUevent, CUevent); /* KVTRANSFER_TRACE=1 only */
     CUresult (*MemGetHandleForAddressRange)(void *, CUdeviceptr, size_t, int, unsigned long long);
     CUresult (*OccupancyMaxActiveBlocksPerMultiprocessor)(int *, CUfunction, int, size_t);
     /* cuMemcpyBatchAsync: CUDA 13's _v2 (no failIdx), else 12.8's (failIdx before the stream) */

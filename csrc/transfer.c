@@ -118,9 +118,9 @@ static void trace_print(kvt_transfer *t)
     int64_t s = t->tr_start;
 #define US(x) ((x) ? ((x) - s) / 1000.0 : -1.0)
     fprintf(stderr, "kvtransfer trace: %zu entries, %zu jobs: checked +%.1f us, cut +%.1f, first pop +%.1f, first launch "
-            "+%.1f, last launch +%.1f, done +%.1f us\n", t->tr_entries, t->tr_jobs, US(t->tr_checked), US(t->tr_cut),
-            US(atomic_load(&t->tr_pop)),
-            US(atomic_load(&t->tr_launch1)), US(atomic_load(&t->tr_launchn)), US(now));
+            "+%.1f, last launch +%.1f, done +%.1f us; gpu %.1f us\n", t->tr_entries, t->tr_jobs, US(t->tr_checked),
+            US(t->tr_cut), US(atomic_load(&t->tr_pop)), US(atomic_load(&t->tr_launch1)),
+            US(atomic_load(&t->tr_launchn)), US(now), atomic_load(&t->tr_gpu_ns) / 1000.0);
 #undef US
 }
 
@@ -128,6 +128,9 @@ static void finish(kvt_transfer *t)
 {
     if (t->tr_start)
         trace_print(t);
+    void *mark = atomic_load(&t->tr_gpu_mark);
+    if (mark && t->tr_gpu_free)
+        t->tr_gpu_free(mark);
     /* the destination is no longer written: let its regions go */
     release_locals(t);
     pthread_mutex_lock(&t->mu);

@@ -82,6 +82,12 @@ struct kvt_transfer {
        launched on a GPU (ns, CLOCK_MONOTONIC; 0 unset); printed when it finishes */
     int64_t tr_start, tr_checked, tr_cut;
     _Atomic int64_t tr_pop, tr_launch1, tr_launchn;
+    /* a CUDA path's GPU view (shm): an event it recorded before the first copy, freed
+       by tr_gpu_free when the transfer finishes, and the longest time from it to a
+       job's end (ns): how long the GPU worked on the batch */
+    void *_Atomic tr_gpu_mark;
+    void (*tr_gpu_free)(void *);
+    _Atomic int64_t tr_gpu_ns;
     size_t tr_entries, tr_jobs;
 };
 

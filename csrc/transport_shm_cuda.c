@@ -136,7 +136,7 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
         }
         if (r == CUDA_SUCCESS) {
             what = "cuEventCreate";
-            r = c->EventCreate(&l->slots[i].ev, CU_EVENT_DISABLE_TIMING);
+            r = c->EventCreate(&l->slots[i].ev, kvt_trace_on() ? 0 : CU_EVENT_DISABLE_TIMING);
         }
     }
     if (r != CUDA_SUCCESS) {
@@ -188,11 +188,42 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
     return 0;
 }
 
+/* KVTRANSFER_TRACE=1: the GPU's view of a batch. The first job launched records an
+ * event before its copy (the transfer keeps it); each job's end is timed against it
+ * when the job retires; the trace line prints the longest. */
+static void gpu_mark_free(void *ev) { kvt_cu_get(NULL)->EventDestroy((CUevent)ev); }
+
+static void gpu_mark(kvt_transfer *t, CUstream s)
+{
+    const kvt_cu *c = kvt_cu_get(NULL);
+    CUevent ev;
+    if (atomic_load(&t->tr_gpu_mark) || !c->EventElapsedTime || c->EventCreate(&ev, 0) != CUDA_SUCCESS)
+        return;
+    void *none = NULL;
+    t->tr_gpu_free = gpu_mark_free;
+    if (c->EventRecord(ev, s) != CUDA_SUCCESS || !atomic_compare_exchange_strong(&t->tr_gpu_mark, &none, (void *)ev))
+        c->EventDestroy(ev);
+}
+
+static void gpu_span(kvt_transfer *t, CUevent end)
+{
+    const kvt_cu *c = kvt_cu_get(NULL);
+    void *mark = atomic_load(&t->tr_gpu_mark);
+    float ms = 0;
+    if (!mark || c->EventElapsedTime(&ms, (CUevent)mark, end) != CUDA_SUCCESS)
+        return;
+    int64_t ns = (int64_t)(ms * 1e6), seen = atomic_load(&t->tr_gpu_ns);
+    while (ns > seen && !atomic_compare_exchange_weak(&t->tr_gpu_ns, &seen, ns))
+        ;
+}
+
 /* Launches the copy of descriptors [from, to) of the slot. The kernel reads them from
  * the pinned buffer itself (24 bytes a block, over PCIe, each CTA loading its next
  * while it copies one): no upload to wait for before the copy starts. */
 static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kvt_err *e)
 {
+    if (t && t->tr_start)
+        gpu_mark(t, sl->s);
     int rc = kvt_copy_launch(l->dev, sl->s, sl->h + from, sl->d + from * sizeof(kvt_copy_desc), to - from, e);
     if (rc == 0 && t)
         kvt_trace_launch(t);
@@ -305,6 +336,8 @@ void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
         CUresult r = kvt_cu_get(&e)->EventSynchronize(sl->ev);
         if (r != CUDA_SUCCESS)
             rc = kvt_cu_fail(&e, r, "cuEventSynchronize", "copy of %zu blocks on device %d", job->n, l->dev);
+        else if (job->t->tr_start)
+            gpu_span(job->t, sl->ev);
     }
     complete(s, job, rc, &e, (int64_t)job->pieces[0].entry);
 }

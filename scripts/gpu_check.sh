@@ -34,6 +34,7 @@ KVTRANSFER_TRACE=${KVTRANSFER_TRACE:-1} timeout 240 python3 bench/transfer_bw.py
   --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} > "$OUT/bench_cuda.txt" 2> "$OUT/bench_cuda.err"; step
 # GPU_CHECK_SWEEP=1: tuning runs, one line each (the kernel's two shapes alone, shm
 # with 1 and 4 copy threads, the batch mode); bench/gather_sweep.py tunes the shapes
+ratios() { sed -n '/Ratios/,$p' "$1" | sed -n '2,4p' | tr -s ' ' | tr '\n' ';'; }
 if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
   {
     timeout 90 python3 bench/transfer_bw.py --device cuda --transports d2d,kernel0,kernel1 \

@@ -105,7 +105,7 @@ ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
 CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
-KERNEL_VARIANTS = ("kernel0", "kernel1")  # csrc/cuda_copy.c's shapes (device, staged), on request
+KERNEL_VARIANTS = ("kernel0", "kernel1")  # csrc/cuda_copy.c's shapes, on request
 CUDA_BASELINES = ("d2d", "gather", "kernel", "cpu") + KERNEL_VARIANTS
 CUDA_RATIOS = (("shm", "d2d"), ("shm", "gather"), ("shm", "cpu"), ("tcp", "tcp-host"), ("kernel", "d2d"),
                ("shm", "kernel"))

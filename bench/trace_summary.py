@@ -21,13 +21,14 @@ def main(paths: list[str]) -> int:
             m = LINE.search(line)
             if not m:
                 continue
-            fields = {k.strip(): float(v) for k, v in FIELD.findall(m.group(3))}
-            if any(v < 0 for v in fields.values()):
-                continue  # no GPU launch: a host batch
+            # -1: not reached (a batch into host memory launches nothing on a GPU)
+            fields = {k.strip(): float(v) for k, v in FIELD.findall(m.group(3)) if float(v) >= 0}
             g = groups[path, int(m.group(1))]
             g["jobs"].append(float(m.group(2)))
             for k, v in fields.items():
                 g[k].append(v)
+    if not groups:
+        print("no kvtransfer trace lines (KVTRANSFER_TRACE=1 prints them for batches of 1,000 entries or more)")
     for (path, n), g in sorted(groups.items()):
         parts = [f"{k} {statistics.median(v):.1f}" for k, v in g.items()]
         print(f"{path}: {n} entries, {len(g['jobs'])} batches, medians (us from the C call): " + ", ".join(parts))

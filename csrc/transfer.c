@@ -117,10 +117,13 @@ static void trace_print(kvt_transfer *t)
         return;
     int64_t s = t->tr_start;
 #define US(x) ((x) ? ((x) - s) / 1000.0 : -1.0)
+    char gpu[48] = ""; /* shm's CUDA path: how long the GPU worked on the batch */
+    if (atomic_load(&t->tr_gpu_ns) > 0)
+        snprintf(gpu, sizeof gpu, "; gpu %.1f us", atomic_load(&t->tr_gpu_ns) / 1000.0);
     fprintf(stderr, "kvtransfer trace: %zu entries, %zu jobs: checked +%.1f us, cut +%.1f, first pop +%.1f, first launch "
-            "+%.1f, last launch +%.1f, done +%.1f us; gpu %.1f us\n", t->tr_entries, t->tr_jobs, US(t->tr_checked),
+            "+%.1f, last launch +%.1f, done +%.1f us%s\n", t->tr_entries, t->tr_jobs, US(t->tr_checked),
             US(t->tr_cut), US(atomic_load(&t->tr_pop)), US(atomic_load(&t->tr_launch1)),
-            US(atomic_load(&t->tr_launchn)), US(now), atomic_load(&t->tr_gpu_ns) / 1000.0);
+            US(atomic_load(&t->tr_launchn)), US(now), gpu);
 #undef US
 }
 

@@ -308,6 +308,19 @@ static kvt_job_limits job_limits(const kvt_job_limits lim[2], int kind, int *dev
 
 static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j);
 
+/* Whether entries of `len` bytes fill every job of this kind exactly (job_limits'
+ * byte limits, the smaller first ones too): then no entry is split across jobs. */
+static int whole_entries(const kvt_job_limits lim[2], int kind, uint64_t len)
+{
+    const kvt_job_limits *cl = &lim[kind == KVT_MEM_HOST ? 0 : 1];
+    for (int shift = 0; shift <= (kind == KVT_MEM_HOST ? 0 : 4); shift += 2) {
+        uint64_t bytes = cl->bytes >> shift > 0 ? cl->bytes >> shift : 1;
+        if (len == 0 || bytes % len != 0)
+            return 0;
+    }
+    return 1;
+}
+
 /* Cuts a one-region-to-one-region batch into lazy jobs (see kvt_batch), the same jobs
  * and pieces the general path makes. */
 static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_view *lv, const kvt_job_limits lim[2],
@@ -347,6 +360,38 @@ static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_vi
     } while (0)
     int kind = (int)lv->mem_kind, dev_jobs = 0;
     kvt_job_limits jl = {0, 0};
+    if (!b->ln && whole_entries(lim, kind, b->len0)) {
+        /* one length dividing every job's byte limit (read_blocks' usual shape): the
+           same jobs as the loop below makes, each a count of whole entries, cut without
+           visiting the entries (16,384 blocks: a column copy, not ~5 ns per block) */
+        for (size_t i = 0; i < n;) {
+            jl = job_limits(lim, kind, &dev_jobs);
+            size_t k = (size_t)(jl.bytes / b->len0);
+            k = k < jl.pieces ? k : jl.pieces;
+            k = k < n - i ? k : n - i;
+            kvt_job *j = new_job(t, q, lim[kind == KVT_MEM_HOST ? 0 : 1].pieces, lv);
+            if (!j)
+                return kvt_syserr(err, ENOMEM, "malloc", "job");
+            j->batch = b;
+            j->e0 = i;
+            j->e1 = i + k - 1;
+            j->off0 = 0;
+            j->end1 = b->len0;
+            j->n = k;
+            j->bytes = k * b->len0;
+            j->pieces[0].entry = i;
+            if (so == 1 && sr == 1) {
+                memcpy(b->lo + i, lo + i, k * sizeof *lo);
+                memcpy(b->ro + i, ro + i, k * sizeof *ro);
+                copied = i + k;
+            } else {
+                COPY_UPTO(i + k);
+            }
+            push_job(t, q, j);
+            i += k;
+        }
+        return 0;
+    }
     kvt_job *cur = NULL;
     for (size_t i = 0; i < n; i++) {
         uint64_t len = ln[i * sl];

@@ -82,6 +82,28 @@ def test_10000_blocks_one_length_reverse_order(engine, shared_target, transport)
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_whole_blocks_cut_without_visiting_them(engine, shared_target, transport, layout):
+    """4 KiB blocks fill every job exactly, so the C core cuts the batch into jobs by
+    counting (no per-block loop) and copies the offset columns in bulk, or one by one
+    when the offset arrays are strided views: the bytes land the same."""
+    n, size = 5000, 4096
+    lo = size * np.arange(n, dtype=np.int64)
+    ro = (size * np.arange(n, dtype=np.int64) + 3)[::-1]
+    if layout == "strided":
+        lo = np.repeat(lo, 2)[::2]
+        ro = np.repeat(ro, 2)[::2]
+    else:
+        ro = ro.copy()
+    assert lo.flags.c_contiguous == (layout == "contiguous")
+    peer = connect(engine, shared_target, transport)
+    dst, region = alloc_dst(engine, n * size)
+    want = plan(dst, shared_target.expected, lo, ro, size)
+    peer.read_blocks(region, lo, shared_target.region, ro, size).wait(timeout=WAIT_S)
+    assert_bytes(dst, want)
+
+
+@pytest.mark.timeout(60)
 def test_batch_of_entries_larger_than_a_job(engine, shared_target, transport):
     """Entries of several MiB each (longer than one transport job), in one batch, with
     unaligned offsets: each is split and reassembled in place."""

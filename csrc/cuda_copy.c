@@ -16,8 +16,9 @@
 /* The gather kernel: a CTA copies one descriptor at a time (grid-stride over them),
  * with 16-byte vectors when source and destination agree modulo 16: a byte head up to
  * the first aligned address, U independent 16-byte loads per thread before their
- * stores, a byte tail; otherwise bytes (correct, slow, rare). Sources are read through the read-only path (they are
- * not written during a copy). Two shapes, each best where it is used:
+ * stores, a byte tail; otherwise bytes (correct, slow, rare). Sources are read through
+ * the read-only path (they are not written during a copy). Two shapes, each best where
+ * it is used:
  *   0 "device"  device memory to device memory (shm, also over peer access): 1,024
  *               threads, U = 2, one CTA per SM: 32 KiB in flight per SM; a CTA loads
  *               its descriptors 32 at a time into shared memory, the next 32 while it

@@ -122,14 +122,15 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
     }
     l->dev = dev;
     CUresult r = CUDA_SUCCESS;
-    const char *what = "";
+    const char *what = "cuStreamCreate";
     for (int i = 0; i < 2 && r == CUDA_SUCCESS; i++) {
         what = "cuStreamCreate";
         r = c->StreamCreate(&l->slots[i].s, CU_STREAM_NON_BLOCKING);
-        what = "cuMemHostAlloc";
-        if (r == CUDA_SUCCESS)
+        if (r == CUDA_SUCCESS) {
+            what = "cuMemHostAlloc";
             r = c->MemHostAlloc((void **)&l->slots[i].h, SLOT_DESCS * sizeof(kvt_copy_desc),
                                 CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+        }
         if (r == CUDA_SUCCESS) {
             what = "cuMemHostGetDevicePointer";
             r = c->MemHostGetDevicePointer(&l->slots[i].d, l->slots[i].h, 0);
@@ -218,8 +219,8 @@ static void gpu_span(kvt_transfer *t, CUevent end)
 }
 
 /* Launches the copy of descriptors [from, to) of the slot. The kernel reads them from
- * the pinned buffer itself (24 bytes a block, over PCIe, each CTA loading its next
- * while it copies one): no upload to wait for before the copy starts. */
+ * the pinned buffer itself (24 bytes a block, over PCIe, each CTA loading the next 32
+ * while it copies 32): no upload to wait for before the copy starts. */
 static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kvt_err *e)
 {
     if (t && t->tr_start)

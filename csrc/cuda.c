@@ -19,7 +19,6 @@
 #define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
 #define CU_MEMORYTYPE_DEVICE 2
 #define CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD 1
-#define MAX_DEVICES 64
 
 typedef CUresult (*cu_init_fn)(unsigned int);
 typedef CUresult (*cu_version_fn)(int *);
@@ -30,7 +29,7 @@ static struct {
     char why[400];
     kvt_cu api;
     pthread_mutex_t ctx_mu;
-    CUcontext primary[MAX_DEVICES];
+    CUcontext primary[KVT_CUDA_MAX_DEVICES];
 } cu = {.once = PTHREAD_ONCE_INIT, .ctx_mu = PTHREAD_MUTEX_INITIALIZER};
 
 /* Entry points every CUDA path needs: a driver without one of them is too old
@@ -45,7 +44,6 @@ static const struct {
     REQUIRED(PointerGetAttribute, "cuPointerGetAttribute"),
     REQUIRED(MemGetAddressRange, "cuMemGetAddressRange_v2"),
     REQUIRED(DeviceGet, "cuDeviceGet"),
-    REQUIRED(DeviceGetCount, "cuDeviceGetCount"),
     REQUIRED(DeviceGetAttribute, "cuDeviceGetAttribute"),
     REQUIRED(DeviceGetPCIBusId, "cuDeviceGetPCIBusId"),
     REQUIRED(DeviceGetByPCIBusId, "cuDeviceGetByPCIBusId"),
@@ -70,9 +68,7 @@ static const struct {
     REQUIRED(MemFreeHost, "cuMemFreeHost"),
     REQUIRED(MemHostGetDevicePointer, "cuMemHostGetDevicePointer_v2"),
     REQUIRED(MemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
-    REQUIRED(MemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
     REQUIRED(MemcpyDtoH, "cuMemcpyDtoH_v2"),
-    REQUIRED(MemcpyHtoD, "cuMemcpyHtoD_v2"),
     REQUIRED(ModuleLoadData, "cuModuleLoadData"),
     REQUIRED(ModuleGetFunction, "cuModuleGetFunction"),
     REQUIRED(LaunchKernel, "cuLaunchKernel"),
@@ -171,20 +167,23 @@ static int primary(int dev, CUcontext *ctx, kvt_err *err)
     const kvt_cu *c = kvt_cu_get(err);
     if (!c)
         return -ENODEV;
-    if (dev < 0 || dev >= MAX_DEVICES)
+    if (dev < 0 || dev >= KVT_CUDA_MAX_DEVICES)
         return kvt_error(err, EINVAL, "cuda", "device ordinal %d out of range", dev);
     pthread_mutex_lock(&cu.ctx_mu);
     CUresult r = CUDA_SUCCESS;
+    const char *what = "cuDeviceGet";
     if (!cu.primary[dev]) {
         CUdevice d;
         r = c->DeviceGet(&d, dev);
-        if (r == CUDA_SUCCESS)
+        if (r == CUDA_SUCCESS) {
+            what = "cuDevicePrimaryCtxRetain";
             r = c->DevicePrimaryCtxRetain(&cu.primary[dev], d);
+        }
     }
     *ctx = cu.primary[dev];
     pthread_mutex_unlock(&cu.ctx_mu);
     if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(err, r, "cuDevicePrimaryCtxRetain", "device %d", dev);
+        return kvt_cu_fail(err, r, what, "device %d", dev);
     return 0;
 }
 
@@ -293,10 +292,13 @@ int kvt_cuda_export(uint64_t addr, uint64_t len, int device, kvt_cuda_alloc *out
         out->size = size;
         CUdevice d;
         CUresult r = c->DeviceGet(&d, device);
-        if (r == CUDA_SUCCESS)
+        const char *what = "cuDeviceGet";
+        if (r == CUDA_SUCCESS) {
+            what = "cuDeviceGetPCIBusId";
             r = c->DeviceGetPCIBusId(out->pci_bus_id, (int)sizeof out->pci_bus_id, d);
+        }
         if (r != CUDA_SUCCESS)
-            rc = kvt_cu_fail(err, r, "cuDeviceGetPCIBusId", "device %d", device);
+            rc = kvt_cu_fail(err, r, what, "device %d", device);
     }
     if (rc == 0) {
         /* Not every allocation has a legacy IPC handle (cuMemCreate, pools): then

@@ -1,7 +1,7 @@
 /* The CUDA driver API as the core uses it, loaded at run time by cuda.c: one build of
  * the extension serves machines with and without CUDA, and needs no CUDA headers.
  *
- * kvt_cu() returns the table of driver entry points once libcuda.so.1 is loaded and
+ * kvt_cu_get() returns the table of driver entry points once libcuda.so.1 is loaded and
  * cuInit succeeded (NULL with *err saying why otherwise). Optional entry points (newer
  * drivers only) are NULL when missing; every other one is there. Contexts: every
  * thread that touches device memory makes the primary context of the device current
@@ -9,6 +9,8 @@
  * (kvt_cuda_push / kvt_cuda_pop) where it must leave the caller's context alone. */
 #ifndef KVT_CUDA_H
 #define KVT_CUDA_H
+
+#define KVT_CUDA_MAX_DEVICES 64 /* device ordinals the core keeps state for */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -43,7 +45,6 @@ typedef struct {
 #define CUDA_SUCCESS 0
 #define CUDA_ERROR_INVALID_VALUE 1
 #define CUDA_ERROR_OUT_OF_MEMORY 2
-#define CUDA_ERROR_NOT_READY 600
 #define CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED 704
 #define CUDA_ERROR_NOT_SUPPORTED 801
 #define CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT 16
@@ -56,7 +57,6 @@ typedef struct {
 #define CU_MEMHOSTALLOC_DEVICEMAP 2
 #define CU_MEMCPY_SRC_ACCESS_ORDER_STREAM 1
 #define CU_MEM_LOCATION_TYPE_DEVICE 1
-#define CU_MEM_LOCATION_TYPE_HOST 2
 
 typedef struct kvt_cu {
     int driver_version; /* cuDriverGetVersion: 13000 = CUDA 13.0 */
@@ -65,7 +65,6 @@ typedef struct kvt_cu {
     CUresult (*PointerGetAttribute)(void *, int, CUdeviceptr);
     CUresult (*MemGetAddressRange)(CUdeviceptr *, size_t *, CUdeviceptr);
     CUresult (*DeviceGet)(CUdevice *, int);
-    CUresult (*DeviceGetCount)(int *);
     CUresult (*DeviceGetAttribute)(int *, int, CUdevice);
     CUresult (*DeviceGetPCIBusId)(char *, int, CUdevice);
     CUresult (*DeviceGetByPCIBusId)(CUdevice *, const char *);
@@ -90,9 +89,7 @@ typedef struct kvt_cu {
     CUresult (*MemFreeHost)(void *);
     CUresult (*MemHostGetDevicePointer)(CUdeviceptr *, void *, unsigned int);
     CUresult (*MemcpyHtoDAsync)(CUdeviceptr, const void *, size_t, CUstream);
-    CUresult (*MemcpyDtoHAsync)(void *, CUdeviceptr, size_t, CUstream);
     CUresult (*MemcpyDtoH)(void *, CUdeviceptr, size_t);
-    CUresult (*MemcpyHtoD)(CUdeviceptr, const void *, size_t);
     CUresult (*ModuleLoadData)(CUmodule *, const void *);
     CUresult (*ModuleGetFunction)(CUfunction *, CUmodule, const char *);
     CUresult (*LaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
@@ -111,10 +108,10 @@ typedef struct kvt_cu {
 /* The loaded driver, or NULL (with *err: ENODEV no driver/device, ENOSYS too old). */
 const kvt_cu *kvt_cu_get(kvt_err *err);
 
-/* "CUDA_ERROR_INVALID_VALUE (1): invalid argument" for messages. */
+/* "CUDA_ERROR_INVALID_VALUE, invalid argument" for messages. */
 const char *kvt_cu_str(CUresult r, char *buf, size_t cap);
 
-/* A failed driver call: "op(args): CUresult N, CUDA_ERROR_X: text". errno from the
+/* A failed driver call: "op: args: CUresult N, CUDA_ERROR_X, text". errno from the
  * CUresult (ENOMEM, EINVAL, EOPNOTSUPP, else EIO). Returns -errno. */
 int kvt_cu_fail(kvt_err *e, CUresult r, const char *op, const char *argsfmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -6,11 +6,11 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_DEVICES 64
 #define BATCH_CALL_MAX 8192 /* descriptors per cuMemcpyBatchAsync call */
 
 /* The gather kernel: a CTA copies one descriptor at a time (grid-stride over them),
@@ -201,13 +201,13 @@ static void load_nvrtc(void)
 static struct {
     pthread_mutex_t mu;
     struct dev_state {
-        int ready; /* 1 decided; -errno failed (why holds the message) */
+        _Atomic int ready; /* 1 decided; -errno failed (why holds the message); set last */
         int mode;  /* 1 kernel, 2 batch */
         CUfunction fn[N_VARIANTS];
         int grid[N_VARIANTS]; /* SMs x resident CTAs per SM, per variant */
         int pick;             /* KVTRANSFER_GATHER_VARIANT, else -1 (each copy's own shape) */
         kvt_err why;
-    } dev[MAX_DEVICES];
+    } dev[KVT_CUDA_MAX_DEVICES];
 } st = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 enum { MODE_KERNEL = 1, MODE_BATCH = 2 };
@@ -223,8 +223,9 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
     CUdevice d;
     int major = 0, minor = 0, sms = 0;
     CUresult r = c->DeviceGet(&d, dev);
-    if (r == CUDA_SUCCESS)
-        r = c->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, d);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(err, r, "cuDeviceGet", "device %d", dev);
+    r = c->DeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, d);
     if (r == CUDA_SUCCESS)
         r = c->DeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, d);
     if (r == CUDA_SUCCESS)
@@ -275,7 +276,9 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
     CUmodule mod;
     r = c->ModuleLoadData(&mod, image);
     free(image);
+    const char *what = "cuModuleLoadData";
     for (int k = 0; k < N_VARIANTS && r == CUDA_SUCCESS; k++) {
+        what = "cuModuleGetFunction";
         r = c->ModuleGetFunction(&ds->fn[k], mod, SHAPE[k].name);
         int per_sm = 2048 / SHAPE[k].threads; /* without the occupancy call: threads alone */
         if (r == CUDA_SUCCESS && c->OccupancyMaxActiveBlocksPerMultiprocessor &&
@@ -286,8 +289,8 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
         ds->grid[k] = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
     }
     if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(err, r, "cuModuleLoadData", "gather kernel for sm_%d%d from NVRTC %d.%d", major, minor,
-                           nv.major, nv.minor);
+        return kvt_cu_fail(err, r, what, "gather kernel for sm_%d%d from NVRTC %d.%d", major, minor, nv.major,
+                           nv.minor);
     ds->pick = gather_variant();
     return 0;
 }
@@ -297,9 +300,16 @@ int kvt_copy_prepare(int dev, const char **mode, kvt_err *err)
     const kvt_cu *c = kvt_cu_get(err);
     if (!c)
         return -ENODEV;
-    if (dev < 0 || dev >= MAX_DEVICES)
+    if (dev < 0 || dev >= KVT_CUDA_MAX_DEVICES)
         return kvt_error(err, EINVAL, "cuda", "device ordinal %d out of range", dev);
     struct dev_state *ds = &st.dev[dev];
+    /* every launch asks: once decided, without the lock (which a build on another
+       device holds for the few hundred ms NVRTC takes) */
+    if (atomic_load_explicit(&ds->ready, memory_order_acquire) > 0) {
+        if (mode)
+            *mode = ds->mode == MODE_KERNEL ? "kernel" : "batch";
+        return 0;
+    }
     pthread_mutex_lock(&st.mu);
     if (!ds->ready) {
         const char *want = getenv("KVTRANSFER_CUDA_COPY");
@@ -317,10 +327,11 @@ int kvt_copy_prepare(int dev, const char **mode, kvt_err *err)
         }
         if (rc == 0) {
             ds->mode = MODE_KERNEL;
-            ds->ready = 1;
+            atomic_store_explicit(&ds->ready, 1, memory_order_release);
         } else if (!force_kernel && have_batch) {
             ds->mode = MODE_BATCH;
-            ds->ready = 1;
+            ds->why = kwhy; /* said by kvt_cuda_copy_info: batch mode is far slower */
+            atomic_store_explicit(&ds->ready, 1, memory_order_release);
         } else {
             ds->ready = -EOPNOTSUPP;
             kvt_error(&ds->why, EOPNOTSUPP, "cuda copy",
@@ -427,8 +438,13 @@ int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err)
     else
         snprintf(kernel, sizeof kernel, "no gather kernel: %s", nv.why);
     snprintf(batch, sizeof batch, "cuMemcpyBatchAsync %s", have_batch ? "available" : "not in this driver");
-    snprintf(buf, cap, "driver %d.%d; %s; %s%s%s", c->driver_version / 1000, c->driver_version % 1000 / 10, kernel,
-             batch, want && *want ? "; KVTRANSFER_CUDA_COPY=" : "", want && *want ? want : "");
+    int at = snprintf(buf, cap, "driver %d.%d; %s; %s%s%s", c->driver_version / 1000, c->driver_version % 1000 / 10,
+                      kernel, batch, want && *want ? "; KVTRANSFER_CUDA_COPY=" : "", want && *want ? want : "");
+    /* devices already set up that copy with cuMemcpyBatchAsync, and why (it is far slower) */
+    for (int d = 0; d < KVT_CUDA_MAX_DEVICES && at >= 0 && (size_t)at < cap; d++)
+        if (atomic_load_explicit(&st.dev[d].ready, memory_order_acquire) > 0 && st.dev[d].mode == MODE_BATCH)
+            at += snprintf(buf + at, cap - (size_t)at, "; cuda:%d copies with cuMemcpyBatchAsync (%s)", d,
+                           st.dev[d].why.msg);
     if (!nv.ok && !have_batch)
         return kvt_error(err, EOPNOTSUPP, "cuda copy", "%s", buf);
     return 0;
@@ -445,11 +461,11 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
         kvt_copy_desc *pinned;
         CUdeviceptr d;
         size_t cap;
-    } sc[MAX_DEVICES];
+    } sc[KVT_CUDA_MAX_DEVICES];
     const kvt_cu *c = kvt_cu_get(err);
     if (!c)
         return -ENODEV;
-    if (dev < 0 || dev >= MAX_DEVICES)
+    if (dev < 0 || dev >= KVT_CUDA_MAX_DEVICES)
         return kvt_error(err, EINVAL, "cuda", "device ordinal %d out of range", dev);
     if (variant >= N_VARIANTS)
         return kvt_error(err, EINVAL, "cuda", "no kernel variant %d (0..%d)", variant, N_VARIANTS - 1);

@@ -64,10 +64,9 @@ int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdevice
  * -errno (EOPNOTSUPP: neither works). */
 int kvt_copy_prepare(int dev, const char **mode, kvt_err *err);
 
-/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as
- * copies run here) and waits for them. */
-/* variant: -1 as device copies run, else a kernel shape (cuda_copy.c: 0 device, 1 staged;
- * ignored in batch mode). */
+/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as copies
+ * run here) and waits for them. variant: -1 as device copies run, else a kernel shape
+ * (cuda_copy.c: 0 device, 1 staged; ignored in batch mode). */
 int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

@@ -232,7 +232,7 @@ int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **ou
     kvt_job_limits lim[2] = {{p->max_pieces, p->max_bytes},
                              {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
                               p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes}};
-    return kvt_transfer_start(&p->eng->table, cols, lim, p->device_memory, &p->queue, out, err);
+    return kvt_transfer_start(&p->eng->table, cols, lim, &p->queue, out, err);
 }
 
 int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)

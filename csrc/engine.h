@@ -32,7 +32,6 @@ struct kvt_peer {
     kvt_queue queue;
     size_t max_pieces;  /* per job */
     uint64_t max_bytes; /* per job */
-    int device_memory;  /* reads may land in CUDA memory */
     /* jobs whose destination is CUDA memory: larger, so that one job is one or a few
        kernel launches (0: as for host memory) */
     size_t dev_max_pieces;

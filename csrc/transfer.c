@@ -213,7 +213,7 @@ typedef struct local_set {
     size_t last; /* index of the last one used: batches rarely switch */
 } local_set;
 
-static int hold_local(kvt_transfer *t, local_set *ls, uint64_t id, int device_memory, size_t entry, kvt_err *err)
+static int hold_local(kvt_transfer *t, local_set *ls, uint64_t id, size_t entry, kvt_err *err)
 {
     if (t->n_local && t->local_ids[ls->last] == id)
         return 0;
@@ -238,12 +238,6 @@ static int hold_local(kvt_transfer *t, local_set *ls, uint64_t id, int device_me
     int rc = kvt_table_acquire(t->table, id, 0, 0, 0, 0, &v, &e);
     if (rc < 0)
         return kvt_error(err, -rc, "read", "entry %zu: local %s", entry, e.msg);
-    if (v.mem_kind != KVT_MEM_HOST && !device_memory) {
-        kvt_table_release(t->table, id);
-        return kvt_error(err, EOPNOTSUPP, "read",
-                         "entry %zu: local region 0x%lx is CUDA memory; this transport reads into host memory only",
-                         entry, (unsigned long)id);
-    }
     ls->last = t->n_local;
     ls->views[t->n_local] = v;
     t->local_ids[t->n_local++] = id;
@@ -308,15 +302,16 @@ static kvt_job_limits job_limits(const kvt_job_limits lim[2], int kind, int *dev
 
 static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j);
 
-/* Whether entries of `len` bytes fill every job of this kind exactly (job_limits'
- * byte limits, the smaller first ones too): then no entry is split across jobs. */
+/* Whether entries of `len` bytes fill every job of this kind exactly (each limit
+ * job_limits hands out, the smaller first ones too): then no entry is split. */
 static int whole_entries(const kvt_job_limits lim[2], int kind, uint64_t len)
 {
-    const kvt_job_limits *cl = &lim[kind == KVT_MEM_HOST ? 0 : 1];
-    for (int shift = 0; shift <= (kind == KVT_MEM_HOST ? 0 : 4); shift += 2) {
-        uint64_t bytes = cl->bytes >> shift > 0 ? cl->bytes >> shift : 1;
-        if (len == 0 || bytes % len != 0)
+    for (int dev_jobs = 0; dev_jobs < 3;) {
+        kvt_job_limits jl = job_limits(lim, kind, &dev_jobs);
+        if (len == 0 || jl.bytes % len != 0)
             return 0;
+        if (kind == KVT_MEM_HOST)
+            break; /* host jobs are all alike */
     }
     return 1;
 }
@@ -431,6 +426,8 @@ static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_vi
 void kvt_job_materialize(kvt_job *j)
 {
     const kvt_batch *b = j->batch;
+    if (!b)
+        return; /* cut with its pieces, or written already */
     size_t k = 0;
     for (size_t i = j->e0; i <= j->e1; i++) {
         uint64_t len = b->ln ? b->ln[i] : b->len0;
@@ -451,7 +448,7 @@ static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j)
 {
     t->tr_jobs++;
     atomic_fetch_add(&t->pending, 1);
-    kvt_queue_push_list(q, j);
+    kvt_queue_push(q, j);
 }
 
 /* Every job is queued (or cutting failed: the transfer fails, with what was queued
@@ -472,7 +469,7 @@ static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **o
 #define KICK_ENTRIES 256
 
 int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[2],
-                       int device_memory, kvt_queue *q, kvt_transfer **out, kvt_err *err)
+                       kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
     if (c->n == 0)
         return kvt_error(err, EINVAL, "read", "empty batch");
@@ -505,7 +502,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     int rc = 0;
     size_t from = 0;
     if (c->local_region.stride == 0 &&
-        (rc = hold_local(t, &ls, c->local_region.p[0], device_memory, 0, err)) == 0) {
+        (rc = hold_local(t, &ls, c->local_region.p[0], 0, err)) == 0) {
         const uint64_t rlen = ls.views[0].region_len;
         const uint64_t *lo = c->local_off.p, *ln = c->len.p, *ro = c->remote_off.p;
         const size_t so = c->local_off.stride, sl = c->len.stride, sr = c->remote_off.stride;
@@ -543,7 +540,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
                            (long)len);
             break;
         }
-        if ((rc = hold_local(t, &ls, id, device_memory, i, err)) < 0)
+        if ((rc = hold_local(t, &ls, id, i, err)) < 0)
             break;
         uint64_t rlen = ls.views[ls.last].region_len;
         if (off > rlen || len > rlen - off) {
@@ -582,7 +579,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     for (size_t i = 0; i < c->n && rc == 0; i++) {
         uint64_t id = col(&c->local_region, i), len = col(&c->len, i);
         if (!lv || id != lid) {
-            hold_local(t, &ls, id, device_memory, i, err); /* found: pass 1 added it */
+            hold_local(t, &ls, id, i, err); /* found: pass 1 added it */
             lv = &ls.views[ls.last];
             lid = id;
             ldev = lv->mem_kind == KVT_MEM_HOST ? -1 : (int)lv->device;
@@ -755,38 +752,24 @@ static void wake(kvt_queue *q)
     }
 }
 
-void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs)
+void kvt_queue_push(kvt_queue *q, kvt_job *j)
 {
-    if (!jobs)
-        return;
-    kvt_job *last = jobs;
-    while (last->next)
-        last = last->next;
     pthread_mutex_lock(&q->mu);
     if (q->closed) {
         pthread_mutex_unlock(&q->mu);
         kvt_err e;
         kvt_error(&e, ECANCELED, "read", "peer is closed");
-        while (jobs) {
-            kvt_job *n = jobs->next;
-            kvt_job_done(jobs, e.code, &e, (int64_t)jobs->pieces[0].entry);
-            jobs = n;
-        }
+        kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
         return;
     }
+    j->next = NULL;
     if (q->tail)
-        q->tail->next = jobs;
+        q->tail->next = j;
     else
-        q->head = jobs;
-    q->tail = last;
-    long added = 0;
-    for (kvt_job *j = jobs; j; j = j->next)
-        added++;
-    atomic_fetch_add(&q->queued, added);
-    if (jobs == last)
-        pthread_cond_signal(&q->cv); /* one job: one waiter, not a stampede per job */
-    else
-        pthread_cond_broadcast(&q->cv);
+        q->head = j;
+    q->tail = j;
+    atomic_fetch_add(&q->queued, 1);
+    pthread_cond_signal(&q->cv); /* one job: one waiter, not a stampede */
     wake(q);
     pthread_mutex_unlock(&q->mu);
 }
@@ -853,8 +836,6 @@ again:
         int64_t zero = 0;
         atomic_compare_exchange_strong(&j->t->tr_pop, &zero, kvt_now_ns());
     }
-    if (j && j->batch && !(q->lazy_dev && j->local_kind != KVT_MEM_HOST))
-        kvt_job_materialize(j);
     return j;
 }
 

@@ -114,8 +114,6 @@ typedef struct kvt_queue {
     unsigned kicks; /* kvt_queue_kick: sleeping poppers go back to spinning */
     int wake_fd; /* an eventfd written on every push and on close, for consumers that
                     poll() other fds too (verbs); -1 when unused */
-    int lazy_dev; /* the consumer copies lazy jobs into device memory from the batch's
-                     columns (shm's CUDA path): kvt_queue_pop leaves them lazy */
     /* finished jobs kept for reuse: a batch of 16,384 blocks is ~1 MiB of pieces, and
        fresh memory for it each time costs page faults in the reading call */
     pthread_mutex_t pool_mu;
@@ -124,15 +122,18 @@ typedef struct kvt_queue {
 } kvt_queue;
 
 void kvt_queue_init(kvt_queue *q);
-void kvt_queue_push_list(kvt_queue *q, kvt_job *jobs);
+void kvt_queue_push(kvt_queue *q, kvt_job *j);
 int kvt_queue_is_closed(kvt_queue *q);
 /* NULL once closed; with wait == 0, NULL when empty. With wait, an empty queue is
  * polled for KVTRANSFER_WORKER_SPIN_US (default 200) before the thread sleeps: the
  * next batch usually comes right after the last one, and waking a sleeping thread
- * costs tens of microseconds (more in a VM). A lazily cut job gets its pieces
- * written here, by the popping thread (but see lazy_dev). */
+ * costs tens of microseconds (more in a VM). A job may come lazy (job->batch set, its
+ * pieces not written): the consumer writes them with kvt_job_materialize where it
+ * needs them (shm's CUDA path copies from the batch's columns instead). */
 kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
-/* Writes the pieces of a job that is still lazy (job->batch != NULL). */
+/* Writes the pieces of a lazy job, in the popping thread (so the pieces of a batch of
+ * thousands of blocks are written in parallel, while copies run); nothing for a job
+ * that is not lazy. */
 void kvt_job_materialize(kvt_job *j);
 /* Wakes threads asleep in kvt_queue_pop to spin for jobs about to be pushed (a large
  * batch starts: waking them first hides the wake-up); nothing where threads do not
@@ -146,9 +147,8 @@ void kvt_queue_destroy(kvt_queue *q);
  * nothing is queued), holds the local regions, then cuts the entries into jobs of at
  * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination; a
  * longer entry is split) and pushes each job to q as soon as it is cut, so transports
- * start on the first while the rest are cut. A job lands in one memory kind and device.
- * device_memory == 0 refuses CUDA destinations. */
+ * start on the first while the rest are cut. A job lands in one memory kind and device. */
 int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[2],
-                       int device_memory, kvt_queue *q, kvt_transfer **out, kvt_err *err);
+                       kvt_queue *q, kvt_transfer **out, kvt_err *err);
 
 #endif

@@ -83,8 +83,8 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
     /* Seqlock check: the bytes count only if every source region outlived the copy
      * and the target is the process we connected to. */
     uint64_t last = 0;
-    for (size_t i = 0; i < job->n; i++) {
-        /* a job still lazy (the CUDA path copies from the batch's columns) has one region */
+    const size_t n = job->batch ? 1 : job->n; /* a lazy job reads one region */
+    for (size_t i = 0; i < n; i++) {
         uint64_t id = job->batch ? job->batch->remote_region : job->pieces[i].remote_region;
         if (id == last)
             continue;
@@ -157,6 +157,8 @@ static void *worker(void *arg)
             kvt_job_done(job, -ENOMEM, &e, (int64_t)job->pieces[0].entry);
             continue;
         }
+        if (job->local_kind == KVT_MEM_HOST)
+            kvt_job_materialize(job); /* the CUDA path copies lazy jobs from their columns */
         if (job->local_kind != KVT_MEM_HOST || run_job(s, job, liov, liov + SHM_MAX_PIECES))
             kvt_shm_cuda_job(s, &cu, job);
     }
@@ -254,8 +256,6 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->max_bytes = SHM_MAX_BYTES;
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
-    p->device_memory = 1;
-    p->queue.lazy_dev = 1; /* kvt_shm_cuda_job copies lazy device jobs from the columns */
     for (int i = 0; i < s->nthreads; i++) {
         int e = pthread_create(&s->threads[i], NULL, worker, s);
         if (e != 0) {

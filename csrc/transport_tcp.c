@@ -179,6 +179,7 @@ static void *conn_main(void *arg)
         if (job && kvt_job_skip_if_failed(job))
             continue;
         if (job) {
+            kvt_job_materialize(job);
             int rc = 0;
             if (c->fd < 0) {
                 int fd = dial(c->tp, &err);
@@ -278,7 +279,6 @@ int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->close = tcp_close;
     p->max_pieces = TCP_MAX_PIECES;
     p->max_bytes = TCP_MAX_BYTES;
-    p->device_memory = 1; /* received through pinned staging buffers */
     p->dev_max_pieces = TCP_MAX_PIECES;
     p->dev_max_bytes = dev_job_bytes();
     if (rc < 0) {

@@ -241,6 +241,7 @@ static void post_pending(verbs_peer *vp)
             vp->pending = NULL;
             continue;
         }
+        kvt_job_materialize(vp->pending); /* no-op once written: a job may be posted in parts */
         int rc = vp->qs ? 0 : establish(vp, &err);
         if (rc == 0)
             rc = post_job(vp, vp->pending, &err);
@@ -377,7 +378,6 @@ int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         /* a job is one chain: it must fit an empty send queue */
         p->max_pieces = vp->qs->sq_depth < VERBS_MAX_PIECES ? (size_t)vp->qs->sq_depth : VERBS_MAX_PIECES;
         p->max_bytes = VERBS_MAX_BYTES;
-        p->device_memory = 1; /* the NIC reads and writes GPU memory directly */
         int e = pthread_create(&vp->thread, NULL, verbs_main, vp);
         if (e != 0) {
             p->queue.wake_fd = -1;

@@ -34,6 +34,7 @@ struct kvt_stage {
     struct {
         char *buf;         /* pinned, device-mapped: the copy kernel reads or writes it */
         kvt_copy_desc *d;  /* pinned, device-mapped: the kernel reads its ranges there */
+        uint64_t buf_dev, d_dev; /* the two as the device addresses them */
         CUevent ev;
         int busy;          /* a copy of this buffer is in flight */
     } b[2];
@@ -118,6 +119,17 @@ static kvt_stage *bind(kvt_stage **stp, int dev, kvt_err *e, int *rc)
             what = "cuEventCreate";
             r = c->EventCreate(&st->b[i].ev, CU_EVENT_DISABLE_TIMING);
         }
+        if (r == CUDA_SUCCESS) {
+            /* the same under unified addressing (every 64-bit platform CUDA 11+ runs
+               on); asked to be sure, once */
+            CUdeviceptr bd = 0, dd = 0;
+            what = "cuMemHostGetDevicePointer";
+            r = c->MemHostGetDevicePointer(&bd, st->b[i].buf, 0);
+            if (r == CUDA_SUCCESS)
+                r = c->MemHostGetDevicePointer(&dd, st->b[i].d, 0);
+            st->b[i].buf_dev = bd;
+            st->b[i].d_dev = dd;
+        }
     }
     if (r != CUDA_SUCCESS) {
         *rc = kvt_cu_fail(e, r, what, "tcp staging buffers on device %d", dev);
@@ -126,18 +138,6 @@ static kvt_stage *bind(kvt_stage **stp, int dev, kvt_err *e, int *rc)
     }
     st->dev = dev;
     return st;
-}
-
-/* The address the GPU uses for pinned host memory p (the same under unified
- * addressing, which every 64-bit platform CUDA 11+ runs on; asked to be sure). */
-static int dev_ptr(const kvt_cu *c, void *p, uint64_t *out, kvt_err *e)
-{
-    CUdeviceptr d;
-    CUresult r = c->MemHostGetDevicePointer(&d, p, 0);
-    if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(e, r, "cuMemHostGetDevicePointer", "%p", p);
-    *out = d;
-    return 0;
 }
 
 static int wait_buf(const kvt_cu *c, kvt_stage *st, int b, kvt_err *e)
@@ -151,10 +151,7 @@ static int wait_buf(const kvt_cu *c, kvt_stage *st, int b, kvt_err *e)
 
 static int launch(const kvt_cu *c, kvt_stage *st, int b, size_t nd, kvt_err *e)
 {
-    uint64_t d = 0;
-    int rc = dev_ptr(c, st->b[b].d, &d, e);
-    if (rc == 0)
-        rc = kvt_copy_launch_staged(st->dev, st->s, st->b[b].d, d, nd, e);
+    int rc = kvt_copy_launch_staged(st->dev, st->s, st->b[b].d, st->b[b].d_dev, nd, e);
     if (rc == 0) {
         CUresult r = c->EventRecord(st->b[b].ev, st->s);
         if (r != CUDA_SUCCESS)
@@ -213,9 +210,9 @@ int kvt_stage_send(kvt_stage **stp, int fd, const kvt_seg *segs, size_t n, kvt_e
                 break;
         }
         int b = pend == 0 ? 1 : 0;
-        uint64_t base = 0;
-        if ((rc = wait_buf(c, st, b, e)) < 0 || (rc = dev_ptr(c, st->b[b].buf, &base, e)) < 0)
+        if ((rc = wait_buf(c, st, b, e)) < 0)
             break;
+        const uint64_t base = st->b[b].buf_dev;
         size_t nd = 0;
         uint64_t fill = 0;
         while (i < n && segs[i].kind != KVT_MEM_HOST && segs[i].dev == dev && fill < STAGE_BYTES) {
@@ -258,9 +255,9 @@ int kvt_stage_recv(kvt_stage **stp, int fd, const kvt_seg *segs, size_t n, kvt_e
     uint64_t in = 0;
     int b = 0;
     while (rc == 0 && i < n) {
-        uint64_t base = 0;
-        if ((rc = wait_buf(c, st, b, e)) < 0 || (rc = dev_ptr(c, st->b[b].buf, &base, e)) < 0)
+        if ((rc = wait_buf(c, st, b, e)) < 0)
             break;
+        const uint64_t base = st->b[b].buf_dev;
         size_t nd = 0;
         uint64_t fill = 0;
         while (i < n && fill < STAGE_BYTES) {

@@ -31,21 +31,18 @@
 #include "cuda_copy.h"
 #include "transport_shm.h"
 
-#define MAX_DEVICES 64
 #define SLOT_DESCS (SHM_DEV_MAX_PIECES + SHM_DEV_MAX_BYTES / KVT_COPY_CHUNK)
-#define LAUNCH_EVERY 4096 /* descriptors: jobs of up to SLOT_DESCS run as one or two launches */
 #define BOUNCE_BYTES (4u << 20)
 #define BOUNCE_IOVS 1024
-#define FIFO_MAX (2 * MAX_DEVICES)
+#define FIFO_MAX (2 * KVT_CUDA_MAX_DEVICES)
 
 /* The last remote region a lane resolved: checked and mapped once, not per block. */
 typedef struct remote {
     uint64_t id, key;
-    uint64_t addr, len;
+    uint64_t len;
     uint32_t kind;
-    int map_dev;         /* CUDA: the device (here) its allocation is opened on */
-    uint64_t src_base;   /* CUDA: the allocation's address here */
-    uint64_t alloc_base; /* CUDA: the allocation's address in the target */
+    int map_dev;  /* CUDA: the device (here) its allocation is opened on */
+    uint64_t src; /* where the region starts in this process (CUDA: in its opened allocation) */
 } remote;
 
 typedef struct slot {
@@ -64,7 +61,7 @@ typedef struct lane {
 } lane;
 
 struct kvt_shm_cuda {
-    lane *lanes[MAX_DEVICES];
+    lane *lanes[KVT_CUDA_MAX_DEVICES];
     struct {
         lane *l;
         int slot;
@@ -102,7 +99,7 @@ static void lane_free(const kvt_cu *c, lane *l)
 /* This thread's stream and descriptor buffers on device dev (its context current). */
 static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
 {
-    if (dev < 0 || dev >= MAX_DEVICES) {
+    if (dev < 0 || dev >= KVT_CUDA_MAX_DEVICES) {
         *rc = kvt_error(e, EINVAL, "read", "CUDA device %d out of range", dev);
         return NULL;
     }
@@ -161,9 +158,9 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
         int rc = kvt_shared_snapshot(s->table, p->remote_region, p->remote_key, &snap, e);
         if (rc < 0)
             return rc;
-        r->addr = snap.addr;
         r->len = snap.len;
         r->kind = snap.mem_kind;
+        r->src = snap.addr;
         if (snap.mem_kind == KVT_MEM_CUDA) {
             r->map_dev = dev;
             if (dev < 0) {
@@ -172,11 +169,12 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
                 if (rc == 0)
                     rc = enter(cu, r->map_dev, e);
             }
+            uint64_t alloc_here = 0;
             if (rc == 0)
-                rc = kvt_ipc_map(s->ipc, r->map_dev, &snap.cuda, s->same_process, &r->src_base, e);
+                rc = kvt_ipc_map(s->ipc, r->map_dev, &snap.cuda, s->same_process, &alloc_here, e);
             if (rc < 0)
                 return rc;
-            r->alloc_base = snap.cuda.base;
+            r->src = alloc_here + (snap.addr - snap.cuda.base);
         }
         r->id = p->remote_region;
         r->key = p->remote_key;
@@ -185,7 +183,7 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
         return kvt_error(e, ERANGE, "read", "range [%lu, %lu) is outside region 0x%lx of %lu bytes",
                          (unsigned long)p->remote_off, (unsigned long)(p->remote_off + p->len),
                          (unsigned long)p->remote_region, (unsigned long)r->len);
-    *src = r->kind == KVT_MEM_CUDA ? r->src_base + (r->addr - r->alloc_base) + p->remote_off : r->addr + p->remote_off;
+    *src = r->src + p->remote_off;
     return 0;
 }
 
@@ -201,9 +199,10 @@ static void gpu_mark(kvt_transfer *t, CUstream s)
     if (atomic_load(&t->tr_gpu_mark) || !c->EventElapsedTime || c->EventCreate(&ev, 0) != CUDA_SUCCESS)
         return;
     void *none = NULL;
-    t->tr_gpu_free = gpu_mark_free;
     if (c->EventRecord(ev, s) != CUDA_SUCCESS || !atomic_compare_exchange_strong(&t->tr_gpu_mark, &none, (void *)ev))
         c->EventDestroy(ev);
+    else
+        t->tr_gpu_free = gpu_mark_free; /* read by finish(), after every job is done */
 }
 
 static void gpu_span(kvt_transfer *t, CUevent end)
@@ -218,15 +217,15 @@ static void gpu_span(kvt_transfer *t, CUevent end)
         ;
 }
 
-/* Launches the copy of descriptors [from, to) of the slot. The kernel reads them from
- * the pinned buffer itself (24 bytes a block, over PCIe, each CTA loading the next 32
+/* Launches the copy of the slot's first n descriptors. The kernel reads them from the
+ * pinned buffer itself (24 bytes a block, over PCIe, each CTA loading the next 32
  * while it copies 32): no upload to wait for before the copy starts. */
-static int launch(lane *l, slot *sl, size_t from, size_t to, kvt_transfer *t, kvt_err *e)
+static int launch(lane *l, slot *sl, size_t n, kvt_transfer *t, kvt_err *e)
 {
-    if (t && t->tr_start)
+    if (t->tr_start)
         gpu_mark(t, sl->s);
-    int rc = kvt_copy_launch(l->dev, sl->s, sl->h + from, sl->d + from * sizeof(kvt_copy_desc), to - from, e);
-    if (rc == 0 && t)
+    int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, e);
+    if (rc == 0)
         kvt_trace_launch(t);
     return rc;
 }
@@ -371,13 +370,13 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
     return bad ? 0 : (long)n;
 }
 
-/* A job's descriptors from its pieces, launched every LAUNCH_EVERY of them; blocks
- * from host memory are counted in *nhost and left for from_host. 0 or -errno (*entry:
- * the piece at fault). */
-static int piece_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, kvt_job *job, size_t *nhost, kvt_err *e,
-                       int64_t *entry)
+/* A job's descriptors from its pieces, written to the slot: their number, or -errno
+ * (*entry: the piece at fault). Blocks from host memory are counted in *nhost and
+ * left for from_host. */
+static long piece_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, kvt_job *job, size_t *nhost, kvt_err *e,
+                        int64_t *entry)
 {
-    size_t n = 0, launched = 0;
+    size_t n = 0;
     int rc = 0;
     for (size_t i = 0; i < job->n && rc == 0; i++) {
         const kvt_piece *p = &job->pieces[i];
@@ -387,19 +386,12 @@ static int piece_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, kvt_job
             (*nhost)++;
             continue;
         }
-        if (rc == 0) {
+        if (rc == 0)
             n += kvt_copy_split(sl->h + n, src, p->local_addr, p->len);
-            if (n - launched >= LAUNCH_EVERY) {
-                rc = launch(l, sl, launched, n, job->t, e);
-                launched = n;
-            }
-        }
-        if (rc < 0)
+        else
             *entry = (int64_t)p->entry;
     }
-    if (rc == 0 && n > launched)
-        rc = launch(l, sl, launched, n, job->t, e);
-    return rc;
+    return rc < 0 ? rc : (long)n;
 }
 
 static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
@@ -425,16 +417,13 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
     }
     l->next ^= 1;
     size_t nhost = 0;
-    long lazy = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
-    if (lazy > 0)
-        rc = launch(l, sl, 0, (size_t)lazy, job->t, &e);
-    else if (lazy < 0)
-        rc = (int)lazy;
-    else {
+    long n = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
+    if (n == 0) { /* not lazy, or the lazy path handed it over */
         if (job->batch)
             kvt_job_materialize(job);
-        rc = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
+        n = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
     }
+    rc = n < 0 ? (int)n : n > 0 ? launch(l, sl, (size_t)n, job->t, &e) : 0;
     if (rc == 0 && nhost)
         rc = from_host(s, cu, l, sl->s, job, &e, &entry);
     if (rc == 0 && !nhost) {
@@ -519,7 +508,7 @@ void kvt_shm_cuda_end(shm_peer *s, kvt_shm_cuda *cu)
         kvt_shm_cuda_retire(s, cu);
     kvt_err e;
     const kvt_cu *c = kvt_cu_get(&e);
-    for (int d = 0; d < MAX_DEVICES; d++) {
+    for (int d = 0; d < KVT_CUDA_MAX_DEVICES; d++) {
         if (cu->lanes[d] && enter(cu, d, &e) == 0)
             lane_free(c, cu->lanes[d]);
     }

@@ -186,22 +186,27 @@ static void job_put(kvt_job *j)
     free(j);
 }
 
+/* The first error stays the transfer's error. */
+static void fail(kvt_transfer *t, int rc, const kvt_err *err, int64_t entry)
+{
+    pthread_mutex_lock(&t->mu);
+    if (t->status == 1) {
+        t->status = rc;
+        if (err)
+            t->err = *err;
+        else
+            kvt_error(&t->err, -rc, "read", "failed");
+        t->err_entry = entry;
+    }
+    pthread_mutex_unlock(&t->mu);
+}
+
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry)
 {
     kvt_transfer *t = job->t;
     job_put(job);
-    if (rc < 0) {
-        pthread_mutex_lock(&t->mu);
-        if (t->status == 1) {
-            t->status = rc;
-            if (err)
-                t->err = *err;
-            else
-                kvt_error(&t->err, -rc, "read", "failed");
-            t->err_entry = entry;
-        }
-        pthread_mutex_unlock(&t->mu);
-    }
+    if (rc < 0)
+        fail(t, rc, err, entry);
     if (atomic_fetch_sub(&t->pending, 1) == 1)
         finish(t);
 }
@@ -274,16 +279,6 @@ static kvt_job *new_job(kvt_transfer *t, kvt_queue *q, size_t max_pieces, const 
 }
 
 static inline uint64_t col(const kvt_col *c, size_t i) { return c->p[i * c->stride]; }
-
-static void fail_start(kvt_transfer *t, int rc, const kvt_err *err)
-{
-    pthread_mutex_lock(&t->mu);
-    if (t->status == 1) {
-        t->status = rc;
-        t->err = *err;
-    }
-    pthread_mutex_unlock(&t->mu);
-}
 
 /* Job limits: the first jobs into device memory are smaller (1/16, 1/4), so the GPU
  * starts copying sooner while the rest of the batch is cut. */
@@ -456,7 +451,7 @@ static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j)
 static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **out)
 {
     if (rc < 0)
-        fail_start(t, rc, err);
+        fail(t, rc, err, -1);
     if (t->tr_start)
         t->tr_cut = kvt_now_ns();
     *out = t;

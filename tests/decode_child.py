@@ -1,10 +1,12 @@
-"""A decode worker that dies holding a lease: pulls one slow request, prints
-``pulling`` once layer 0 is in place, then sleeps until the test SIGKILLs it.
+"""A decode worker that dies holding a lease: pulls one slow request, prints one JSON
+line, ``{"event": "pulling", "pid": N}``, once layer 0 is in place (read with
+:func:`kvtransfer.target.start_child`), then sleeps until the test SIGKILLs it.
 
     python decode_child.py ENDPOINT LAYOUT_JSON MODEL
 """
 
 import json
+import os
 import sys
 import time
 
@@ -16,5 +18,5 @@ layout = KVLayout(**json.loads(layout_json))
 with decode_side(layout) as d, d.client(endpoint, model=model) as c:
     pull = c.pull("held-by-a-dying-reader", d.pool.alloc(4), payload=payload(60, 1, layer_delay=0.5))
     pull.wait_layer(0, timeout=30)
-    print("pulling", flush=True)
+    print(json.dumps({"event": "pulling", "pid": os.getpid()}), flush=True)
     time.sleep(60)  # the test kills us long before this ends

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -19,6 +18,7 @@ from kvtransfer.control import ControlError, LeaseExpiredError, PeerLostError, p
 from kvtransfer.errors import InvalidArgumentError, KVTransferError, TransferError
 from kvtransfer.kv import KVLayout
 from kvtransfer.synthetic import check_request
+from kvtransfer.target import start_child, stop_child
 from control_support import BASE, MODEL, PrefillLauncher, decode_side, payload
 from support import ROOT, TRANSPORTS
 
@@ -215,11 +215,10 @@ def test_prefill_failure_reaches_the_reader(shared_prefill):
 
 def test_decode_killed_before_release_blocks_return_within_the_lease(start_prefill):
     prefill = start_prefill(KVLayout(**BASE), lease=1.0)
-    child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "decode_child.py"), prefill.endpoint,
-                              json.dumps(BASE), MODEL], stdout=subprocess.PIPE, text=True,
-                             cwd=str(ROOT / "tests"))
+    child, hello = start_child([sys.executable, str(ROOT / "tests" / "decode_child.py"), prefill.endpoint,
+                                json.dumps(BASE), MODEL], 60, "decode child")
     try:
-        assert child.stdout.readline().strip() == "pulling"  # it holds a lease and is reading
+        assert hello["event"] == "pulling" and hello["pid"] == child.pid  # it holds a lease and is reading
         assert prefill.stats()["used_blocks"] > 0
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=WAIT)
@@ -228,9 +227,7 @@ def test_decode_killed_before_release_blocks_return_within_the_lease(start_prefi
         assert time.monotonic() - t0 < 1.0 + 2.0  # the lease, plus scheduling slack
         assert stats["leases_expired"] >= 1
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=WAIT)
+        stop_child(child, WAIT, sig=signal.SIGKILL)
 
 
 def test_prefill_killed_fails_the_pull_within_its_timeout(start_prefill):
@@ -266,8 +263,10 @@ def test_metrics_and_timings(shared_prefill):
     registry = CollectorRegistry()
     layout = KVLayout(**BASE)
     with decode_side(layout) as d, d.client(shared_prefill, registry=registry) as c:
-        pull = c.pull("metrics", d.pool.alloc(2), payload=payload(20, 1))
+        dst = d.pool.alloc(2)
+        pull = c.pull("metrics", dst, payload=payload(20, 1))
         pull.wait(WAIT)
+        check_request(layout, d.buffers, dst, 20, 1)
         t = pull.timings.as_dict()
     assert t["handshake_s"] > 0 and 0 < t["pinned_s"] <= t["first_manifest_s"] <= t["first_byte_s"] <= t["total_s"]
     assert len(t["layers_s"]) == layout.num_layers and t["bytes"] > 0 and t["gb_per_s"] > 0

@@ -19,11 +19,12 @@ when the prefill side can still hear it.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import zmq
 
@@ -39,6 +40,9 @@ from .pull import Pull
 from .security import CurveClientKeys
 
 log = logging.getLogger("kvtransfer.control")
+
+#: request ids per Renew message (the bound messages.Renew puts on its list)
+_RENEW_BATCH = 4096
 
 
 class ControlClient:
@@ -66,7 +70,8 @@ class ControlClient:
         self._metrics = metrics_for(registry)
         self._pulls: dict[str, Pull] = {}
         self._pulls_lock = threading.Lock()  # pull() adds from any thread; the loop removes
-        self._waiters: list[tuple[tuple[type, ...], list, threading.Event]] = []  # FIFO
+        self._waiters: list[_Waiter] = []  # FIFO
+        self._nonces = itertools.count(1)  # 0 is the heartbeat's: a ping never takes its Pong
         self._lost = False
         self._last_heard = time.monotonic()
         self._last_renew = 0.0
@@ -77,12 +82,18 @@ class ControlClient:
 
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
-        sock.sndhwm = sock.rcvhwm = 100_000
-        if curve:
-            curve.apply(sock)
-        sock.connect(endpoint)
+        try:
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
+            sock.sndhwm = sock.rcvhwm = 100_000
+            if curve:
+                curve.apply(sock)
+            sock.connect(endpoint)
+        except BaseException:
+            # no loop owns the socket yet: close it here, or term() would wait for it forever
+            sock.close(linger=0)
+            self._ctx.term()
+            raise
         self._transfer_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._heartbeat_s = min(1.0, timeout / 4)
         self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
@@ -142,7 +153,8 @@ class ControlClient:
         p = Pull(self, request_id, dst, heads, deadline)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
                else m.Subscribe(request_id=request_id))
-        if len(m.encode(msg)[1]) > m.MAX_MESSAGE_BYTES:
+        frames = m.encode(msg)  # once: checked here, sent by the loop
+        if len(frames[1]) > m.MAX_MESSAGE_BYTES:
             raise InvalidArgumentError(f"pull {request_id!r}: payload of {len(payload or b'')} bytes exceeds the "
                                        f"control plane's {m.MAX_MESSAGE_BYTES}-byte messages", op="pull")
         # registered here (not on the loop thread) so that pull() returns without a
@@ -156,15 +168,17 @@ class ControlClient:
 
         def send() -> None:
             p._sent = True
-            self._send(msg)
+            self._send_frames(frames)
 
         self._loop.call(send)
         return p
 
     def ping(self, timeout: float | None = None) -> float:
         """One round trip to the prefill side, in seconds."""
+        nonce = next(self._nonces) % 0x7FFFFFFF + 1
         t0 = time.perf_counter()
-        self._request(m.Ping(nonce=int(t0 * 1e6) & 0x7FFFFFFF), (m.Pong,), "ping", timeout or self.timeout)
+        self._request(m.Ping(nonce=nonce), (m.Pong,), "ping", timeout or self.timeout,
+                      match=lambda pong: pong.nonce == nonce)
         return time.perf_counter() - t0
 
     def stats(self, timeout: float | None = None) -> m.Stats:
@@ -185,7 +199,12 @@ class ControlClient:
         deadline = time.monotonic() + min(self.timeout, 5.0)
         while self._pulls and time.monotonic() < deadline:
             time.sleep(0.01)
-        self._loop.stop()
+        if not self._loop.stop():
+            # the loop thread still runs and may use the eventfd and the peer; term() would
+            # wait for its socket forever: leak them rather than hang
+            log.error("%s: leaving the control socket's context, the peer and the transfer eventfd open",
+                      self.name)
+            return
         os.close(self._transfer_fd)
         if self.peer is not None:
             self.peer.close()
@@ -205,28 +224,38 @@ class ControlClient:
         if self._lost:
             raise PeerLostError(f"{self.endpoint} stopped answering", op="pull")
 
-    def _request(self, msg, expect: tuple[type, ...], what: str, timeout: float):
-        """Sends a message that has one answer (no request id) and waits for it."""
-        got: list = []
-        ready = threading.Event()
+    def _request(self, msg, expect: tuple[type, ...], what: str, timeout: float,
+                 match: Callable[[object], bool] | None = None):
+        """Sends a message that has one answer (no request id) and waits for it: the
+        oldest waiter for a kind whose ``match`` (if any) accepts the answer takes it."""
+        waiter = _Waiter(expect + (m.Error,), match)
 
         def register() -> None:
-            self._waiters.append((expect + (m.Error,), got, ready))
+            self._waiters.append(waiter)
             self._send(msg)
 
         self._loop.call(register)
-        if not ready.wait(timeout):
+        if not waiter.ready.wait(timeout):
+            # else a late answer would go to it, and every timed-out ping would stay here
+            self._loop.call(lambda: self._forget(waiter))
             raise PeerLostError(f"{what}: no answer from {self.endpoint} within {timeout} s (is a prefill worker "
                                 f"listening there? with CURVE, does it accept our key?)", op=what)
-        reply = got[0]
+        reply = waiter.got
         if isinstance(reply, m.Error):
             raise ControlError(f"{what} refused by {self.endpoint}: {reply.code}: {reply.message}", code=reply.code,
                                op=what, fields=[tuple(f) for f in reply.fields])
         return reply
 
+    def _forget(self, waiter: "_Waiter") -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
     def _send(self, msg) -> None:
+        self._send_frames(m.encode(msg))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
         self._last_sent = time.monotonic()
-        self._loop.send_now(m.encode(msg))
+        self._loop.send_now(frames)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         self._last_heard = time.monotonic()
@@ -242,10 +271,7 @@ class ControlClient:
             # the prefill side refused this pull's Submit/Subscribe/Release: it holds
             # nothing for us (and a duplicate id is someone else's request: never release it)
             pull._release_sent = pull._nothing_to_release = True
-            cls = LeaseExpiredError if msg.code == "lease_expired" else ControlError
-            err = cls(f"{rid!r}: {msg.message}") if cls is LeaseExpiredError else ControlError(
-                f"{rid!r} refused: {msg.code}: {msg.message}", code=msg.code, op="pull")
-            return pull._fail(err)
+            return pull._fail(_pull_error(rid, msg.code, msg.message, "refused"))
         if rid and not isinstance(msg, m.Error):
             if pull is None:
                 log.info("%s: %s for request %r that is not pulled here; ignored", self.name, type(msg).__name__, rid)
@@ -257,22 +283,18 @@ class ControlClient:
                     self._pulls[lost]._fail(LeaseExpiredError(
                         f"{lost!r}: the prefill side no longer holds the blocks (lease expired)", op="renew"))
             return
-        # an answer without a request id goes to the oldest request waiting for its kind
-        for i, (expect, got, ready) in enumerate(self._waiters):
-            if isinstance(msg, expect):
-                del self._waiters[i]
-                got.append(msg)
-                ready.set()
+        # an answer without a request id goes to the oldest request waiting for it
+        for waiter in self._waiters:
+            if waiter.takes(msg):
+                self._waiters.remove(waiter)
+                waiter.answer(msg)
                 return
         if isinstance(msg, m.Error):
             log.warning("%s: error from %s: %s: %s", self.name, self.endpoint, msg.code, msg.message)
 
     def _dispatch_pull(self, pull: Pull, msg) -> None:
         if isinstance(msg, m.Failed):
-            if msg.code == "lease_expired":
-                return pull._fail(LeaseExpiredError(f"{pull.request_id!r}: {msg.message}"))
-            return pull._fail(ControlError(f"{pull.request_id!r} failed on the prefill side: {msg.code}: "
-                                           f"{msg.message}", code=msg.code, op="pull"))
+            return pull._fail(_pull_error(pull.request_id, msg.code, msg.message, "failed on the prefill side"))
         handler = {m.Pinned: pull._on_pinned, m.Manifest: pull._on_manifest, m.Finished: pull._on_finished,
                    m.Released: pull._on_released}.get(type(msg))
         if handler is None:
@@ -315,7 +337,8 @@ class ControlClient:
             renew = [rid for rid, p in self._pulls.items() if p._sent]
         if renew and now - self._last_renew > lease / 3:
             self._last_renew = now
-            self._send(m.Renew(request_ids=renew[:4096]))
+            for i in range(0, len(renew), _RENEW_BATCH):
+                self._send(m.Renew(request_ids=renew[i:i + _RENEW_BATCH]))
         elif now - self._last_sent > self._heartbeat_s:
             self._send(m.Ping())
 
@@ -324,6 +347,31 @@ class ControlClient:
             self._pulls.pop(pull.request_id, None)
         outcome = "ok" if pull._error is None else getattr(pull._error, "code", type(pull._error).__name__)
         self._metrics.pull_finished(pull.timings, outcome)
+
+
+class _Waiter:
+    """A request waiting for its one answer (an Error counts as one)."""
+
+    def __init__(self, expect: tuple[type, ...], match: Callable[[object], bool] | None):
+        self.expect = expect
+        self.match = match
+        self.got = None
+        self.ready = threading.Event()
+
+    def takes(self, msg) -> bool:
+        return isinstance(msg, self.expect) and (self.match is None or isinstance(msg, m.Error) or self.match(msg))
+
+    def answer(self, msg) -> None:
+        self.got = msg
+        self.ready.set()
+
+
+def _pull_error(request_id: str, code: str, message: str, what: str) -> ControlError:
+    """The error of a pull the prefill side refused or failed: LeaseExpiredError when the
+    blocks were reclaimed (a read may have overlapped their reuse), else ControlError."""
+    if code == "lease_expired":
+        return LeaseExpiredError(f"{request_id!r}: {message}")
+    return ControlError(f"{request_id!r} {what}: {code}: {message}", code=code, op="pull")
 
 
 def pull_sharded(clients: Sequence[ControlClient], request_id: str, dst_blocks: Sequence[int], *,

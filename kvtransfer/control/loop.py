@@ -52,10 +52,6 @@ class SocketLoop:
         self._calls.put(fn)
         os.eventfd_write(self._wake, 1)
 
-    def send(self, frames: list[bytes]) -> None:
-        """Sends from any thread (queued to the loop thread)."""
-        self.call(lambda: self.send_now(frames))
-
     def send_now(self, frames: list[bytes]) -> bool:
         """Sends on the loop thread; False (and a log line) if the peer is gone or its
         queue is full — the protocol's timeouts and leases deal with the consequences."""
@@ -66,20 +62,21 @@ class SocketLoop:
             log.warning("%s: cannot send (%s); dropped", self._name, e)
             return False
 
-    @property
-    def on_loop_thread(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stops the thread (after the calls queued before this one) and closes the socket."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stops the thread (after the calls queued before this one) and closes the socket.
+        False when the thread is still running at ``timeout`` (a handler stuck): then the
+        socket and the eventfd stay open — closing them under the running thread would be
+        worse — and the caller must not term the socket's context, which would wait for
+        this socket forever."""
         if self._thread.is_alive():
             self.call(self._request_stop)
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.error("%s: loop thread did not stop within %.1f s", self._name, timeout)
-                return
+                log.error("%s: loop thread did not stop within %.1f s; its socket stays open", self._name, timeout)
+                return False
         self._sock.close(linger=0)
         os.close(self._wake)
+        return True
 
     def _request_stop(self) -> None:
         self._stopping = True

@@ -43,10 +43,15 @@ class PullTimings:
     bytes: int = 0
     entries: int = 0
 
+    @property
+    def gb_per_s(self) -> float | None:
+        """What moving the KV achieved: bytes over the time reads were in flight."""
+        return (self.bytes / self.transfer_s / 1e9) if self.transfer_s else None
+
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["layers_s"] = [self.layers_s[k] for k in sorted(self.layers_s)]
-        d["gb_per_s"] = (self.bytes / self.transfer_s / 1e9) if self.transfer_s else None
+        d["gb_per_s"] = self.gb_per_s
         return d
 
 

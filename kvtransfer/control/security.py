@@ -63,10 +63,14 @@ class CurveServerKeys:
         public, secret = _load(self.secret_file, secret=True)
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("kvtransfer.control.auth"))
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.clients_dir))
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
+        try:
+            auth.configure_curve(domain="*", location=str(self.clients_dir))
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_server = True
+        except BaseException:
+            auth.stop()  # else its thread keeps the context alive and ctx.term() waits for ever
+            raise
         return auth
 
 

@@ -127,6 +127,16 @@ class _Req:
         return self.outcome is not None
 
 
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Binds ``sock`` (``tcp://HOST:0``: any free port); ControlError ``bind`` if it cannot."""
+    bind_to = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
+    try:
+        sock.bind(bind_to)
+    except zmq.ZMQError as e:
+        raise ControlError(f"cannot bind the control socket to {endpoint}: {e}", code="bind", errno=e.errno,
+                           op="bind") from None
+
+
 class ControlServer:
     """The prefill side's ROUTER socket and its loop thread (see the module docs).
 
@@ -167,20 +177,20 @@ class ControlServer:
         self._errors = 0
 
         self._ctx = zmq.Context()
+        self._auth = None
         sock = self._ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished reader fails (and is logged)
-        sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
-        sock.sndhwm = sock.rcvhwm = 100_000
-        self._auth = curve.apply(self._ctx, sock) if curve else None
-        bind_to = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
         try:
-            sock.bind(bind_to)
-        except zmq.ZMQError as e:
+            sock.linger = 0
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished reader fails (and is logged)
+            sock.setsockopt(zmq.MAXMSGSIZE, m.HARD_MAX_BYTES)
+            sock.sndhwm = sock.rcvhwm = 100_000
+            self._auth = curve.apply(self._ctx, sock) if curve else None
+            _bind(sock, endpoint)
+        except BaseException:
+            # no loop owns the socket yet: close it here, or term() would wait for it forever
             sock.close(linger=0)
             self._stop_context()
-            raise ControlError(f"cannot bind the control socket to {endpoint}: {e}", code="bind", errno=e.errno,
-                               op="bind") from None
+            raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         warn_if_exposed(self.endpoint, curve)
         self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
@@ -224,13 +234,16 @@ class ControlServer:
             return
         self._closed = True
         self._loop.call(self._shutdown)
-        self._loop.stop(timeout)
-        self._stop_context()
+        stopped = self._loop.stop(timeout)
+        self._stop_context(term=stopped)
 
-    def _stop_context(self) -> None:
+    def _stop_context(self, term: bool = True) -> None:
         if self._auth is not None:
             self._auth.stop()
-        self._ctx.term()
+        if term:
+            self._ctx.term()
+        else:  # the loop thread still holds its socket: term() would wait for it forever
+            log.error("%s: leaving the control socket's context open", self.name)
 
     def __enter__(self) -> "ControlServer":
         return self

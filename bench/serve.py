@@ -75,7 +75,8 @@ gives pair/local ratios.
 "req_per_s", "tok_per_s", "kv_share_p50", "kv_bytes_p50", "kv_gbps_p50",
 "server_ttft_p50_ms", "transport", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
 "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "verified",
-"api_deviations"}`` (``prompt_tokens``: median ``usage.prompt_tokens``; ``failures`` and
+"api_deviations"}`` (``prompt_tokens``: median ``usage.prompt_tokens``; ``verified``: the
+verifying prompts ran and matched, false with ``--verify 0``; ``failures`` and
 ``api_deviations``: message -> count; a statistic with no samples is null).
 
 Exit status: 0 when the run completed and verified (some failed requests are reported,
@@ -238,21 +239,14 @@ class Fleet:
 
     def _stop(self, w: Worker) -> None:
         """SIGTERM by pid, a bounded wait, then SIGKILL; an unclean exit is a deviation."""
-        if w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
-            try:
-                code = w.proc.wait(STOP_TIMEOUT_S)
-                if code != 0:
-                    DEVIATIONS.add("workers", f"{w.what}: exit status {code} after SIGTERM (expected 0)")
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait(STOP_TIMEOUT_S)
-                DEVIATIONS.add("workers", f"{w.what}: still running {STOP_TIMEOUT_S:.0f} s after SIGTERM, "
-                                          "killed")
-        for pipe in (w.proc.stdin, w.proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe:
-                    pipe.close()
+        running = w.proc.poll() is None  # one that died earlier is check_alive's to report
+        stopped = target.stop_child(w.proc, STOP_TIMEOUT_S, sig=signal.SIGTERM)
+        if not running:
+            return
+        if not stopped:
+            DEVIATIONS.add("workers", f"{w.what}: still running {STOP_TIMEOUT_S:.0f} s after SIGTERM, killed")
+        elif w.proc.returncode != 0:
+            DEVIATIONS.add("workers", f"{w.what}: exit status {w.proc.returncode} after SIGTERM (expected 0)")
 
     def close(self) -> None:
         with self.lock:
@@ -844,7 +838,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> int:
               ("Verified", (f"yes: {len(verify_lengths(args))} greedy prompts ({compared} tokens) pair == local, "
                             "streaming == non-streaming; " if args.verify else "no verifying prompts (--verify 0); ")
                            + f"workload tokens pair == local for all {same} requests completed on both")]
-    records = [summaries[s].record(args, True) for s in SYSTEMS]
+    verified = args.verify > 0  # when it ran, verify() passed: a difference raised VerifyError
+    records = [summaries[s].record(args, verified) for s in SYSTEMS]
     for r in records:  # the workers' shutdown deviations belong to every record
         for msg, n in DEVIATIONS.of("workers").items():
             r["api_deviations"][f"workers: {msg}"] = n

@@ -29,10 +29,6 @@ class BadRequest(Exception):
         self.status = status
         self.code = code
 
-    def body(self) -> dict:
-        return error_body(str(self), self.param, self.code,
-                          "invalid_request_error" if self.status < 500 else "server_error")
-
 
 def error_body(message: str, param: str | None = None, code: str | None = None,
                kind: str = "invalid_request_error") -> dict:

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from kvtransfer.control import ControlClient, ControlError, PeerLostError, Pull
-from kvtransfer.errors import KVTransferError, TransferError, TransportUnavailableError
+from kvtransfer.errors import KVTransferError, TransferError, TransferTimeoutError, TransportUnavailableError
 
 from prefill_worker import protocol
 
@@ -30,10 +30,34 @@ class NoPrefillWorker(KVTransferError):
     pass
 
 
+class PullNotStopped(TransferTimeoutError):
+    """A pull outlived its timeout and did not end when cancelled: reads may still write
+    its destination blocks, so they must not go back to the pool."""
+
+
 def retryable(e: KVTransferError) -> bool:
     if isinstance(e, (PeerLostError, TransferError, TransportUnavailableError)):
         return True
     return isinstance(e, ControlError) and e.code in _RETRYABLE_CODES
+
+
+def _wait(pull: Pull, client: ControlClient, timeout: float) -> bytes:
+    """The pull's result. A pull still running past its own deadline (plus slack) is
+    cancelled and waited for, bounded by the session's timeout; if even that does not
+    end it, PullNotStopped: the caller must not reuse the blocks."""
+    try:
+        return pull.wait(timeout + 5)
+    except TransferTimeoutError as e:
+        if pull.done():
+            raise  # the pull's own deadline ended it: nothing writes its blocks anymore
+        pull.cancel()
+        try:
+            pull.wait(client.timeout)
+        except KVTransferError:
+            pass  # the cancel's own error; what counts is whether it ended
+        if not pull.done():
+            raise PullNotStopped(f"{e}; still running {client.timeout} s after its cancel", op="pull") from e
+        raise
 
 
 class PrefillRouter:
@@ -80,7 +104,7 @@ class PrefillRouter:
             attempt = request_id if len(tried) == 1 else f"{request_id}#{len(tried)}"
             try:
                 pull = client.pull(attempt, dst_blocks, payload=data, timeout=timeout)
-                result = protocol.decode_result(pull.wait(timeout + 5))
+                result = protocol.decode_result(_wait(pull, client, timeout))
                 return result, pull, endpoint
             except KVTransferError as e:
                 if not retryable(e):

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kvtransfer import Engine
 from kvtransfer.control import ControlClient, CurveClientKeys
-from kvtransfer.errors import PoolExhaustedError
+from kvtransfer.errors import InvalidArgumentError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model, load_tokenizer
 from kvtransfer.model.generate import pick_token
@@ -29,7 +29,7 @@ from kvtransfer.model.identity import model_identity
 from prefill_worker.protocol import PrefillPayload
 
 from .openai_api import BadRequest, CompletionRequest
-from .router import PrefillRouter
+from .router import PrefillRouter, PullNotStopped
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger("decode_worker")
@@ -56,7 +56,8 @@ class DecodeWorker:
                  device: str = "cpu", transport: str | None = None, curve: CurveClientKeys | None = None,
                  connect_timeout: float = 60.0, pull_timeout: float = 60.0, control_timeout: float = 5.0):
         if bool(prefill) == local_prefill:
-            raise BadRequest("give --prefill endpoints or --local-prefill, not both and not neither")
+            raise InvalidArgumentError("give --prefill endpoints or --local-prefill, not both and not neither",
+                                       op="decode_worker")
         self.model = load_model(model_dir, device=device)
         self.tokenizer = load_tokenizer(model_dir)
         self.model_id = model_identity(model_dir)
@@ -104,6 +105,11 @@ class DecodeWorker:
                 first, kv = self._prefill_here(req, blocks)
             else:
                 first, kv = self._prefill_remote(req, request_id, blocks)
+        except PullNotStopped as e:
+            # a read may still write into the blocks: leaking them beats handing them to
+            # the next request
+            log.error("request %s: leaking %d KV blocks: %s", request_id, len(blocks), e)
+            raise
         except BaseException:
             self._free(blocks)
             raise
@@ -132,7 +138,7 @@ class DecodeWorker:
                  result.prompt_tokens, t.bytes, endpoint, t.transport, t.transfer_s * 1e3)
         return result.first_token, {
             "prefill_worker": endpoint, "transport": t.transport, "bytes": t.bytes, "transfer_s": t.transfer_s,
-            "gb_per_s": t.bytes / t.transfer_s / 1e9 if t.transfer_s else None, "prefill_s": result.prefill_s,
+            "gb_per_s": t.gb_per_s, "prefill_s": result.prefill_s,
             "prompt_tokens": result.prompt_tokens}
 
     def _alloc(self, n: int, request_id: str, timeout: float = 30.0) -> list[int]:

@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 
-from .target import start_child
+from .target import start_child, stop_child
+from .worker_cli import model_folder
 
 PROMPTS = [
     "Hi",
@@ -30,16 +31,8 @@ PROMPTS = [
     "A long prompt: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 12,
 ]
 
-
-def _stop(proc: subprocess.Popen, what: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            print(f"  {what} did not stop in 20 s; killing it")
-            proc.kill()
-            proc.wait(timeout=10)
+#: a worker's exit after SIGTERM, before SIGKILL
+STOP_S = 20.0
 
 
 class Progress:
@@ -99,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=("shm", "tcp"), help="force the KV transport (default: the engine's choice)")
     ap.add_argument("--device", default="cpu", help="torch device of both workers' model and KV pool (e.g. cuda)")
     args = ap.parse_args(argv)
-    from .model import default_model_dir, load_model, load_tokenizer
+    from .model import load_model, load_tokenizer
     from .model.generate import reference_generate
 
-    folder = args.model or str(default_model_dir())
+    folder = str(model_folder(args.model))
     py = sys.executable
     progress = Progress()
     procs: list[tuple[subprocess.Popen, str]] = []
@@ -155,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         for proc, what in reversed(procs):
-            _stop(proc, what)
+            if not stop_child(proc, STOP_S, sig=signal.SIGTERM):
+                print(f"  {what} did not stop in {STOP_S:.0f} s after SIGTERM; killed it")
         if procs:
             print("workers stopped")
 

@@ -95,18 +95,22 @@ class SyntheticPrefill:
     def __init__(self, layout: KVLayout, model: str, endpoint: str, lease_s: float, curve=None,
                  listen_host: str = "127.0.0.1", scatter_seed: int | None = None):
         self.layout = layout
-        self.engine = Engine(listen_host=listen_host)
         self.buffers = [alloc_host(layout.region_nbytes(r)) for r in range(layout.num_regions)]
-        self.regions = [self.engine.register(b)[0] for b in self.buffers]
         self.pool = BlockPool(layout.num_blocks)
         if scatter_seed is not None:  # a pool that has served a while: its free list is shuffled
             ids = self.pool.alloc(layout.num_blocks)
             np.random.default_rng(scatter_seed).shuffle(ids)
             self.pool.free(ids)
         self._work: "queue.Queue[tuple[PrefillRequest, dict] | None]" = queue.Queue()
-        self.server = ControlServer(endpoint, engine=self.engine, regions=self.regions, layout=layout,
-                                    compat=CompatInfo.of(layout, model), pool=self.pool, lease_s=lease_s,
-                                    on_submit=self._submitted, curve=curve, name="synthetic-prefill")
+        self.engine = Engine(listen_host=listen_host)
+        try:
+            self.regions = [self.engine.register(b)[0] for b in self.buffers]
+            self.server = ControlServer(endpoint, engine=self.engine, regions=self.regions, layout=layout,
+                                        compat=CompatInfo.of(layout, model), pool=self.pool, lease_s=lease_s,
+                                        on_submit=self._submitted, curve=curve, name="synthetic-prefill")
+        except BaseException:  # e.g. the endpoint is taken: no engine thread may outlive us
+            self.engine.close()
+            raise
         self._thread = threading.Thread(target=self._compute, name="synthetic-compute", daemon=True)
         self._thread.start()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -45,11 +46,14 @@ class ChildError(RuntimeError):
     """A child process did not start, or printed something other than its JSON line."""
 
 
-def start_child(cmd: list[str], timeout: float, what: str = "child") -> tuple[subprocess.Popen, dict]:
+def start_child(cmd: list[str], timeout: float, what: str = "child",
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     """Starts ``cmd`` with stdin and stdout piped and returns it with the JSON line it
     prints first (this module's hello, or any child speaking the same way), waiting at
-    most ``timeout`` seconds. A child that fails to start is killed."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    most ``timeout`` seconds. A child that fails to start is killed. ``env``: variables
+    set for the child on top of this process's environment."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env} if env else None)
     box: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=lambda: box.put(proc.stdout.readline()), daemon=True).start()
     try:
@@ -66,19 +70,32 @@ def start_child(cmd: list[str], timeout: float, what: str = "child") -> tuple[su
         raise ChildError(f"{what} printed {line.strip()!r}, not its JSON line") from None
 
 
-def stop_child(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """End of stdin (this module's signal to exit), a bounded wait, then kill."""
-    try:
-        proc.stdin.close()
-    except OSError:
-        pass
+def stop_child(proc: subprocess.Popen, timeout: float = 10.0, sig: int | None = None) -> bool:
+    """End of stdin (this module's signal to exit) — or, with ``sig``, that signal by pid
+    (for children that do not read stdin) — then a bounded wait, then kill; the pipes
+    are closed either way. Returns False when the child had to be killed."""
+    if sig is None:
+        _close(proc.stdin)
+    elif proc.poll() is None:
+        proc.send_signal(sig)
+    stopped = True
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        stopped = False
         proc.kill()
         proc.wait(timeout=timeout)
-    if proc.stdout:
-        proc.stdout.close()
+    _close(proc.stdin)
+    _close(proc.stdout)
+    return stopped
+
+
+def _close(pipe) -> None:
+    try:
+        if pipe:
+            pipe.close()
+    except OSError:  # a flush into a child that is gone
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from kvtransfer.control import CurveServerKeys
-from kvtransfer.worker_cli import fail, model_folder, print_ready, setup_logging, startup_error, wait_for_signal
+from kvtransfer.worker_cli import (add_common_args, model_folder, print_ready, require_together, setup_logging,
+                                   start_or_fail, wait_for_signal)
 
 from .worker import PrefillWorker
 
@@ -17,36 +17,24 @@ NAME = "prefill_worker"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prefill_worker", description="Serves prefill requests over the kvtransfer "
                                  "control plane: computes prompts' KV into a registered pool, layer by layer.")
-    ap.add_argument("--model", help="Hugging Face-style folder (config.json + *.safetensors); default: a small "
-                                    "seeded random Llama, generated on first use")
+    add_common_args(ap, kv_blocks=1024)
     ap.add_argument("--control", default="tcp://127.0.0.1:5557",
                     help="control plane endpoint to bind (port 0: any free port) [%(default)s]")
     ap.add_argument("--listen-host", default="127.0.0.1", help="the transfer engine's tcp address [%(default)s]")
-    ap.add_argument("--kv-blocks", type=int, default=1024, help="blocks in the KV pool [%(default)s]")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per block [%(default)s]")
     ap.add_argument("--lease", type=float, default=10.0, help="seconds blocks stay pinned without renewal")
-    ap.add_argument("--device", default="cpu", help="torch device for the model and pool [%(default)s]")
     ap.add_argument("--name", default="prefill", help="this worker's name in logs and results")
     ap.add_argument("--curve-secret", help="CurveZMQ secret key file (enables authentication and encryption)")
     ap.add_argument("--curve-clients", help="folder of the decode workers' public keys")
-    ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     setup_logging(NAME, args.log_level)
-    if bool(args.curve_secret) != bool(args.curve_clients):
-        fail(NAME, "--curve-secret and --curve-clients go together")
+    require_together(NAME, args, "--curve-secret", "--curve-clients")
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
-    try:
-        worker = PrefillWorker(model_folder(args.model), args.control, kv_blocks=args.kv_blocks,
-                               block_size=args.block_size, lease_s=args.lease, listen_host=args.listen_host,
-                               device=args.device, curve=curve, name=args.name)
-    except Exception as e:
-        if (msg := startup_error(e)) is None:
-            raise
-        fail(NAME, msg)
+    worker = start_or_fail(NAME, lambda: PrefillWorker(
+        model_folder(args.model), args.control, kv_blocks=args.kv_blocks, block_size=args.block_size,
+        lease_s=args.lease, listen_host=args.listen_host, device=args.device, curve=curve, name=args.name))
     with worker:
         print_ready(control=worker.endpoint, model=worker.model_name, model_id=worker.model_id)
-        sig = wait_for_signal()
-        logging.getLogger(NAME).info("signal %d: shutting down", sig)
+        wait_for_signal(NAME)
     return 0
 
 

@@ -78,10 +78,10 @@ class PrefillWorker:
                 self._prefill(req)
             except _Cancelled:
                 req.fail("cancelled: no reader wants it anymore", code="cancelled")
-            except msgspec.ValidationError as e:
+            except msgspec.DecodeError as e:  # malformed or invalid (ValidationError is a DecodeError)
                 log.warning("%s: request %r: bad payload: %s", self.name, req.request_id, e)
                 req.fail(f"bad prefill payload: {e}", code="bad_request")
-            except (KVTransferError, msgspec.DecodeError) as e:
+            except KVTransferError as e:
                 log.warning("%s: request %r failed: %s", self.name, req.request_id, e)
                 code = "pool_exhausted" if isinstance(e, PoolExhaustedError) else "prefill_failed"
                 req.fail(str(e), code=code)

@@ -195,6 +195,7 @@ def test_failed_requests_are_counted_and_all_failed_exits_2(fakes, tmp_path):
     assert proc.returncode == 2, explain(proc)
     for r in check_records(records, 5).values():
         assert r["completed"] == 0 and r["failed"] == 5
+        assert r["verified"] is False  # --verify 0: nothing was verified
         assert list(r["failures"]) == ['HTTP 500: {"error": {"message": "fake failure"}}']
         assert r["ttft_p50_ms"] is None and r["tok_per_s"] is None
     assert "Failed requests:" in proc.stdout and "every request failed" in proc.stderr

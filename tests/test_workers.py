@@ -444,15 +444,17 @@ def test_stop_strings_cut_the_text(pair):
     """A stop string ends generation there: the text stops before it, finish_reason is
     "stop", streamed and not; the tokens are the reference's up to that point."""
     d = pair.decodes["shm"]
-    full = d.http.complete(prompt="stop here", max_tokens=24, temperature=0, ignore_eos=True)
-    text = full["choices"][0]["text"]
+    tok = load_tokenizer(pair.folder)
+    want = reference(pair.folder, tok.encode("stop here"), 24)
+    text = tok.decode(want)
     start = next(i for i in range(3, len(text) - 3) if "\ufffd" not in text[i:i + 3])
     stop = text[start:start + 3]
     cut = text.index(stop)
     body = d.http.complete(prompt="stop here", max_tokens=24, temperature=0, ignore_eos=True, stop=[stop, "\x00\x01"])
     c = body["choices"][0]
     assert (c["text"], c["finish_reason"]) == (text[:cut], "stop")
-    assert c["token_ids"] == full["choices"][0]["token_ids"][:len(c["token_ids"])]
+    assert c["token_ids"] and c["token_ids"] == want[:len(c["token_ids"])], first_difference(c["token_ids"], want)
     s = d.http.stream(prompt="stop here", max_tokens=24, temperature=0, ignore_eos=True, stop=stop)
     assert s.done and s.text == text[:cut] and s.final["choices"][0]["finish_reason"] == "stop"
+    assert s.token_ids == want[:len(s.token_ids)], first_difference(s.token_ids, want)
     d.wait_idle()

@@ -173,6 +173,13 @@ def test_refuses_a_missing_model_folder(module, tmp_path):
     assert str(missing) in message and "does not exist" in message, message
 
 
+@pytest.mark.parametrize("prefill", [[], ["--prefill", NOBODY, "--local-prefill"]], ids=["neither", "both"])
+def test_decode_refuses_prefill_and_local_prefill_together_or_neither(prefill):
+    message = check_refusal("decode_worker", *run_refused("decode_worker", "--model", str(model_folder("llama")),
+                                                          "--port", "0", *prefill))
+    assert "--prefill" in message and "--local-prefill" in message, message
+
+
 BROKEN_CONFIGS = {
     "not-json": ('{"architectures": ["LlamaForCausalLM"], "hidden_size": ', "not valid JSON"),
     "missing-field": (None, "hidden_size"),

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from kvtransfer.target import ChildError, start_child
+from kvtransfer.target import ChildError, start_child, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,24 +168,9 @@ class Worker:
 
     def stop(self, timeout: float = STOP_S) -> int | None:
         """SIGTERM by pid, a bounded wait, then SIGKILL. Returns the exit status."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.needed_kill = True
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
+        if not stop_child(self.proc, timeout, sig=signal.SIGTERM):
+            self.needed_kill = True
         self.exit_code = self.proc.returncode
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream:
-                    stream.close()
-            except OSError:
-                pass
         return self.exit_code
 
 

@@ -17,7 +17,8 @@ while. A 4,096-token request is 256 blocks per layer: 512 MiB in 16,384 ranges o
            the pool reuses them). Timed from the prefill side announcing the manifest
            (``time.monotonic()``, a system-wide clock) to the last byte in place here.
            Raw and control passes alternate, ``--iters`` of each after one warm-up
-           pass each; the bytes are verified again at the end.
+           pass each. Each control pass follows a raw read of the same bytes, so at the
+           end the destination is zeroed and one more control pull's bytes are checked.
 4. latency of control messages on loopback, over ``--small`` 1-token requests: Ping
            round trips; Submit -> Pinned (which includes the prefill application's thread
            taking the request and allocating blocks); a Manifest one way (announced on the
@@ -118,6 +119,12 @@ def run(args, c: ControlClient, layout: KVLayout, buf: np.ndarray, dst: list[int
         ctl.append(pull.timings.started + pull.timings.total_s - result["published_at"])
         last = pull
     raw, ctl = raw[1:], ctl[1:]  # the first pass of each warms page tables and caches
+    # each control pull above landed on the bytes the raw read before it had put there:
+    # zeroed, one more control pull must put them in place by itself
+    buf[:] = 0
+    check = c.pull("ctl-check", dst, payload=request(n, 7, publish="at_end", fill=False))
+    if json.loads(check.wait(120))["blocks"] != src_blocks:
+        raise RuntimeError("the prefill pool handed out other blocks; the unfilled pattern would not be there")
     check_request(layout, [buf], dst, n, 7)
 
     # 4. control message latency

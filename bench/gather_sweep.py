@@ -22,6 +22,10 @@ import time
 
 import numpy as np
 
+from kvtransfer.target import parse_size, seeded_bytes
+
+IPC_SEED = 17  # the --ipc child's source bytes: kvtransfer.target.seeded_bytes(total, IPC_SEED)
+
 SRC = r"""
 struct kvt_copy { unsigned long long src, dst, len; };
 template <int LD> __device__ __forceinline__ uint4 ld16(const uint4 *p)
@@ -128,7 +132,11 @@ def shapes(quick: bool) -> list[tuple]:
 
 
 def descs(src_ptr: int, dst_ptr: int, perm: np.ndarray, block: int, chunk: int) -> np.ndarray:
-    per = max(1, block // chunk)
+    """Copy descriptors (src, dst, len) gathering blocks of ``block`` bytes: local block i
+    from source block ``perm[i]``. A block that is a multiple of ``chunk`` is cut into
+    ``chunk``-byte pieces (as the transports cut long ranges); any other is one piece.
+    bench/transfer_bw.py's "kernel" system uses it too."""
+    per = block // chunk if block % chunk == 0 and block >= chunk else 1
     piece = block // per
     k = np.arange(per, dtype=np.uint64) * np.uint64(piece)
     s = np.uint64(src_ptr) + perm.astype(np.uint64)[:, None] * np.uint64(block) + k
@@ -136,9 +144,20 @@ def descs(src_ptr: int, dst_ptr: int, perm: np.ndarray, block: int, chunk: int) 
     return np.ascontiguousarray(np.stack([s.ravel(), d.ravel(), np.full(s.size, piece, np.uint64)], axis=1))
 
 
+def _per_call(fn, iters: int, then=None) -> float:
+    """Seconds per call of `iters` calls of `fn` back to back, `then()` (a synchronize)
+    once after them inside the timing."""
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if then is not None:
+        then()
+    return (time.perf_counter() - t0) / iters
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--total", default="512M")
+    ap.add_argument("--total", type=parse_size, default="512M", help="bytes (K, M, G: powers of 1024)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="every 7th shape")
     ap.add_argument("--src-device", type=int, default=0,
@@ -160,7 +179,7 @@ def main(argv=None) -> int:
     import cupy as cp
     import torch
 
-    total = int(args.total[:-1]) << {"K": 10, "M": 20, "G": 30}[args.total[-1]]
+    total = args.total
     dev = torch.device("cuda:0")
     src = torch.randint(0, 255, (total,), dtype=torch.uint8, device=f"cuda:{args.src_device}")
     dst = torch.empty(total, dtype=torch.uint8, device=dev)
@@ -179,18 +198,12 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(i)
 
     def timed(fn) -> float:
-        """seconds per call: the best of 3 rounds of `iters` calls back to back (launch gaps
-        and kernel tails count, as they do in a stream of copies)"""
+        """seconds per call: the best of 3 rounds of `iters` calls back to back, synchronized
+        once at the end of a round (launch gaps and kernel tails count, as they do in a
+        stream of copies)"""
         fn()
         sync()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            sync()
-            best = min(best, (time.perf_counter() - t0) / args.iters)
-        return best
+        return min(_per_call(fn, args.iters, then=sync) for _ in range(3))
 
     def gbps(sec: float) -> float:
         return total / sec / 1e9
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
     if args.ipc:
         return ipc_compare(args, cp, torch, src, dst, sms, workloads["32K perm"][1], gbps)
     if args.pipeline:
-        return pipeline(args, cp, torch, src, dst, sms, copy_s[0], workloads["32K perm"][1], gbps)
+        return pipeline(args, cp, torch, src, dst, sms, workloads["32K perm"][1], gbps)
     todo = shapes(args.quick)
     names = sorted({f"g<{t},{u},{w},{ld},{st}>" for t, u, w, ld, st, _, _ in todo})
     cp.cuda.Device(runs_on).use()
@@ -232,6 +245,7 @@ def main(argv=None) -> int:
         except AttributeError:
             fit = 2048 // t
         row = {"fit": fit, "threads": t, "U": u, "warp": w, "ld": ld, "st": st, "per_sm": per_sm, "chunk_kib": chunk}
+        bad = []
         for name, (block, perm) in workloads.items():
             d = descs(src.data_ptr(), dst.data_ptr(), perm, block, chunk << 10)
             dd = cp.asarray(d)  # on cuda:runs_on
@@ -240,13 +254,22 @@ def main(argv=None) -> int:
                 grid = n if not w else (n + t // 32 - 1) // (t // 32)
             else:
                 grid = sms * min(per_sm, fit)
-            sec = timed(lambda: fn((grid,), (t,), (dd, np.uint64(n))))
+
+            def launch(grid=grid, dd=dd, n=n):
+                fn((grid,), (t,), (dd, np.uint64(n)))
+
+            sec = timed(launch)
             row[name] = round(copy_s[0] / sec, 4)
-        dst.zero_()
-        sync()
-        fn((grid,), (t,), (dd, np.uint64(n)))
-        sync()
-        row["ok"] = bool(torch.equal(dst, ref[name]))
+            # every workload's bytes, once: a zeroed destination, one launch
+            dst.zero_()
+            sync()
+            launch()
+            sync()
+            if not torch.equal(dst, ref[name]):
+                bad.append(name)
+        row["ok"] = not bad
+        if bad:
+            row["wrong_bytes"] = bad
         rows.append(row)
         print(json.dumps(row), flush=True)
     copy_s.append(timed(lambda: dst.copy_(src)))
@@ -264,24 +287,36 @@ def main(argv=None) -> int:
 
 
 def ipc_child(total: int) -> int:
-    """Holds `total` random bytes on cuda:0 and prints their CUDA IPC handle."""
+    """Holds seeded_bytes(total, IPC_SEED) on cuda:0 and prints their CUDA IPC handle as
+    one JSON line, ``{"handle": HEX}``; end of stdin exits."""
     import cupy as cp
 
-    buf = cp.random.randint(0, 255, total, dtype=cp.uint8)
+    buf = cp.asarray(seeded_bytes(total, IPC_SEED))
     cp.cuda.Device().synchronize()
-    print(bytes(cp.cuda.runtime.ipcGetMemHandle(buf.data.ptr)).hex(), flush=True)
+    print(json.dumps({"handle": bytes(cp.cuda.runtime.ipcGetMemHandle(buf.data.ptr)).hex()}), flush=True)
     sys.stdin.read()
     return 0
 
 
 def ipc_compare(args, cp, torch, src, dst, sms, perm, gbps) -> int:
-    import subprocess
+    """The device shape gathering 32 KiB blocks from a source in this process and from one
+    in another process (opened through CUDA IPC); each source's gathered bytes are
+    checked once (destination zeroed, one launch). Exit status 1 on a mismatch."""
+    from kvtransfer.target import start_child, stop_child
 
     total = src.numel()
-    child = subprocess.Popen([sys.executable, __file__, "--ipc-child", str(total)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child, hello = start_child([sys.executable, __file__, "--ipc-child", str(total)], 120, "--ipc-child")
+    wrong = []
     try:
-        ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(child.stdout.readline().strip()))
+        ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(hello["handle"]))
+        idx = torch.from_numpy(perm)
+
+        def gathered(source):
+            return torch.index_select(source.view(-1, 32 << 10), 0, idx.to(source.device)).view(-1).to(dst.device)
+
+        # what each source's gather must leave in dst (the child holds seeded bytes)
+        expect = {src.data_ptr(): gathered(src),
+                  ptr: gathered(torch.from_numpy(seeded_bytes(total, IPC_SEED)).to(dst.device))}
         mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["g<1024,2,0,0,0>"])
         fn = mod.get_function("g<1024,2,0,0,0>")
 
@@ -298,24 +333,23 @@ def ipc_compare(args, cp, torch, src, dst, sms, perm, gbps) -> int:
             d = cp.asarray(descs(base, dst.data_ptr(), perm, 32 << 10, 64 << 10))
             n = len(d)
             out[where] = timed(lambda: fn((sms,), (1024,), (d, np.uint64(n))))
+            dst.zero_()
+            torch.cuda.synchronize()
+            fn((sms,), (1024,), (d, np.uint64(n)))
+            torch.cuda.synchronize()
+            if not torch.equal(dst, expect[base]):
+                wrong.append(where)
+                print(f"source in {where}: the gathered bytes differ", flush=True)
             contiguous = timed(lambda: cp.cuda.runtime.memcpyAsync(dst.data_ptr(), base, total, 3, 0))
             print(f"source in {where}: gather of 32 KiB blocks {out[where] * 1e6:.1f} us ({gbps(out[where]):.0f} GB/s); "
                   f"contiguous cudaMemcpyAsync {contiguous * 1e6:.1f} us ({gbps(contiguous):.0f} GB/s)", flush=True)
         cp.cuda.runtime.ipcCloseMemHandle(ptr)
     finally:
-        child.stdin.close()
-        child.wait(30)
-    return 0
+        stop_child(child, 30)
+    return 1 if wrong else 0
 
 
-def _per_call(fn, iters: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
-
-
-def pipeline(args, cp, torch, src, dst, sms, copy_s, perm, gbps) -> int:
+def pipeline(args, cp, torch, src, dst, sms, perm, gbps) -> int:
     """Costs of cutting one gather into jobs (bench/transfer_bw.py's shm path does):
     a pass launches every job, then waits for all (as a READ does)."""
     import cupyx

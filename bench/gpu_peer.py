@@ -25,15 +25,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvtransfer import Engine, EngineDescriptor, RegionDescriptor  # noqa: E402
-from kvtransfer.target import parse_size, start_child, stop_child  # noqa: E402
+from kvtransfer.target import parse_size, seeded_bytes, start_child, stop_child  # noqa: E402
 
-
-def seeded(n: int, seed: int) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(np.random.default_rng(seed).bytes(n), np.uint8).copy())
+SEED = 7  # the child's bytes: seeded_bytes(nbytes, SEED), which this process regenerates to check and copy
 
 
 def child(nbytes: int) -> int:
-    src = seeded(nbytes, 7).to("cuda:1")
+    src = torch.from_numpy(seeded_bytes(nbytes, SEED)).to("cuda:1")
     torch.cuda.synchronize()
     with Engine() as eng:
         _, desc = eng.register(src)
@@ -84,11 +82,11 @@ def main() -> int:
                 peer.read_blocks(region, lo, remote, ro, args.block).wait(60)
 
             shm()
-            want = seeded(nbytes, 7).view(args.blocks, args.block)[torch.from_numpy(perm)]
+            want = torch.from_numpy(seeded_bytes(nbytes, SEED)).view(args.blocks, args.block)[torch.from_numpy(perm)]
             if not torch.equal(dst.cpu().view(args.blocks, args.block), want):
                 print("VERIFY FAILED: shm read from cuda:1", file=sys.stderr)
                 return 1
-            src = seeded(nbytes, 7).to("cuda:1")
+            src = torch.from_numpy(seeded_bytes(nbytes, SEED)).to("cuda:1")
             copy = timed(lambda: dst.copy_(src), args.iters + 2)[2:]
             read = timed(shm, args.iters + 2)[2:]
     finally:

@@ -98,6 +98,7 @@ import zmq
 import kvtransfer
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host
 from kvtransfer import target
+from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
 from report import cpu_model, kv_lines
 from kvtransfer.target import parse_size, seeded_bytes
 
@@ -106,7 +107,6 @@ BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
 CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
 KERNEL_VARIANTS = ("kernel0", "kernel1")  # csrc/cuda_copy.c's shapes, on request
-CUDA_BASELINES = ("d2d", "gather", "kernel", "cpu") + KERNEL_VARIANTS
 CUDA_RATIOS = (("shm", "d2d"), ("shm", "gather"), ("shm", "cpu"), ("tcp", "tcp-host"), ("kernel", "d2d"),
                ("shm", "kernel"))
 COPY_CHUNK = 64 << 10  # csrc/cuda_copy.h KVT_COPY_CHUNK: how the transports cut long ranges
@@ -557,10 +557,8 @@ class TorchRunner:
 
     def __init__(self, torch, op):
         self.torch, self.op = torch, op
-        self.layout: Layout | None = None
 
     def prepare(self, layout: Layout, dst) -> None:
-        self.layout = layout
         self.fn = self.op(layout)
 
     def run_pass(self) -> None:
@@ -765,14 +763,7 @@ def run_cuda(args: argparse.Namespace) -> int:
             runners["gather"], dsts["gather"] = TorchRunner(torch, gather_op), dst
 
         def kernel_op(lay: Layout, variant: int = -1):
-            per = max(1, lay.block_bytes // COPY_CHUNK) if lay.block_bytes % COPY_CHUNK == 0 else 1
-            piece = lay.block_bytes // per
-            k = np.arange(per, dtype=np.uint64) * np.uint64(piece)
-            src = (np.uint64(ref.data_ptr()) + lay.perm.astype(np.uint64)[:, None] * np.uint64(lay.block_bytes) + k)
-            dstp = (np.uint64(dst.data_ptr()) + np.arange(lay.blocks, dtype=np.uint64)[:, None]
-                    * np.uint64(lay.block_bytes) + k)
-            descs = np.stack([src.ravel(), dstp.ravel(), np.full(src.size, piece, np.uint64)], axis=1)
-            descs = np.ascontiguousarray(descs).tobytes()
+            descs = gather_descs(ref.data_ptr(), dst.data_ptr(), lay.perm, lay.block_bytes, COPY_CHUNK).tobytes()
             return lambda: _C.cuda_gather(0, descs, variant)
 
         for name, variant in (("kernel", -1),) + tuple((name, k) for k, name in enumerate(KERNEL_VARIANTS)):

@@ -28,6 +28,7 @@ import pytest
 
 from kvtransfer import (Engine, EngineDescriptor, InvalidArgumentError, RegionDescriptor, RemoteAccessError,
                         TransferError, alloc_host)
+from kvtransfer.target import seeded_bytes, start_child, stop_child
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -46,16 +47,12 @@ def pythonpath() -> str:
     return os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
 
 
-def seeded(n: int, seed: int) -> np.ndarray:
-    return np.frombuffer(np.random.default_rng(seed).bytes(n), np.uint8).copy()
-
-
 # --------------------------------------------------------------------------- the target process
 
 def target_main(nbytes: int, seed: int, device: str = "cuda:0") -> int:
-    dev = torch.from_numpy(seeded(nbytes, seed)).to(device)
+    dev = torch.from_numpy(seeded_bytes(nbytes, seed)).to(device)
     host = alloc_host(nbytes)
-    host[:] = seeded(nbytes, seed + 1)
+    host[:] = seeded_bytes(nbytes, seed + 1)
     torch.cuda.synchronize()
     with Engine() as eng:
         dreg, ddesc = eng.register(dev)
@@ -73,51 +70,34 @@ class Target:
     def __init__(self, nbytes: int = TARGET_BYTES, seed: int = SEED, env: dict | None = None,
                  device: str = "cuda:0"):
         self.nbytes, self.seed = nbytes, seed
-        self.proc = subprocess.Popen([sys.executable, __file__, "target", str(nbytes), str(seed), device],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": pythonpath(), **(env or {})})
-        line = self._readline(STARTUP_S)
-        hello = json.loads(line)
+        self.proc, hello = start_child([sys.executable, __file__, "target", str(nbytes), str(seed), device],
+                                       STARTUP_S, "target", env={"PYTHONPATH": pythonpath(), **(env or {})})
         self.engine = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))
         self.dev = RegionDescriptor.from_bytes(bytes.fromhex(hello["dev"]))
         self.host = RegionDescriptor.from_bytes(bytes.fromhex(hello["host"]))
 
-    def _readline(self, timeout: float) -> str:
+    def command(self, cmd: str) -> str:
         import queue
         import threading
 
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
         box: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=lambda: box.put(self.proc.stdout.readline()), daemon=True).start()
         try:
-            line = box.get(timeout=timeout)
+            return box.get(timeout=30).strip()
         except queue.Empty:
             self.close()
-            raise AssertionError(f"target printed nothing in {timeout} s") from None
-        if not line:
-            raise AssertionError(f"target exited ({self.proc.wait(10)}) before printing its descriptors")
-        return line
-
-    def command(self, cmd: str) -> str:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._readline(30).strip()
+            raise AssertionError(f"target did not answer {cmd!r} in 30 s") from None
 
     def bytes_dev(self) -> np.ndarray:
-        return seeded(self.nbytes, self.seed)
+        return seeded_bytes(self.nbytes, self.seed)
 
     def bytes_host(self) -> np.ndarray:
-        return seeded(self.nbytes, self.seed + 1)
+        return seeded_bytes(self.nbytes, self.seed + 1)
 
     def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(15)
+        stop_child(self.proc, 15)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +262,7 @@ def test_mixed_host_and_device_memory(target, reader, transport):
 
 
 def test_same_process_engines_over_shm_and_tcp():
-    src = torch.from_numpy(seeded(8 * MiB, 5)).to("cuda:0")
+    src = torch.from_numpy(seeded_bytes(8 * MiB, 5)).to("cuda:0")
     dst = torch.zeros(8 * MiB, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
     with Engine() as a, Engine() as b:
@@ -378,6 +358,7 @@ def test_reads_from_another_gpu(reader, transport):
         assert (t.dev.device, t.dev.device_index) == ("cuda", 1)
         lo, ro, lens, size = plan(3000, 11)
         dst = torch.full((size,), 0x5A, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()  # the engine's copies run on its own streams, not after torch's
         region, _ = reader.register(dst)
         peer = reader.connect(t.engine, transport=transport)
         peer.read_blocks(region, lo, t.dev, ro, lens).wait(WAIT_S)

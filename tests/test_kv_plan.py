@@ -9,8 +9,6 @@ every other byte of every destination region (and a few bytes past its end) is a
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -378,19 +376,13 @@ def test_any_shapes_block_sizes_and_tp_splits(case):
     assert held == list(range(*dst.head_range))
 
 
-# -- speed -----------------------------------------------------------------------------------
+# -- a model-sized plan -------------------------------------------------------------------
 
-def test_llama_3_8b_plan_takes_milliseconds():
+def test_llama_3_8b_plan_has_an_entry_per_layer_block_and_k_v():
+    """A Llama-3-8B-shaped plan (32 layers, 256 blocks, K and V): one entry each. Its
+    speed is bench material, not asserted here."""
     a = make("flash", heads=8, head_dim=128, block_size=16, num_blocks=1024, num_layers=32)
     rng = np.random.default_rng(0)
     sb, db = rng.permutation(1024)[:256], rng.permutation(1024)[:256]
-    best = min(_timed(plan_reads, a, a, sb, db, 4096) for _ in range(3))
     plans = plan_reads(a, a, sb, db, 4096)
     assert sum(len(p) for p in plans) == 32 * 256 * 2
-    assert best < 0.1, f"{best * 1e3:.1f} ms"  # ~1 ms here; a generous bound against regressions
-
-
-def _timed(fn, *args) -> float:
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t

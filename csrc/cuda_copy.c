@@ -20,10 +20,21 @@
  * the read-only path (they are not written during a copy). Two shapes, each best where
  * it is used:
  *   0 "device"  device memory to device memory (shm, also over peer access): 1,024
- *               threads, U = 2, one CTA per SM: 32 KiB in flight per SM; a CTA loads
- *               its descriptors 32 at a time into shared memory, the next 32 while it
- *               copies these (shm's descriptors sit in pinned host memory: one PCIe
- *               round trip per descriptor cost ~3% at 32 KiB blocks on an H200)
+ *               threads, U = 2, one CTA per SM: 32 KiB in flight per SM. A CTA takes
+ *               descriptors a group at a time (group_size: ~128 KiB of copying) from a
+ *               counter in device memory, and loads the next group's descriptors into
+ *               shared memory while it copies this one (shm's descriptors sit in pinned
+ *               host memory, a PCIe round trip away). Taking groups as it gets to them,
+ *               not a fixed share: a batch's kernels run side by side on several
+ *               streams, one CTA per SM, so a kernel's CTAs start as the previous
+ *               kernel's leave, up to ~90 us apart on an H200; with fixed shares the
+ *               late ones finished alone (GPU time of 16,384 x 32 KiB in three jobs
+ *               ~295 us against ~277 for one kernel). Measured (H200, shm/d2d copy_,
+ *               32 KiB / 256 KiB / 512 MiB contiguous): fixed shares 0.83/0.91/0.92x;
+ *               counter, 64 KiB groups 0.79/0.90/0.92x, 128 KiB 0.85-0.91/0.87-0.90/
+ *               0.92-0.93x, 256 KiB 0.87/0.90/0.91x (but reads from another GPU 0.84x
+ *               against 0.90-0.91x at 128 KiB). kvt_gather_cols is this shape reading
+ *               read_blocks' offset columns instead of descriptors.
  *   1 "staged"  to or from pinned host memory (tcp staging, over PCIe): 256 threads,
  *               U = 8, as many CTAs as fit: more bytes in flight for PCIe's latency;
  *               the next descriptor is loaded while one is copied
@@ -34,14 +45,16 @@
  * 0.977x; cache hints (.nc no-allocate, .cs, .cg, L2 256-byte prefetch) 0.85-0.92x;
  * torch index_select 0.90x. From another GPU every shape reads at 0.95-0.96x of
  * torch's peer copy_. KVTRANSFER_GATHER_VARIANT=0|1 forces one shape everywhere. */
-#define N_VARIANTS 2
+#define N_VARIANTS 2 /* descriptor kernels, which KVTRANSFER_GATHER_VARIANT picks from */
 #define VARIANT_DEVICE 0
 #define VARIANT_STAGED 1
+#define KERNEL_COLS 2 /* the device shape reading read_blocks' offset columns (kvt_copy_launch_cols) */
+#define N_KERNELS 3
 static const struct {
     const char *name;
     int threads;
     int max_per_sm; /* CTAs per SM at most (0: as many as fit) */
-} SHAPE[N_VARIANTS] = {{"kvt_gather_device", 1024, 1}, {"kvt_gather_staged", 256, 0}};
+} SHAPE[N_KERNELS] = {{"kvt_gather_device", 1024, 1}, {"kvt_gather_staged", 256, 0}, {"kvt_gather_cols", 1024, 1}};
 static const char KERNEL_SRC[] =
     "struct kvt_copy { unsigned long long src, dst, len; };\n"
     "template <int U>\n"
@@ -84,30 +97,66 @@ static const char KERNEL_SRC[] =
     "        c = c2;\n"
     "    }\n"
     "}\n"
+    "struct kvt_list { const kvt_copy *d; __device__ kvt_copy at(unsigned long long i) const { return d[i]; } };\n"
+    "struct kvt_cols { unsigned long long ro, lo, src, dst, len, n, parts, chunk; };\n"
+    "struct kvt_cols_src {\n"
+    "    kvt_cols c;\n"
+    "    __device__ kvt_copy at(unsigned long long v) const\n"
+    "    {\n"
+    "        unsigned long long e = v, off = 0;\n"
+    "        if (c.parts > 1) { e = v / c.parts; off = (v - e * c.parts) * c.chunk; }\n"
+    "        kvt_copy k;\n"
+    "        k.src = c.src + ((const unsigned long long *)c.ro)[e] + off;\n"
+    "        k.dst = c.dst + ((const unsigned long long *)c.lo)[e] + off;\n"
+    "        k.len = c.len - off < c.chunk ? c.len - off : c.chunk;\n"
+    "        return k;\n"
+    "    }\n"
+    "};\n"
     "#define QN 32\n"
-    "template <int U>\n"
-    "__device__ __forceinline__ void gather_queued(const kvt_copy *__restrict__ d, unsigned long long n)\n"
+    "/* the next group of g descriptors for this CTA: handed out by the counter (whoever\n"
+    "   asks first gets it), or blockIdx.x, + gridDim.x, ... without one */\n"
+    "__device__ __forceinline__ unsigned long long take(unsigned int *ctr, unsigned long long &mine)\n"
+    "{\n"
+    "    if (ctr) return atomicAdd(ctr, 1u);\n"
+    "    const unsigned long long t = mine;\n"
+    "    mine += gridDim.x;\n"
+    "    return t;\n"
+    "}\n"
+    "template <int U, class S>\n"
+    "__device__ __forceinline__ void gather_groups(const S src, unsigned long long n, unsigned int *ctr, unsigned int g)\n"
     "{\n"
     "    __shared__ kvt_copy q[2][QN];\n"
-    "    const unsigned long long step = gridDim.x;\n"
-    "    unsigned long long base = blockIdx.x;\n"
-    "    if (threadIdx.x < QN && base + threadIdx.x * step < n) q[0][threadIdx.x] = d[base + threadIdx.x * step];\n"
+    "    __shared__ unsigned long long at[2];\n"
+    "    unsigned long long mine = blockIdx.x;\n"
+    "    if (threadIdx.x == 0) { at[0] = take(ctr, mine) * g; at[1] = take(ctr, mine) * g; }\n"
     "    __syncthreads();\n"
-    "    for (int cur = 0; base < n; cur ^= 1) {\n"
-    "        const unsigned long long next = base + step * QN, mine = next + threadIdx.x * step;\n"
+    "    if (threadIdx.x < g && at[0] + threadIdx.x < n) q[0][threadIdx.x] = src.at(at[0] + threadIdx.x);\n"
+    "    __syncthreads();\n"
+    "    for (int cur = 0; at[cur] < n; cur ^= 1) {\n"
+    "        const unsigned long long b = at[cur], nb = at[cur ^ 1];\n"
+    "        const bool load = threadIdx.x < g && nb + threadIdx.x < n;\n"
     "        kvt_copy c2;\n"
-    "        const bool load = threadIdx.x < QN && mine < n;\n"
-    "        if (load) c2 = d[mine];\n"
-    "        for (int k = 0; k < QN && base + k * step < n; k++) copy_one<U>(q[cur][k]);\n"
-    "        if (load) q[cur ^ 1][threadIdx.x] = c2;\n"
+    "        if (load) c2 = src.at(nb + threadIdx.x);\n"
+    "        unsigned long long after = 0;\n"
+    "        if (threadIdx.x == 0) after = take(ctr, mine) * g;\n"
+    "        for (unsigned int k = 0; k < g && b + k < n; k++) copy_one<U>(q[cur][k]);\n"
     "        __syncthreads();\n"
-    "        base = next;\n"
+    "        if (load) q[cur ^ 1][threadIdx.x] = c2;\n"
+    "        if (threadIdx.x == 0) at[cur] = after;\n"
+    "        __syncthreads();\n"
     "    }\n"
+    "    /* the last CTA out resets the counter for the next launch on its stream: every\n"
+    "       CTA took its last group before counting itself out (a kernel that faults\n"
+    "       leaves it set, but its context is lost then, and every later call fails) */\n"
+    "    if (ctr && threadIdx.x == 0 && atomicAdd(ctr + 1, 1u) == gridDim.x - 1) { ctr[0] = 0; ctr[1] = 0; }\n"
     "}\n"
     "extern \"C\" __global__ void __launch_bounds__(1024, 1)\n"
-    "kvt_gather_device(const kvt_copy *__restrict__ d, unsigned long long n) { gather_queued<2>(d, n); }\n"
+    "kvt_gather_device(const kvt_copy *__restrict__ d, unsigned long long n, unsigned int *ctr, unsigned int g)\n"
+    "{ kvt_list l = {d}; gather_groups<2>(l, n, ctr, g); }\n"
     "extern \"C\" __global__ void __launch_bounds__(256)\n"
-    "kvt_gather_staged(const kvt_copy *__restrict__ d, unsigned long long n) { gather<8>(d, n); }\n";
+    "kvt_gather_staged(const kvt_copy *__restrict__ d, unsigned long long n) { gather<8>(d, n); }\n"
+    "extern \"C\" __global__ void __launch_bounds__(1024, 1)\n"
+    "kvt_gather_cols(kvt_cols c, unsigned int *ctr, unsigned int g) { kvt_cols_src s = {c}; gather_groups<2>(s, c.n * c.parts, ctr, g); }\n";
 
 static int gather_variant(void)
 {
@@ -203,8 +252,8 @@ static struct {
     struct dev_state {
         _Atomic int ready; /* 1 decided; -errno failed (why holds the message); set last */
         int mode;  /* 1 kernel, 2 batch */
-        CUfunction fn[N_VARIANTS];
-        int grid[N_VARIANTS]; /* SMs x resident CTAs per SM, per variant */
+        CUfunction fn[N_KERNELS];
+        int grid[N_KERNELS]; /* SMs x resident CTAs per SM, per kernel */
         int pick;             /* KVTRANSFER_GATHER_VARIANT, else -1 (each copy's own shape) */
         kvt_err why;
     } dev[KVT_CUDA_MAX_DEVICES];
@@ -277,7 +326,7 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
     r = c->ModuleLoadData(&mod, image);
     free(image);
     const char *what = "cuModuleLoadData";
-    for (int k = 0; k < N_VARIANTS && r == CUDA_SUCCESS; k++) {
+    for (int k = 0; k < N_KERNELS && r == CUDA_SUCCESS; k++) {
         what = "cuModuleGetFunction";
         r = c->ModuleGetFunction(&ds->fn[k], mod, SHAPE[k].name);
         int per_sm = 2048 / SHAPE[k].threads; /* without the occupancy call: threads alone */
@@ -385,22 +434,35 @@ static int launch_batch(const kvt_cu *c, int dev, CUstream s, const kvt_copy_des
     return rc;
 }
 
-static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant,
-                       int forced, kvt_err *err);
+static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
+                       CUdeviceptr ctr, int variant, int forced, kvt_err *err);
 
-int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
+int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
+                    CUdeviceptr ctr, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, VARIANT_DEVICE, 0, err);
+    return launch_with(dev, s, h, d, n, bytes, ctr, VARIANT_DEVICE, 0, err);
 }
 
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, VARIANT_STAGED, 0, err);
+    return launch_with(dev, s, h, d, n, 0, 0, VARIANT_STAGED, 0, err);
+}
+
+/* Descriptors a CTA of the device shape takes at a time: about 128 KiB of copying
+ * (2 to 32 of them; measured against 64 and 256, above), long enough that the next
+ * group's number (an atomic) and descriptors (a PCIe read when they sit in pinned
+ * memory) arrive while it copies, short enough that the CTAs' last groups end close
+ * together. */
+static unsigned int group_size(uint64_t bytes, uint64_t ndesc)
+{
+    uint64_t avg = ndesc && bytes ? bytes / ndesc : 0;
+    uint64_t g = avg ? (128u << 10) / avg : 4;
+    return g < 2 ? 2 : g > 32 ? 32 : (unsigned int)g;
 }
 
 /* variant: 0..N_VARIANTS-1; KVTRANSFER_GATHER_VARIANT overrides it unless forced */
-static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant,
-                       int forced, kvt_err *err)
+static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
+                       CUdeviceptr ctr, int variant, int forced, kvt_err *err)
 {
     if (n == 0)
         return 0;
@@ -414,11 +476,37 @@ static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr 
     int k = !forced && ds->pick >= 0 ? ds->pick : variant;
     CUdeviceptr descs = d ? d : (CUdeviceptr)(uintptr_t)h;
     unsigned long long count = n;
-    void *params[] = {&descs, &count};
+    unsigned int g = group_size(bytes, n);
+    void *params[] = {&descs, &count, &ctr, &g}; /* the staged kernel takes the first two */
     unsigned int grid = n < (size_t)ds->grid[k] ? (unsigned int)n : (unsigned int)ds->grid[k];
     CUresult r = c->LaunchKernel(ds->fn[k], grid, 1, 1, SHAPE[k].threads, 1, 1, 0, s, params, NULL);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %zu ranges on device %d, grid %u", n, dev, grid);
+    return 0;
+}
+
+int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdeviceptr ctr, kvt_err *err)
+{
+    if (cols->n == 0)
+        return 0;
+    int rc = kvt_copy_prepare(dev, NULL, err);
+    if (rc < 0)
+        return rc;
+    struct dev_state *ds = &st.dev[dev];
+    if (ds->mode != MODE_KERNEL)
+        return -EOPNOTSUPP; /* the caller writes descriptors instead; err untouched */
+    kvt_copy_cols c = *cols;
+    c.parts = kvt_copy_ndesc(c.len);
+    c.chunk = KVT_COPY_CHUNK;
+    uint64_t total = c.n * c.parts;
+    unsigned int g = group_size(c.n * c.len, total);
+    void *params[] = {&c, &ctr, &g};
+    unsigned int grid = total < (uint64_t)ds->grid[KERNEL_COLS] ? (unsigned int)total : (unsigned int)ds->grid[KERNEL_COLS];
+    CUresult r = kvt_cu_get(err)->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0,
+                                               s, params, NULL);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %lu blocks of %lu bytes on device %d, grid %u",
+                           (unsigned long)c.n, (unsigned long)c.len, dev, grid);
     return 0;
 }
 
@@ -450,6 +538,29 @@ int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err)
     return 0;
 }
 
+int kvt_copy_counter(CUstream s, CUdeviceptr *ctr, kvt_err *err)
+{
+    const kvt_cu *c = kvt_cu_get(err);
+    static const uint32_t zero[2];
+    CUresult r = c->MemAlloc(ctr, sizeof zero);
+    if (r != CUDA_SUCCESS) {
+        *ctr = 0;
+        return kvt_cu_fail(err, r, "cuMemAlloc", "%zu-byte copy counter", sizeof zero);
+    }
+    const char *what = "cuMemcpyHtoDAsync";
+    r = c->MemcpyHtoDAsync(*ctr, zero, sizeof zero, s);
+    if (r == CUDA_SUCCESS) {
+        what = "cuStreamSynchronize";
+        r = c->StreamSynchronize(s);
+    }
+    if (r != CUDA_SUCCESS) {
+        c->MemFree(*ctr);
+        *ctr = 0;
+        return kvt_cu_fail(err, r, what, "zeroing a copy counter");
+    }
+    return 0;
+}
+
 /* For benchmarks and tests: copies n descriptors on device dev and waits; the
  * kernel (or batch) alone, without a transport around it. One scratch stream and
  * descriptor buffer per device, kept. */
@@ -459,7 +570,7 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     static struct {
         CUstream s;
         kvt_copy_desc *pinned;
-        CUdeviceptr d;
+        CUdeviceptr d, ctr;
         size_t cap;
     } sc[KVT_CUDA_MAX_DEVICES];
     const kvt_cu *c = kvt_cu_get(err);
@@ -478,6 +589,14 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     CUresult r = CUDA_SUCCESS;
     if (!sc[dev].s)
         r = c->StreamCreate(&sc[dev].s, CU_STREAM_NON_BLOCKING);
+    if (r == CUDA_SUCCESS && !sc[dev].ctr && (rc = kvt_copy_counter(sc[dev].s, &sc[dev].ctr, err)) < 0) {
+        kvt_cuda_pop();
+        pthread_mutex_unlock(&mu);
+        return rc;
+    }
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += h[i].len;
     if (r == CUDA_SUCCESS && sc[dev].cap < n) {
         if (sc[dev].d)
             c->MemFree(sc[dev].d);
@@ -499,8 +618,8 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     if (r != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuda gather", "%zu descriptors on device %d", n, dev);
     if (rc == 0)
-        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, variant >= 0 ? variant : VARIANT_DEVICE,
-                         variant >= 0, err);
+        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, bytes, sc[dev].ctr,
+                         variant >= 0 ? variant : VARIANT_DEVICE, variant >= 0, err);
     if (rc == 0 && (r = c->StreamSynchronize(sc[dev].s)) != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuStreamSynchronize", "gather on device %d", dev);
     kvt_cuda_pop();

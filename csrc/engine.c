@@ -229,9 +229,12 @@ void kvt_peer_close(kvt_peer *p)
 
 int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
 {
-    kvt_job_limits lim[2] = {{p->max_pieces, p->max_bytes},
-                             {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
-                              p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes}};
+    const kvt_job_limits dev = {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
+                                p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
+    kvt_job_limits lim[3] = {{p->max_pieces, p->max_bytes},
+                             dev,
+                             {p->dev_lazy_max_pieces ? p->dev_lazy_max_pieces : dev.pieces,
+                              p->dev_lazy_max_bytes ? p->dev_lazy_max_bytes : dev.bytes}};
     return kvt_transfer_start(&p->eng->table, cols, lim, &p->queue, out, err);
 }
 

@@ -36,6 +36,10 @@ struct kvt_peer {
        kernel launches (0: as for host memory) */
     size_t dev_max_pieces;
     uint64_t dev_max_bytes;
+    /* read_blocks batches (one region to one region, cut lazily) into CUDA memory,
+       where the transport writes them cheaply (0: as other jobs into CUDA memory) */
+    size_t dev_lazy_max_pieces;
+    uint64_t dev_lazy_max_bytes;
     void (*close)(kvt_peer *p);
     void *impl;
 };

@@ -463,7 +463,7 @@ static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **o
  * waking the transport threads first hides their wake-up. */
 #define KICK_ENTRIES 256
 
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[2],
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[3],
                        kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
     if (c->n == 0)
@@ -558,7 +558,8 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
      * jobs without pieces; the popping threads write them. */
     if (c->local_region.stride == 0 && c->remote_region.stride == 0 && c->remote_key.stride == 0 &&
         c->remote_addr.stride == 0) {
-        rc = cut_lazy(t, c, &ls.views[0], lim, q, err);
+        const kvt_job_limits lazy[2] = {lim[0], lim[2]};
+        rc = cut_lazy(t, c, &ls.views[0], lazy, q, err);
         free(ls.views);
         return started(t, rc, err, out);
     }

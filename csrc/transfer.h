@@ -56,7 +56,8 @@ typedef struct kvt_job {
     kvt_piece pieces[];
 } kvt_job;
 
-/* How big a job may be, per kind of destination memory. */
+/* How big a job may be: lim[0] into host memory, lim[1] into CUDA memory, lim[2] into
+ * CUDA memory for a batch of one region to one region (read_blocks), cut lazily. */
 typedef struct kvt_job_limits {
     size_t pieces;
     uint64_t bytes;
@@ -145,10 +146,10 @@ void kvt_queue_destroy(kvt_queue *q);
 
 /* Starts a batch: checks every local range first (an error names the entry, and
  * nothing is queued), holds the local regions, then cuts the entries into jobs of at
- * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination; a
- * longer entry is split) and pushes each job to q as soon as it is cut, so transports
+ * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination, and
+ * whether the batch is cut lazily; a longer entry is split) and pushes each job to q as soon as it is cut, so transports
  * start on the first while the rest are cut. A job lands in one memory kind and device. */
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[2],
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[3],
                        kvt_queue *q, kvt_transfer **out, kvt_err *err);
 
 #endif

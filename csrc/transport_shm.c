@@ -256,6 +256,8 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->max_bytes = SHM_MAX_BYTES;
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
+    p->dev_lazy_max_pieces = SHM_DEV_LAZY_MAX_PIECES;
+    p->dev_lazy_max_bytes = SHM_DEV_LAZY_MAX_BYTES;
     for (int i = 0; i < s->nthreads; i++) {
         int e = pthread_create(&s->threads[i], NULL, worker, s);
         if (e != 0) {

@@ -5,11 +5,12 @@
  * (cuda_ipc.c) and copies a job's blocks with the gather kernel (cuda_copy.c): the
  * job's (src, dst, len) descriptors are written to pinned, device-mapped memory and
  * copied by one launch that reads them there. A job cut lazily from one region to
- * one region (read_blocks) gets its descriptors straight from the batch's columns,
- * its source region checked once and every range's bounds in the same loop: a few
- * ns a block, so two threads keep ahead of an H200 copying 32 KiB blocks (writing
- * pieces first and checking each one cost ~30 ns a block and left the GPU waiting).
- * Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
+ * one region (read_blocks) needs no pieces: whole blocks of one length (the usual
+ * shape) need no descriptors either, the kernel reading the job's two offset columns
+ * (copied to the pinned buffer, the remote bounds checked on the way) and computing
+ * each block's addresses; other lazy jobs get descriptors straight from the batch's
+ * columns (a few ns a block; writing pieces first and checking each one cost ~30 ns
+ * a block and left the GPU waiting). Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
  * the GPU starts on them while the rest are cut. The kernel runs on the destination's
  * device, in its primary context; a reader on another GPU reads over peer access.
  * Each thread keeps two jobs in flight per device, each with its own descriptor
@@ -31,7 +32,9 @@
 #include "cuda_copy.h"
 #include "transport_shm.h"
 
-#define SLOT_DESCS (SHM_DEV_MAX_PIECES + SHM_DEV_MAX_BYTES / KVT_COPY_CHUNK)
+/* room for the descriptors of any job: lazy ones are the larger (16-byte column
+ * pairs of whole-block jobs fit in it too) */
+#define SLOT_DESCS (SHM_DEV_LAZY_MAX_PIECES + SHM_DEV_LAZY_MAX_BYTES / KVT_COPY_CHUNK)
 #define BOUNCE_BYTES (4u << 20)
 #define BOUNCE_IOVS 1024
 #define FIFO_MAX (2 * KVT_CUDA_MAX_DEVICES)
@@ -50,6 +53,7 @@ typedef struct slot {
     kvt_copy_desc *h; /* pinned, device-mapped: the kernel reads its descriptors here */
     CUdeviceptr d;    /* h as the device addresses it */
     CUevent ev;
+    CUdeviceptr ctr; /* the copy counter of launches on s */
     kvt_job *job; /* in flight, or NULL */
 } slot;
 
@@ -90,6 +94,8 @@ static void lane_free(const kvt_cu *c, lane *l)
             c->EventDestroy(l->slots[i].ev);
         if (l->slots[i].h)
             c->MemFreeHost(l->slots[i].h);
+        if (l->slots[i].ctr)
+            c->MemFree(l->slots[i].ctr);
         if (l->slots[i].s)
             c->StreamDestroy(l->slots[i].s);
     }
@@ -137,8 +143,14 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
             r = c->EventCreate(&l->slots[i].ev, kvt_trace_on() ? 0 : CU_EVENT_DISABLE_TIMING);
         }
     }
+    for (int i = 0; i < 2 && r == CUDA_SUCCESS && *rc == 0; i++)
+        *rc = kvt_copy_counter(l->slots[i].s, &l->slots[i].ctr, e);
+    if (*rc < 0) {
+        lane_free(c, l);
+        return NULL;
+    }
     if (r != CUDA_SUCCESS) {
-        *rc = kvt_cu_fail(e, r, what, "copy buffers for %d descriptors on device %d", SLOT_DESCS, dev);
+        *rc = kvt_cu_fail(e, r, what, "copy buffers for %d descriptors on device %d", (int)SLOT_DESCS, dev);
         lane_free(c, l);
         return NULL;
     }
@@ -217,14 +229,14 @@ static void gpu_span(kvt_transfer *t, CUevent end)
         ;
 }
 
-/* Launches the copy of the slot's first n descriptors. The kernel reads them from the
- * pinned buffer itself (24 bytes a block, over PCIe, each CTA loading the next 32
- * while it copies 32): no upload to wait for before the copy starts. */
-static int launch(lane *l, slot *sl, size_t n, kvt_transfer *t, kvt_err *e)
+/* Launches the copy of the slot's first n descriptors (bytes in all). The kernel
+ * reads them from the pinned buffer itself (over PCIe, each CTA loading its next
+ * group while it copies one): no upload to wait for before the copy starts. */
+static int launch(lane *l, slot *sl, size_t n, uint64_t bytes, kvt_transfer *t, kvt_err *e)
 {
     if (t->tr_start)
         gpu_mark(t, sl->s);
-    int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, e);
+    int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, bytes, sl->ctr, e);
     if (rc == 0)
         kvt_trace_launch(t);
     return rc;
@@ -370,6 +382,48 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
     return bad ? 0 : (long)n;
 }
 
+/* A lazy job of whole blocks of one length (read_blocks' usual shape), launched
+ * without descriptors: its two offset columns go to the slot's pinned buffer, the
+ * remote ones checked against the source region on the way (subtractions and ORs, as
+ * transfer.c checks the local ones), and the kernel computes each block's addresses
+ * (16 bytes copied a block, against a 24-byte descriptor per 64 KiB built at ~6 ns a
+ * block: jobs can then be large, few launches a batch). 1 launched; 0 when the job is not of that shape, its source is
+ * not CUDA memory, the device copies in batch mode or a range is out of bounds (the
+ * descriptor path takes it, and names the entry); -errno. */
+static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const kvt_job *job, kvt_err *e)
+{
+    const kvt_batch *b = job->batch;
+    if (b->ln || job->off0 != 0 || job->end1 != b->len0)
+        return 0;
+    const kvt_piece whole = {.remote_region = b->remote_region, .remote_key = b->remote_key, .entry = job->e0};
+    uint64_t src0;
+    int rc = resolve(s, cu, &l->last, l->dev, &whole, &src0, e);
+    if (rc < 0)
+        return rc;
+    if (l->last.kind != KVT_MEM_CUDA || b->len0 > l->last.len)
+        return 0;
+    const size_t n = job->e1 - job->e0 + 1;
+    const uint64_t last = l->last.len - b->len0, *bro = b->ro + job->e0, *blo = b->lo + job->e0;
+    uint64_t *ro = (uint64_t *)sl->h, *lo = ro + n, bad = 0;
+    for (size_t i = 0; i < n; i++) { /* ro[i] > last, or ro[i] >= 2^63: top bit set */
+        bad |= (last - bro[i]) | bro[i];
+        ro[i] = bro[i];
+        lo[i] = blo[i];
+    }
+    if (bad >> 63)
+        return 0;
+    const kvt_copy_cols c = {.ro = sl->d, .lo = sl->d + n * sizeof *ro, .src = src0, .dst = b->local_base,
+                             .len = b->len0, .n = n};
+    if (job->t->tr_start)
+        gpu_mark(job->t, sl->s);
+    rc = kvt_copy_launch_cols(l->dev, sl->s, &c, sl->ctr, e);
+    if (rc == -EOPNOTSUPP)
+        return 0;
+    if (rc == 0)
+        kvt_trace_launch(job->t);
+    return rc < 0 ? rc : 1;
+}
+
 /* A job's descriptors from its pieces, written to the slot: their number, or -errno
  * (*entry: the piece at fault). Blocks from host memory are counted in *nhost and
  * left for from_host. */
@@ -417,13 +471,18 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
     }
     l->next ^= 1;
     size_t nhost = 0;
-    long n = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
-    if (n == 0) { /* not lazy, or the lazy path handed it over */
-        if (job->batch)
-            kvt_job_materialize(job);
-        n = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
+    rc = job->batch ? cols_launch(s, cu, l, sl, job, &e) : 0;
+    if (rc == 0) {
+        long n = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
+        if (n == 0) { /* not lazy, or the lazy path handed it over */
+            if (job->batch)
+                kvt_job_materialize(job);
+            n = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
+        }
+        rc = n < 0 ? (int)n : n > 0 ? launch(l, sl, (size_t)n, job->bytes, job->t, &e) : 0;
+    } else if (rc > 0) {
+        rc = 0;
     }
-    rc = n < 0 ? (int)n : n > 0 ? launch(l, sl, (size_t)n, job->t, &e) : 0;
     if (rc == 0 && nhost)
         rc = from_host(s, cu, l, sl->s, job, &e, &entry);
     if (rc == 0 && !nhost) {

@@ -80,6 +80,15 @@ def kernel_descriptors(out: str) -> int:
     return int(m.group(1))
 
 
+def test_read_blocks_launch_offset_columns(fakes):
+    """read_blocks with one length: the kernel that reads the offset columns copies
+    them (a few launches for 20,000 blocks; blocks longer than a descriptor's 64 KiB
+    too); a block out of bounds in a later job is named; from host memory, the
+    descriptor path."""
+    out = run(fakes, "blocks")
+    assert "blocks ok" in out, out
+
+
 def test_batched_copies_without_nvrtc_use_memcpy_batch(fakes):
     out = run(fakes, "read-shm", nvrtc=False)
     assert "no gather kernel: NVRTC disabled" in out and "cuMemcpyBatchAsync available" in out, out
@@ -145,6 +154,11 @@ class FakeGPU:
     def launches(self) -> int:
         self.cu.fake_cuda_launches.restype = ctypes.c_ulong
         return self.cu.fake_cuda_launches()
+
+    def cols_launches(self) -> int:
+        """Launches of the kernel that reads read_blocks' offset columns."""
+        self.cu.fake_cuda_cols_launches.restype = ctypes.c_ulong
+        return self.cu.fake_cuda_cols_launches()
 
     def descs(self) -> int:
         """Descriptors the fake gather kernel copied in this process (cuMemcpyBatchAsync
@@ -460,6 +474,45 @@ def child_refusals() -> int:
     return 0
 
 
+def child_blocks() -> int:
+    from kvtransfer import RemoteAccessError
+    from kvtransfer.target import seeded_bytes
+
+    src, host_src = seeded_bytes(TARGET_BYTES, 1), seeded_bytes(TARGET_BYTES, 2)
+    rng = np.random.default_rng(3)
+    with reader(4 << 20, "shm") as r:
+        gpu, local, ddesc, hdesc, peer = r.gpu, r.local, r.ddesc, r.hdesc, r.peer
+        cols = gpu.cols_launches
+        for n, size in ((20000, 96), (24, 150 << 10), (300, 4099)):
+            r.poison()
+            lo = np.arange(n, dtype=np.int64) * size + 5
+            ro = rng.integers(0, TARGET_BYTES - size, size=n).astype(np.int64)
+            before, cols_before = gpu.launches(), cols()
+            peer.read_blocks(local, lo, ddesc, ro, size).wait(30)
+            launches, col_launches = gpu.launches() - before, cols() - cols_before
+            assert 0 < col_launches == launches <= 4, f"{n} x {size}: {launches} launches, {col_launches} by columns"
+            got = gpu.download(r.dst, 4 << 20)
+            check(got, src, lo, ro, np.full(n, size), f"read_blocks {n} x {size}")
+            assert (got[:5] == 0xEE).all() and (got[int(lo[-1]) + size:] == 0xEE).all(), "poison touched"
+        # a block out of bounds in the third job: named, whatever the other jobs did
+        lo = np.arange(20000, dtype=np.int64) * 96
+        ro = lo.copy()
+        ro[19000] = TARGET_BYTES - 50
+        try:
+            peer.read_blocks(local, lo, ddesc, ro, 96).wait(30)
+            raise AssertionError("block 19000 out of bounds was not refused")
+        except RemoteAccessError as e:
+            assert e.errno == errno.ERANGE and e.entry == 19000, e
+        # from the target's host memory: the descriptor path, not the columns
+        r.poison()
+        before = cols()
+        peer.read_blocks(local, lo[:500], hdesc, ro[:500], 96).wait(30)
+        check(gpu.download(r.dst, 500 * 96), host_src, lo[:500], ro[:500], np.full(500, 96), "from host memory")
+        assert cols() == before
+    print("blocks ok")
+    return 0
+
+
 def main(scenario: str) -> int:
     if scenario == "target":
         return child_target()
@@ -468,7 +521,7 @@ def main(scenario: str) -> int:
     if scenario.startswith("mixed-"):
         return child_mixed(scenario[6:])
     return {"register": child_register, "same-process": child_same_process, "no-ipc": child_no_ipc,
-            "no-copy": child_no_copy, "refusals": child_refusals}[scenario]()
+            "no-copy": child_no_copy, "refusals": child_refusals, "blocks": child_blocks}[scenario]()
 
 
 if __name__ == "__main__":

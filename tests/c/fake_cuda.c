@@ -334,11 +334,12 @@ int cuModuleLoadData(void **m, const void *image)
     *m = &ctx_token;
     return OK;
 }
+static char fn_list, fn_cols; /* the kernels: descriptor lists, or read_blocks' columns */
 int cuModuleGetFunction(void **f, void *m, const char *name)
 {
     if (strncmp(name, "kvt_gather", 10))
         return NOT_FOUND;
-    *f = &ctx_token;
+    *f = strcmp(name, "kvt_gather_cols") ? &fn_list : &fn_cols;
     return OK;
 }
 
@@ -346,11 +347,47 @@ typedef struct {
     uint64_t src, dst, len;
 } desc;
 
-static unsigned long launches, descs_copied;
+static unsigned long launches, descs_copied, cols_launches;
+
+/* The device shape's work counter (cuda_copy.c): 0, or two zeroed words of device
+ * memory the real kernel takes descriptors from and leaves zeroed; and its group size. */
+static int counter_ok(void **params, int at_param)
+{
+    CUdeviceptr ctr = *(CUdeviceptr *)params[at_param];
+    unsigned g = *(unsigned *)params[at_param + 1];
+    if (g < 2 || g > 32)
+        return 0;
+    if (!ctr)
+        return 1;
+    pthread_mutex_lock(&mu);
+    int device = find(ctr) != NULL;
+    pthread_mutex_unlock(&mu);
+    const uint32_t *w = device ? (const uint32_t *)at(ctr, 8) : NULL;
+    return w && w[0] == 0 && w[1] == 0;
+}
+
+/* kvt_gather_cols: n blocks of len bytes, block i from src + ro[i] to dst + lo[i] */
+static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
+{
+    const uint64_t ro = c[0], lo = c[1], src = c[2], dst = c[3], len = c[4], n = c[5], parts = c[6], chunk = c[7];
+    if (gx == 0 || gx > n * parts || bx != 1024 || parts != (len + chunk - 1) / chunk)
+        return INVALID_VALUE;
+    const uint64_t *r = (const uint64_t *)at(ro, n * 8), *l = (const uint64_t *)at(lo, n * 8);
+    for (uint64_t i = 0; i < n; i++)
+        memmove(at(dst + l[i], len), at(src + r[i], len), len);
+    __atomic_add_fetch(&launches, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&cols_launches, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&descs_copied, n * parts, __ATOMIC_RELAXED);
+    return OK;
+}
 
 int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                    unsigned shm, void *st, void **params, void **extra)
 {
+    if (f == &fn_cols)
+        return counter_ok(params, 1) ? launch_cols(gx, bx, (const uint64_t *)params[0]) : INVALID_VALUE;
+    if (bx == 1024 && !counter_ok(params, 2))
+        return INVALID_VALUE;
     CUdeviceptr d = *(CUdeviceptr *)params[0];
     unsigned long long n = *(unsigned long long *)params[1];
     if (gx == 0 || gx > n || (bx != 256 && bx != 1024)) /* cuda_copy.c's two kernel shapes */
@@ -381,5 +418,6 @@ int cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, s
 /* For tests: how many launches (kernel or batch calls) and descriptors this process ran. */
 unsigned long fake_cuda_launches(void) { return launches; }
 unsigned long fake_cuda_descs(void) { return descs_copied; }
+unsigned long fake_cuda_cols_launches(void) { return cols_launches; }
 
 #endif

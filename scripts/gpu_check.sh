@@ -29,9 +29,13 @@ if [ "${GPU_CHECK_HOST:-0}" = 1 ]; then
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_c_core.py tests/test_read.py tests/test_refusals.py \
     tests/test_failures.py tests/test_register.py tests/test_descriptors.py 2>&1 | tail -5 | tee "$OUT/pytest_host.txt"; step
 fi
-# KVTRANSFER_TRACE=1: where a shm batch's time goes (stderr, a line every 100 ms)
-KVTRANSFER_TRACE=${KVTRANSFER_TRACE:-1} timeout 240 python3 bench/transfer_bw.py --device cuda --iters 20 \
+timeout 240 python3 bench/transfer_bw.py --device cuda --iters 20 \
   --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} > "$OUT/bench_cuda.txt" 2> "$OUT/bench_cuda.err"; step
+# where a shm batch's time goes: KVTRANSFER_TRACE=1 (a line every 100 ms; apart, as it
+# costs the batch an event or two), medians by bench/trace_summary.py
+KVTRANSFER_TRACE=1 timeout 60 python3 bench/transfer_bw.py --device cuda --transports shm --sizes 32K,256K \
+  --iters 20 > /dev/null 2> "$OUT/trace.err"
+python3 bench/trace_summary.py "$OUT/trace.err"
 # GPU_CHECK_SWEEP=1: tuning runs, one line each (the kernel's two shapes alone, shm
 # with 1 and 4 copy threads, the batch mode); bench/gather_sweep.py tunes the shapes
 ratios() { sed -n '/Ratios/,$p' "$1" | sed -n '2,4p' | tr -s ' ' | tr '\n' ';'; }
@@ -51,6 +55,6 @@ if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then
     echo "shm batch mode: $(ratios "$OUT/sweep_shm_batch.txt")"
   } | tee "$OUT/sweep.txt"
 fi
-grep -m 12 "trace" "$OUT/bench_cuda.err"; grep -v "trace" "$OUT/bench_cuda.err" | tail -25
+tail -25 "$OUT/bench_cuda.err"
 cat "$OUT/bench_cuda.txt" | sed -n '/Ratios/,$p'
 exit $status

@@ -224,13 +224,16 @@ def test_device_to_device_between_processes(target, reader, transport):
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_kv_sized_batch_between_processes(target, reader, transport):
-    """2,048 scattered 32 KiB blocks (64 MiB) in one batch: several jobs, several launches."""
+    """2,048 scattered 32 KiB blocks (64 MiB) in one batch: several jobs, several launches.
+    Later passes reuse the opened handle, the compiled kernel and each stream's work
+    counter (each launch must leave it zeroed, or the next would skip blocks)."""
     n, bs = 2048, 32768
-    perm = np.random.default_rng(7).permutation(n).astype(np.int64)
+    rng = np.random.default_rng(7)
     dst = torch.empty(n * bs, dtype=torch.uint8, device="cuda:0")
     local, _ = reader.register(dst)
     peer = reader.connect(target.engine, transport=transport)
-    for _ in range(2):  # the second pass reuses the opened handle and the compiled kernel
+    for _ in range(4):
+        perm = rng.permutation(n).astype(np.int64)
         dst.zero_()
         torch.cuda.synchronize()
         peer.read_blocks(local, np.arange(n, dtype=np.int64) * bs, target.dev, perm * bs, bs).wait(WAIT_S)

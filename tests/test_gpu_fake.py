@@ -438,6 +438,23 @@ def child_no_copy() -> int:
     return 0
 
 
+def refuses_block(peer, local, ddesc, n: int, size: int, bad: int):
+    """read_blocks of n blocks of `size` bytes, block `bad` past the end of the target's
+    region: the read fails with ERANGE naming that block. Returns the offsets (the bad
+    one's remote offset is past the end)."""
+    from kvtransfer import RemoteAccessError
+
+    lo = np.arange(n, dtype=np.int64) * size
+    ro = lo.copy()
+    ro[bad] = TARGET_BYTES - size // 2
+    try:
+        peer.read_blocks(local, lo, ddesc, ro, size).wait(30)
+        raise AssertionError(f"block {bad} out of bounds was not refused")
+    except RemoteAccessError as e:
+        assert e.errno == errno.ERANGE and e.entry == bad, e
+    return lo, ro
+
+
 def child_refusals() -> int:
     from kvtransfer import RegionDescriptor, RemoteAccessError
     from kvtransfer.target import seeded_bytes
@@ -456,14 +473,7 @@ def child_refusals() -> int:
                 assert e.errno == want and e.entry == 1, e
         # read_blocks: its jobs are copied from the batch's columns without pieces;
         # a block out of bounds still fails the read naming that block
-        lo = np.arange(64, dtype=np.uint64) * 4096
-        ro = lo.copy()
-        ro[37] = TARGET_BYTES - 100
-        try:
-            peer.read_blocks(local, lo, ddesc, ro, 4096).wait(30)
-            raise AssertionError("block 37 out of bounds was not refused")
-        except RemoteAccessError as e:
-            assert e.errno == errno.ERANGE and e.entry == 37, e
+        lo, ro = refuses_block(peer, local, ddesc, 64, 4096, bad=37)
         # poisoned again: the reads above may have left these blocks' bytes in place
         r.poison()
         peer.read_blocks(local, lo[:37], ddesc, ro[:37], 4096).wait(30)
@@ -475,7 +485,6 @@ def child_refusals() -> int:
 
 
 def child_blocks() -> int:
-    from kvtransfer import RemoteAccessError
     from kvtransfer.target import seeded_bytes
 
     src, host_src = seeded_bytes(TARGET_BYTES, 1), seeded_bytes(TARGET_BYTES, 2)
@@ -495,14 +504,7 @@ def child_blocks() -> int:
             check(got, src, lo, ro, np.full(n, size), f"read_blocks {n} x {size}")
             assert (got[:5] == 0xEE).all() and (got[int(lo[-1]) + size:] == 0xEE).all(), "poison touched"
         # a block out of bounds in the third job: named, whatever the other jobs did
-        lo = np.arange(20000, dtype=np.int64) * 96
-        ro = lo.copy()
-        ro[19000] = TARGET_BYTES - 50
-        try:
-            peer.read_blocks(local, lo, ddesc, ro, 96).wait(30)
-            raise AssertionError("block 19000 out of bounds was not refused")
-        except RemoteAccessError as e:
-            assert e.errno == errno.ERANGE and e.entry == 19000, e
+        lo, ro = refuses_block(peer, local, ddesc, 20000, 96, bad=19000)
         # from the target's host memory: the descriptor path, not the columns
         r.poison()
         before = cols()

@@ -281,7 +281,9 @@ static kvt_job *new_job(kvt_transfer *t, kvt_queue *q, size_t max_pieces, const 
 static inline uint64_t col(const kvt_col *c, size_t i) { return c->p[i * c->stride]; }
 
 /* Job limits: the first jobs into device memory are smaller (1/16, 1/4), so the GPU
- * starts copying sooner while the rest of the batch is cut. */
+ * starts copying sooner while the rest of the batch is cut (and the next job is ready
+ * before the GPU runs out: 1/8 then the rest was worse, 16,384 x 32 KiB blocks over
+ * shm on an H200 0.80x of copy_ against 0.84-0.87x). */
 static kvt_job_limits job_limits(const kvt_job_limits lim[2], int kind, int *dev_jobs)
 {
     const kvt_job_limits *cl = &lim[kind == KVT_MEM_HOST ? 0 : 1];

@@ -39,3 +39,18 @@ def test_trace_summary_reads_the_c_cores_lines(tmp_path):
     host, gpu = out.splitlines()
     assert "2000 entries, 1 batches" in host and "checked" in host and "done" in host and "first launch" not in host and "gpu" not in host
     assert "16384 entries, 1 batches" in gpu and "first launch 20.1" in gpu and "gpu 304.5" in gpu, gpu
+
+
+def test_engine_kernel_reads_the_kernels_cuda_copy_c_compiles():
+    """bench/engine_kernel.py times the kernel the engine launches: the CUDA C it takes
+    from csrc/cuda_copy.c is the source NVRTC gets (every kernel the C side looks up)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from engine_kernel import kernel_source
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    c = (ROOT / "csrc" / "cuda_copy.c").read_text()
+    src = kernel_source(c)
+    assert src.startswith("struct kvt_copy") and src.count("__global__") == 3
+    for name in ("kvt_gather_device", "kvt_gather_staged", "kvt_gather_cols"):
+        assert f'"{name}"' in c and f"{name}(" in src, name

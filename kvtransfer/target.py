@@ -98,6 +98,22 @@ def _close(pipe) -> None:
         pass
 
 
+def serve_device_and_host(dev, host) -> None:
+    """The target process of the GPU tests (real driver or stand-in): registers `dev`
+    (device memory, as Engine.register takes it) and `host`, prints one JSON line (the
+    engine's and both regions' descriptors, the pid), then serves stdin until it ends:
+    ``deregister`` closes the device region."""
+    with Engine() as eng:
+        dreg, ddesc = eng.register(dev)
+        _hreg, hdesc = eng.register(host)
+        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "dev": ddesc.to_bytes().hex(),
+                          "host": hdesc.to_bytes().hex(), "pid": os.getpid()}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "deregister":
+                dreg.close()
+                print("deregistered", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", type=parse_size, default=64 << 20)

@@ -16,7 +16,6 @@ tests/test_gpu_fake.py covers the same C paths without a GPU.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest
 
 from kvtransfer import (Engine, EngineDescriptor, InvalidArgumentError, RegionDescriptor, RemoteAccessError,
                         TransferError, alloc_host)
-from kvtransfer.target import seeded_bytes, start_child, stop_child
+from kvtransfer.target import seeded_bytes, serve_device_and_host, start_child, stop_child
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -54,15 +53,7 @@ def target_main(nbytes: int, seed: int, device: str = "cuda:0") -> int:
     host = alloc_host(nbytes)
     host[:] = seeded_bytes(nbytes, seed + 1)
     torch.cuda.synchronize()
-    with Engine() as eng:
-        dreg, ddesc = eng.register(dev)
-        hreg, hdesc = eng.register(host)
-        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "dev": ddesc.to_bytes().hex(),
-                          "host": hdesc.to_bytes().hex(), "pid": os.getpid()}), flush=True)
-        for line in sys.stdin:
-            if line.strip() == "deregister":
-                dreg.close()
-                print("deregistered", flush=True)
+    serve_device_and_host(dev, host)
     return 0
 
 

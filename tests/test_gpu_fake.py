@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import re
 import shutil
@@ -176,22 +175,12 @@ TARGET_STOP_S = 30.0  # its exit after end of stdin, then it is killed
 def child_target() -> int:
     """Serves a fake-device buffer (seed 1) and a host buffer (seed 2); stdin commands:
     ``deregister`` (the device region), end of stdin exits."""
-    from kvtransfer import Engine
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.target import seeded_bytes, serve_device_and_host
 
     gpu = FakeGPU()
     dev = gpu.alloc(TARGET_BYTES)
     gpu.upload(dev, seeded_bytes(TARGET_BYTES, 1))
-    host = seeded_bytes(TARGET_BYTES, 2)
-    with Engine() as eng:
-        dreg, ddesc = eng.register((dev, TARGET_BYTES, "cuda:0"))
-        hreg, hdesc = eng.register(host)
-        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "dev": ddesc.to_bytes().hex(),
-                          "host": hdesc.to_bytes().hex()}), flush=True)
-        for line in sys.stdin:
-            if line.strip() == "deregister":
-                dreg.close()
-                print("deregistered", flush=True)
+    serve_device_and_host((dev, TARGET_BYTES, "cuda:0"), seeded_bytes(TARGET_BYTES, 2))
     return 0
 
 

@@ -44,7 +44,9 @@
  * previous default) 0.90x, 512 x 2 x 3 0.94x, 1,024 x 4 x 1 0.93x, 1,024 x 2 x 1
  * 0.977x; cache hints (.nc no-allocate, .cs, .cg, L2 256-byte prefetch) 0.85-0.92x;
  * torch index_select 0.90x. From another GPU every shape reads at 0.95-0.96x of
- * torch's peer copy_. KVTRANSFER_GATHER_VARIANT=0|1 forces one shape everywhere. */
+ * torch's peer copy_. KVTRANSFER_GATHER_VARIANT=0|1 forces one shape on every
+ * descriptor list (read_blocks jobs over shm, which carry no descriptors, always run
+ * kvt_gather_cols). */
 #define N_VARIANTS 2 /* descriptor kernels, which KVTRANSFER_GATHER_VARIANT picks from */
 #define VARIANT_DEVICE 0
 #define VARIANT_STAGED 1

@@ -33,7 +33,7 @@ batched copies run.
 Environment (tuning and diagnostics; defaults measured on an H100, see
 bench/transfer_bw.py): ``KVTRANSFER_NVRTC`` (path of libnvrtc, or ``none``),
 ``KVTRANSFER_CUDA_COPY=kernel|batch``, ``KVTRANSFER_GATHER_VARIANT=0|1`` (one kernel shape for
-every copy, csrc/cuda_copy.c),
+every descriptor list, csrc/cuda_copy.c; shm's read_blocks jobs have none),
 ``KVTRANSFER_TCP_STAGE_KB`` (pinned staging buffers, default 2048) and
 ``KVTRANSFER_TCP_DEV_JOB_KB`` (tcp frames into CUDA memory, default 8192),
 ``KVTRANSFER_WAIT_SPIN_US`` (``wait`` polls this long before sleeping, default 1000),

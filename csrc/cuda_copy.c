@@ -497,18 +497,20 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdevic
     struct dev_state *ds = &st.dev[dev];
     if (ds->mode != MODE_KERNEL)
         return -EOPNOTSUPP; /* the caller writes descriptors instead; err untouched */
-    kvt_copy_cols c = *cols;
-    c.parts = kvt_copy_ndesc(c.len);
-    c.chunk = KVT_COPY_CHUNK;
-    uint64_t total = c.n * c.parts;
-    unsigned int g = group_size(c.n * c.len, total);
-    void *params[] = {&c, &ctr, &g};
+    /* the kernel's kvt_cols: the caller's fields, then how blocks are cut into descriptors */
+    struct {
+        kvt_copy_cols c;
+        uint64_t parts, chunk;
+    } k = {*cols, kvt_copy_ndesc(cols->len), KVT_COPY_CHUNK};
+    const uint64_t total = cols->n * k.parts;
+    unsigned int g = group_size(cols->n * cols->len, total);
+    void *params[] = {&k, &ctr, &g};
     unsigned int grid = total < (uint64_t)ds->grid[KERNEL_COLS] ? (unsigned int)total : (unsigned int)ds->grid[KERNEL_COLS];
     CUresult r = kvt_cu_get(err)->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0,
                                                s, params, NULL);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %lu blocks of %lu bytes on device %d, grid %u",
-                           (unsigned long)c.n, (unsigned long)c.len, dev, grid);
+                           (unsigned long)cols->n, (unsigned long)cols->len, dev, grid);
     return 0;
 }
 

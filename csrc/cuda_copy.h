@@ -72,11 +72,10 @@ int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdevice
  * dst + lo[i]. ro and lo are device addresses of n uint64 offsets each (pinned,
  * device-mapped memory will do): the kernel reads the offsets and computes each
  * block's addresses itself, so the CPU writes 16 bytes a block, not a descriptor per
- * 64 KiB. parts and chunk are set by the call. -EOPNOTSUPP (err untouched) when the
- * device copies in batch mode: write descriptors then. */
+ * 64 KiB. -EOPNOTSUPP (err untouched) when the device copies in batch mode: write
+ * descriptors then. */
 typedef struct kvt_copy_cols {
     uint64_t ro, lo, src, dst, len, n;
-    uint64_t parts, chunk; /* descriptors a block is cut into, of chunk bytes */
 } kvt_copy_cols;
 int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, CUdeviceptr ctr, kvt_err *err);
 

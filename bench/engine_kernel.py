@@ -1,12 +1,11 @@
 """The engine's own gather kernel alone, on a GPU: csrc/cuda_copy.c's kernel source
 compiled with cupy, one pass (launch + synchronize, median of 30) against torch's
-``copy_`` of the same bytes, for the choices that kernel makes: descriptors in device
-or pinned host memory (the engine reads them from pinned memory), fixed shares or
-groups of g descriptors taken from a counter (the engine: ~128 KiB a group), one
-launch or the engine's three jobs (1/16, 1/4, the rest) on three streams; the kernel
-as it was before the counter (commit 0ceb580) for comparison when git has it. Local
-sources, and a source on cuda:1 when there are two GPUs. Every variant's bytes are
-checked after its timing (the destination is compared with index_select's).
+``copy_`` of the same bytes: descriptors in device or pinned host memory (the engine
+reads them from pinned memory), one launch or the engine's three jobs (1/16, 1/4,
+the rest) on three streams; and the kernel it replaced (commit c407dd5: CTAs taking
+groups of descriptors from a counter) for comparison when git has it. Local sources,
+and a source on cuda:1 when there are two GPUs. Every variant's bytes are checked
+after its timing (the destination is compared with index_select's).
 
     python3 bench/engine_kernel.py     (needs cupy and torch on a CUDA machine)
 
@@ -28,7 +27,8 @@ from gather_sweep import descs  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOTAL = 512 << 20
-OLD_COMMIT = "0ceb580"  # before the counter: fixed shares, 32 descriptors per load
+OLD_COMMIT = "c407dd5"  # CTAs of 1,024 threads taking groups of descriptors from a counter
+CHUNK = 32 << 10  # csrc/cuda_copy.h's KVT_COPY_CHUNK
 
 
 def kernel_source(text: str) -> str:
@@ -75,7 +75,7 @@ def main() -> int:
         return float(np.median(ts)) * 1e6
 
     def run(label: str, src, block: int, perm: np.ndarray) -> None:
-        d = descs(src.data_ptr(), dst.data_ptr(), perm, block, 64 << 10)
+        d = descs(src.data_ptr(), dst.data_ptr(), perm, block, CHUNK)
         n = len(d)
         dd = cp.asarray(d)
         pin = cp.cuda.alloc_pinned_memory(d.nbytes)
@@ -83,21 +83,20 @@ def main() -> int:
         want = torch.index_select(src.view(-1, block).to("cuda:0"), 0, torch.from_numpy(perm).to("cuda:0")).view(-1)
         copy_us = timeit(lambda: dst.copy_(src))
         res, bad = {"copy_": copy_us}, []
+        cut = [0, n // 16, n // 16 + n // 4, n]
 
-        def one(fn, args) -> None:
-            fn((min(n, sms),), (1024,), args)
-
-        def jobs(fn, g: int, counter: bool) -> None:
-            cut = [0, n // 16, n // 16 + n // 4, n]
+        def jobs(launch) -> None:
             for j in range(3):
-                a, b = cut[j], cut[j + 1]
-                args = (np.uint64(pin.ptr + a * 24), np.uint64(b - a))
-                if fn is new:
-                    args += (ctrs[j] if counter else np.uint64(0), np.uint32(g))
                 with streams[j]:
-                    fn((min(b - a, sms),), (1024,), args)
+                    launch(cut[j], cut[j + 1], j)
             for s in streams:
                 s.synchronize()
+
+        def new_one(ptr: int, a: int, b: int) -> None:
+            new((b - a,), (256,), (np.uint64(ptr + a * 24), np.uint64(b - a)))
+
+        def old_one(ptr: int, a: int, b: int, ctr) -> None:
+            old((min(b - a, sms),), (1024,), (np.uint64(ptr + a * 24), np.uint64(b - a), ctr, np.uint32(4)))
 
         def timed(name: str, fn) -> None:
             dst.zero_()
@@ -106,17 +105,13 @@ def main() -> int:
             if not torch.equal(dst, want):
                 bad.append(name)
 
-        for where, ptr in (("dev", dd.data.ptr), ("pin", pin.ptr)):
+        for where, ptr in (("pin", pin.ptr), ("dev", dd.data.ptr)):
+            timed(f"engine {where}", lambda: new_one(ptr, 0, n))
             if old is not None:
-                timed(f"old {where}", lambda: one(old, (np.uint64(ptr), np.uint64(n))))
-            for g in (2, 4, 8, 16):
-                timed(f"counter g{g} {where}", lambda: one(new, (np.uint64(ptr), np.uint64(n), ctrs[0], np.uint32(g))))
-            timed(f"fixed g4 {where}", lambda: one(new, (np.uint64(ptr), np.uint64(n), np.uint64(0), np.uint32(4))))
+                timed(f"old g4 {where}", lambda: old_one(ptr, 0, n, ctrs[0]))
+        timed("engine 3 jobs pin", lambda: jobs(lambda a, b, j: new_one(pin.ptr, a, b)))
         if old is not None:
-            timed("3 jobs old", lambda: jobs(old, 0, False))
-        for g in (2, 4, 8):
-            timed(f"3 jobs counter g{g}", lambda: jobs(new, g, True))
-        timed("3 jobs fixed g4", lambda: jobs(new, 4, False))
+            timed("old g4 3 jobs pin", lambda: jobs(lambda a, b, j: old_one(pin.ptr, a, b, ctrs[j])))
         print(f"== {label}: {n} descriptors; bytes {'ok' if not bad else 'WRONG in ' + ', '.join(bad)}")
         for k, v in res.items():
             print(f"  {k:<22} {v:8.1f} us  {copy_us / v:6.3f}x of copy_")

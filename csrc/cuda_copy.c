@@ -13,40 +13,32 @@
 
 #define BATCH_CALL_MAX 8192 /* descriptors per cuMemcpyBatchAsync call */
 
-/* The gather kernel: a CTA copies one descriptor at a time (grid-stride over them),
- * with 16-byte vectors when source and destination agree modulo 16: a byte head up to
- * the first aligned address, U independent 16-byte loads per thread before their
- * stores, a byte tail; otherwise bytes (correct, slow, rare). Sources are read through
- * the read-only path (they are not written during a copy). Two shapes, each best where
- * it is used:
- *   0 "device"  device memory to device memory (shm, also over peer access): 1,024
- *               threads, U = 2, one CTA per SM: 32 KiB in flight per SM. A CTA takes
- *               descriptors a group at a time (group_size: ~128 KiB of copying) from a
- *               counter in device memory, and loads the next group's descriptors into
- *               shared memory while it copies this one (shm's descriptors sit in pinned
- *               host memory, a PCIe round trip away). Taking groups as it gets to them,
- *               not a fixed share: a batch's kernels run side by side on several
- *               streams, one CTA per SM, so a kernel's CTAs start as the previous
- *               kernel's leave, up to ~90 us apart on an H200; with fixed shares the
- *               late ones finished alone (GPU time of 16,384 x 32 KiB in three jobs
- *               ~295 us against ~277 for one kernel). Measured (H200, shm/d2d copy_,
- *               32 KiB / 256 KiB / 512 MiB contiguous): fixed shares 0.83/0.91/0.92x;
- *               counter, 64 KiB groups 0.79/0.90/0.92x, 128 KiB 0.85-0.91/0.87-0.90/
- *               0.92-0.93x, 256 KiB 0.87/0.90/0.91x (but reads from another GPU 0.84x
- *               against 0.90-0.91x at 128 KiB). kvt_gather_cols is this shape reading
+/* The gather kernel: a CTA copies a descriptor with 16-byte vectors when source and
+ * destination agree modulo 16: a byte head up to the first aligned address, U
+ * independent 16-byte loads per thread before their stores, a byte tail; otherwise
+ * bytes (correct, slow, rare). Sources are read through the read-only path (they are
+ * not written during a copy). Two shapes, each best where it is used:
+ *   0 "device"  device memory to device memory (shm, also over peer access): one CTA
+ *               of 256 threads per descriptor (U = 8: a 32 KiB descriptor is one load
+ *               and one store a thread), eight CTAs per SM, the hardware handing
+ *               descriptors out as CTAs finish. Each CTA reads its descriptor from
+ *               pinned host memory itself. kvt_gather_cols is this shape reading
  *               read_blocks' offset columns instead of descriptors.
  *   1 "staged"  to or from pinned host memory (tcp staging, over PCIe): 256 threads,
- *               U = 8, as many CTAs as fit: more bytes in flight for PCIe's latency;
- *               the next descriptor is loaded while one is copied
- * Why shape 0 (bench/gather_sweep.py, 136 shapes, one H200, 16,384 scattered 32 KiB
- * blocks, 512 MiB, against copy_ of the same bytes at 2,054 GB/s): the more bytes a
- * thread or an SM has in flight, the worse: 256 threads x U = 8 x 6 CTAs per SM (the
- * previous default) 0.90x, 512 x 2 x 3 0.94x, 1,024 x 4 x 1 0.93x, 1,024 x 2 x 1
- * 0.977x; cache hints (.nc no-allocate, .cs, .cg, L2 256-byte prefetch) 0.85-0.92x;
- * torch index_select 0.90x. From another GPU every shape reads at 0.95-0.96x of
- * torch's peer copy_. KVTRANSFER_GATHER_VARIANT=0|1 forces one shape on every
- * descriptor list (read_blocks jobs over shm, which carry no descriptors, always run
- * kvt_gather_cols). */
+ *               U = 8, as many CTAs as fit, each walking descriptors blockIdx.x,
+ *               + gridDim.x, ... and loading the next while it copies one.
+ * Why one CTA per descriptor (H200, one pass = launch + synchronize, median of 30,
+ * against copy_ of the same 512 MiB; 16,384 scattered 32 KiB blocks / 2,048 of
+ * 256 KiB / 512 MiB contiguous): 0.958/0.958/0.98x, descriptors in pinned memory
+ * (0.966/0.971 in device memory; an upload before the launch costs more than it
+ * saves: 0.944/0.947). The persistent shapes it replaced, where CTAs take groups of
+ * descriptors from a counter or fixed shares, stop at barriers between groups:
+ * 0.934/0.940/0.955x at best (1,024 threads, U = 2, 4-descriptor groups), and warps
+ * taking descriptors alone 0.90-0.92x. From another GPU (NVLink) every shape reads at
+ * 0.94-0.96x of torch's peer copy_. 32 KiB descriptors beat 64 KiB at 256 KiB blocks
+ * (0.959 against 0.944x): KVT_COPY_CHUNK. KVTRANSFER_GATHER_VARIANT=0|1 forces one
+ * shape on every descriptor list (read_blocks jobs over shm, which carry no
+ * descriptors, always run kvt_gather_cols). */
 #define N_VARIANTS 2 /* descriptor kernels, which KVTRANSFER_GATHER_VARIANT picks from */
 #define VARIANT_DEVICE 0
 #define VARIANT_STAGED 1
@@ -55,11 +47,25 @@
 static const struct {
     const char *name;
     int threads;
-    int max_per_sm; /* CTAs per SM at most (0: as many as fit) */
-} SHAPE[N_KERNELS] = {{"kvt_gather_device", 1024, 1}, {"kvt_gather_staged", 256, 0}, {"kvt_gather_cols", 1024, 1}};
+    int per_desc; /* one CTA per descriptor; else as many CTAs as fit, each walking the list */
+} SHAPE[N_KERNELS] = {{"kvt_gather_device", 256, 1}, {"kvt_gather_staged", 256, 0}, {"kvt_gather_cols", 256, 1}};
 static const char KERNEL_SRC[] =
     "struct kvt_copy { unsigned long long src, dst, len; };\n"
-    "template <int U>\n"
+    "template <int U, class I>\n"
+    "__device__ __forceinline__ void copy_vectors(const uint4 *__restrict__ vs, uint4 *vt, const I nv)\n"
+    "{\n"
+    "    const I B = blockDim.x;\n"
+    "    I j = threadIdx.x;\n"
+    "    for (; j + (U - 1) * B < nv; j += U * B) {\n"
+    "        uint4 v[U];\n"
+    "#pragma unroll\n"
+    "        for (int u = 0; u < U; u++) v[u] = __ldg(vs + j + u * B);\n"
+    "#pragma unroll\n"
+    "        for (int u = 0; u < U; u++) vt[j + u * B] = v[u];\n"
+    "    }\n"
+    "    for (; j < nv; j += B) vt[j] = __ldg(vs + j);\n"
+    "}\n"
+    "template <int U, bool narrow = true>\n"
     "__device__ __forceinline__ void copy_one(kvt_copy c)\n"
     "{\n"
     "    const unsigned long long B = blockDim.x, s0 = c.src, t0 = c.dst, len = c.len;\n"
@@ -74,15 +80,11 @@ static const char KERNEL_SRC[] =
     "    for (unsigned long long j = threadIdx.x; j < head; j += B) t[j] = s[j];\n"
     "    const uint4 *vs = (const uint4 *)(s + head);\n"
     "    uint4 *vt = (uint4 *)(t + head);\n"
-    "    unsigned long long j = threadIdx.x;\n"
-    "    for (; j + (U - 1) * B < nv; j += U * B) {\n"
-    "        uint4 v[U];\n"
-    "#pragma unroll\n"
-    "        for (int u = 0; u < U; u++) v[u] = __ldg(vs + j + u * B);\n"
-    "#pragma unroll\n"
-    "        for (int u = 0; u < U; u++) vt[j + u * B] = v[u];\n"
-    "    }\n"
-    "    for (; j < nv; j += B) vt[j] = __ldg(vs + j);\n"
+    "    /* 32-bit indices where they reach (every descriptor the transports cut): fewer\n"
+    "       registers, so the U loads of a thread stay in flight together (the staged\n"
+    "       shape keeps one loop: its CTAs are as many as registers allow) */\n"
+    "    if (narrow && nv < (1ull << 31)) copy_vectors<U, unsigned>(vs, vt, (unsigned)nv);\n"
+    "    else copy_vectors<U, unsigned long long>(vs, vt, nv);\n"
     "    for (unsigned long long k = head + (nv << 4) + threadIdx.x; k < len; k += B) t[k] = s[k];\n"
     "}\n"
     "template <int U>\n"
@@ -95,11 +97,10 @@ static const char KERNEL_SRC[] =
     "        const unsigned long long next = i + gridDim.x;\n"
     "        kvt_copy c2 = c;\n"
     "        if (next < n) c2 = d[next];\n"
-    "        copy_one<U>(c);\n"
+    "        copy_one<U, false>(c);\n"
     "        c = c2;\n"
     "    }\n"
     "}\n"
-    "struct kvt_list { const kvt_copy *d; __device__ kvt_copy at(unsigned long long i) const { return d[i]; } };\n"
     "struct kvt_cols { unsigned long long ro, lo, src, dst, len, n, parts, chunk; };\n"
     "struct kvt_cols_src {\n"
     "    kvt_cols c;\n"
@@ -114,51 +115,14 @@ static const char KERNEL_SRC[] =
     "        return k;\n"
     "    }\n"
     "};\n"
-    "#define QN 32\n"
-    "/* the next group of g descriptors for this CTA: handed out by the counter (whoever\n"
-    "   asks first gets it), or blockIdx.x, + gridDim.x, ... without one */\n"
-    "__device__ __forceinline__ unsigned long long take(unsigned int *ctr, unsigned long long &mine)\n"
-    "{\n"
-    "    if (ctr) return atomicAdd(ctr, 1u);\n"
-    "    const unsigned long long t = mine;\n"
-    "    mine += gridDim.x;\n"
-    "    return t;\n"
-    "}\n"
-    "template <int U, class S>\n"
-    "__device__ __forceinline__ void gather_groups(const S src, unsigned long long n, unsigned int *ctr, unsigned int g)\n"
-    "{\n"
-    "    __shared__ kvt_copy q[2][QN];\n"
-    "    __shared__ unsigned long long at[2];\n"
-    "    unsigned long long mine = blockIdx.x;\n"
-    "    if (threadIdx.x == 0) { at[0] = take(ctr, mine) * g; at[1] = take(ctr, mine) * g; }\n"
-    "    __syncthreads();\n"
-    "    if (threadIdx.x < g && at[0] + threadIdx.x < n) q[0][threadIdx.x] = src.at(at[0] + threadIdx.x);\n"
-    "    __syncthreads();\n"
-    "    for (int cur = 0; at[cur] < n; cur ^= 1) {\n"
-    "        const unsigned long long b = at[cur], nb = at[cur ^ 1];\n"
-    "        const bool load = threadIdx.x < g && nb + threadIdx.x < n;\n"
-    "        kvt_copy c2;\n"
-    "        if (load) c2 = src.at(nb + threadIdx.x);\n"
-    "        unsigned long long after = 0;\n"
-    "        if (threadIdx.x == 0) after = take(ctr, mine) * g;\n"
-    "        for (unsigned int k = 0; k < g && b + k < n; k++) copy_one<U>(q[cur][k]);\n"
-    "        __syncthreads();\n"
-    "        if (load) q[cur ^ 1][threadIdx.x] = c2;\n"
-    "        if (threadIdx.x == 0) at[cur] = after;\n"
-    "        __syncthreads();\n"
-    "    }\n"
-    "    /* the last CTA out resets the counter for the next launch on its stream: every\n"
-    "       CTA took its last group before counting itself out (a kernel that faults\n"
-    "       leaves it set, but its context is lost then, and every later call fails) */\n"
-    "    if (ctr && threadIdx.x == 0 && atomicAdd(ctr + 1, 1u) == gridDim.x - 1) { ctr[0] = 0; ctr[1] = 0; }\n"
-    "}\n"
-    "extern \"C\" __global__ void __launch_bounds__(1024, 1)\n"
-    "kvt_gather_device(const kvt_copy *__restrict__ d, unsigned long long n, unsigned int *ctr, unsigned int g)\n"
-    "{ kvt_list l = {d}; gather_groups<2>(l, n, ctr, g); }\n"
+    "extern \"C\" __global__ void __launch_bounds__(256, 8)\n"
+    "kvt_gather_device(const kvt_copy *__restrict__ d, unsigned long long n)\n"
+    "{ if (blockIdx.x < n) copy_one<8>(d[blockIdx.x]); }\n"
     "extern \"C\" __global__ void __launch_bounds__(256)\n"
     "kvt_gather_staged(const kvt_copy *__restrict__ d, unsigned long long n) { gather<8>(d, n); }\n"
-    "extern \"C\" __global__ void __launch_bounds__(1024, 1)\n"
-    "kvt_gather_cols(kvt_cols c, unsigned int *ctr, unsigned int g) { kvt_cols_src s = {c}; gather_groups<2>(s, c.n * c.parts, ctr, g); }\n";
+    "extern \"C\" __global__ void __launch_bounds__(256, 8)\n"
+    "kvt_gather_cols(kvt_cols c)\n"
+    "{ kvt_cols_src s = {c}; if (blockIdx.x < c.n * c.parts) copy_one<8>(s.at(blockIdx.x)); }\n";
 
 static int gather_variant(void)
 {
@@ -255,7 +219,7 @@ static struct {
         _Atomic int ready; /* 1 decided; -errno failed (why holds the message); set last */
         int mode;  /* 1 kernel, 2 batch */
         CUfunction fn[N_KERNELS];
-        int grid[N_KERNELS]; /* SMs x resident CTAs per SM, per kernel */
+        int grid[N_KERNELS]; /* SMs x resident CTAs per SM, per kernel (the staged shape's grid) */
         int pick;             /* KVTRANSFER_GATHER_VARIANT, else -1 (each copy's own shape) */
         kvt_err why;
     } dev[KVT_CUDA_MAX_DEVICES];
@@ -335,8 +299,6 @@ static int build_kernel(const kvt_cu *c, int dev, struct dev_state *ds, kvt_err 
         if (r == CUDA_SUCCESS && c->OccupancyMaxActiveBlocksPerMultiprocessor &&
             c->OccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ds->fn[k], SHAPE[k].threads, 0) != CUDA_SUCCESS)
             per_sm = 2048 / SHAPE[k].threads;
-        if (SHAPE[k].max_per_sm && per_sm > SHAPE[k].max_per_sm)
-            per_sm = SHAPE[k].max_per_sm;
         ds->grid[k] = (sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1);
     }
     if (r != CUDA_SUCCESS)
@@ -436,35 +398,31 @@ static int launch_batch(const kvt_cu *c, int dev, CUstream s, const kvt_copy_des
     return rc;
 }
 
-static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
-                       CUdeviceptr ctr, int variant, int forced, kvt_err *err);
+static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant, int forced,
+                       kvt_err *err);
 
-int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
-                    CUdeviceptr ctr, kvt_err *err)
+int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, bytes, ctr, VARIANT_DEVICE, 0, err);
+    return launch_with(dev, s, h, d, n, VARIANT_DEVICE, 0, err);
 }
 
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err)
 {
-    return launch_with(dev, s, h, d, n, 0, 0, VARIANT_STAGED, 0, err);
+    return launch_with(dev, s, h, d, n, VARIANT_STAGED, 0, err);
 }
 
-/* Descriptors a CTA of the device shape takes at a time: about 128 KiB of copying
- * (2 to 32 of them; measured against 64 and 256, above), long enough that the next
- * group's number (an atomic) and descriptors (a PCIe read when they sit in pinned
- * memory) arrive while it copies, short enough that the CTAs' last groups end close
- * together. */
-static unsigned int group_size(uint64_t bytes, uint64_t ndesc)
+/* The grid of kernel k for n descriptors: one CTA each, or as many as fit (0: more
+ * descriptors than a grid holds, which no caller's buffer comes near). */
+static unsigned int grid_for(const struct dev_state *ds, int k, uint64_t n)
 {
-    uint64_t avg = ndesc && bytes ? bytes / ndesc : 0;
-    uint64_t g = avg ? (128u << 10) / avg : 4;
-    return g < 2 ? 2 : g > 32 ? 32 : (unsigned int)g;
+    if (SHAPE[k].per_desc)
+        return n <= 0x7fffffffu ? (unsigned int)n : 0;
+    return n < (uint64_t)ds->grid[k] ? (unsigned int)n : (unsigned int)ds->grid[k];
 }
 
 /* variant: 0..N_VARIANTS-1; KVTRANSFER_GATHER_VARIANT overrides it unless forced */
-static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
-                       CUdeviceptr ctr, int variant, int forced, kvt_err *err)
+static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, int variant, int forced,
+                       kvt_err *err)
 {
     if (n == 0)
         return 0;
@@ -478,16 +436,17 @@ static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr 
     int k = !forced && ds->pick >= 0 ? ds->pick : variant;
     CUdeviceptr descs = d ? d : (CUdeviceptr)(uintptr_t)h;
     unsigned long long count = n;
-    unsigned int g = group_size(bytes, n);
-    void *params[] = {&descs, &count, &ctr, &g}; /* the staged kernel takes the first two */
-    unsigned int grid = n < (size_t)ds->grid[k] ? (unsigned int)n : (unsigned int)ds->grid[k];
+    void *params[] = {&descs, &count};
+    unsigned int grid = grid_for(ds, k, n);
+    if (!grid)
+        return kvt_error(err, EINVAL, "cuLaunchKernel", "gather of %zu ranges: more than a grid holds", n);
     CUresult r = c->LaunchKernel(ds->fn[k], grid, 1, 1, SHAPE[k].threads, 1, 1, 0, s, params, NULL);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %zu ranges on device %d, grid %u", n, dev, grid);
     return 0;
 }
 
-int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdeviceptr ctr, kvt_err *err)
+int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, kvt_err *err)
 {
     if (cols->n == 0)
         return 0;
@@ -502,10 +461,11 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdevic
         kvt_copy_cols c;
         uint64_t parts, chunk;
     } k = {*cols, kvt_copy_ndesc(cols->len), KVT_COPY_CHUNK};
-    const uint64_t total = cols->n * k.parts;
-    unsigned int g = group_size(cols->n * cols->len, total);
-    void *params[] = {&k, &ctr, &g};
-    unsigned int grid = total < (uint64_t)ds->grid[KERNEL_COLS] ? (unsigned int)total : (unsigned int)ds->grid[KERNEL_COLS];
+    void *params[] = {&k};
+    unsigned int grid = grid_for(ds, KERNEL_COLS, cols->n * k.parts);
+    if (!grid)
+        return kvt_error(err, EINVAL, "cuLaunchKernel", "gather of %lu blocks: more than a grid holds",
+                         (unsigned long)cols->n);
     CUresult r = kvt_cu_get(err)->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0,
                                                s, params, NULL);
     if (r != CUDA_SUCCESS)
@@ -542,29 +502,6 @@ int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err)
     return 0;
 }
 
-int kvt_copy_counter(CUstream s, CUdeviceptr *ctr, kvt_err *err)
-{
-    const kvt_cu *c = kvt_cu_get(err);
-    static const uint32_t zero[2];
-    CUresult r = c->MemAlloc(ctr, sizeof zero);
-    if (r != CUDA_SUCCESS) {
-        *ctr = 0;
-        return kvt_cu_fail(err, r, "cuMemAlloc", "%zu-byte copy counter", sizeof zero);
-    }
-    const char *what = "cuMemcpyHtoDAsync";
-    r = c->MemcpyHtoDAsync(*ctr, zero, sizeof zero, s);
-    if (r == CUDA_SUCCESS) {
-        what = "cuStreamSynchronize";
-        r = c->StreamSynchronize(s);
-    }
-    if (r != CUDA_SUCCESS) {
-        c->MemFree(*ctr);
-        *ctr = 0;
-        return kvt_cu_fail(err, r, what, "zeroing a copy counter");
-    }
-    return 0;
-}
-
 /* For benchmarks and tests: copies n descriptors on device dev and waits; the
  * kernel (or batch) alone, without a transport around it. One scratch stream and
  * descriptor buffer per device, kept. */
@@ -574,7 +511,7 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     static struct {
         CUstream s;
         kvt_copy_desc *pinned;
-        CUdeviceptr d, ctr;
+        CUdeviceptr d;
         size_t cap;
     } sc[KVT_CUDA_MAX_DEVICES];
     const kvt_cu *c = kvt_cu_get(err);
@@ -593,14 +530,6 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     CUresult r = CUDA_SUCCESS;
     if (!sc[dev].s)
         r = c->StreamCreate(&sc[dev].s, CU_STREAM_NON_BLOCKING);
-    if (r == CUDA_SUCCESS && !sc[dev].ctr && (rc = kvt_copy_counter(sc[dev].s, &sc[dev].ctr, err)) < 0) {
-        kvt_cuda_pop();
-        pthread_mutex_unlock(&mu);
-        return rc;
-    }
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < n; i++)
-        bytes += h[i].len;
     if (r == CUDA_SUCCESS && sc[dev].cap < n) {
         if (sc[dev].d)
             c->MemFree(sc[dev].d);
@@ -622,8 +551,8 @@ int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant,
     if (r != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuda gather", "%zu descriptors on device %d", n, dev);
     if (rc == 0)
-        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, bytes, sc[dev].ctr,
-                         variant >= 0 ? variant : VARIANT_DEVICE, variant >= 0, err);
+        rc = launch_with(dev, sc[dev].s, sc[dev].pinned, sc[dev].d, n, variant >= 0 ? variant : VARIANT_DEVICE,
+                         variant >= 0, err);
     if (rc == 0 && (r = c->StreamSynchronize(sc[dev].s)) != CUDA_SUCCESS)
         rc = kvt_cu_fail(err, r, "cuStreamSynchronize", "gather on device %d", dev);
     kvt_cuda_pop();

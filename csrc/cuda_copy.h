@@ -4,13 +4,12 @@
  * A copy is a list of descriptors. The way they run is decided per device, once:
  *   kernel  a gather kernel compiled at run time with NVRTC (libnvrtc loaded with
  *           dlopen: $KVTRANSFER_NVRTC, else libnvrtc.so.13/.12/.11.2/.so on the loader's
- *           path, else /usr/local/cuda/lib64). One launch copies every descriptor: each
- *           CTA takes descriptors a group at a time and copies them with 16-byte loads and
- *           stores where source and destination agree modulo 16, bytes otherwise
- *           (head, tail, odd alignment); its shape (threads, loads in flight, CTAs per
- *           SM) is the one measured best for device memory, or for pinned host
- *           memory (staging). Long ranges are cut into KVT_COPY_CHUNK-byte
- *           descriptors so every CTA gets a share.
+ *           path, else /usr/local/cuda/lib64). One launch copies every descriptor, with
+ *           16-byte loads and stores where source and destination agree modulo 16,
+ *           bytes otherwise (head, tail, odd alignment); its shape (one CTA per
+ *           descriptor, or CTAs walking the list) is the one measured best for device
+ *           memory, or for pinned host memory (staging). Long ranges are cut into
+ *           KVT_COPY_CHUNK-byte descriptors so that the work spreads over every SM.
  *   batch   cuMemcpyBatchAsync (drivers of CUDA 12.8 and later), when NVRTC is missing:
  *           correct, but slow for many small ranges (about 20 GB/s for 16,384 blocks of
  *           32 KiB on an H100, against about 1,200 for the kernel).
@@ -33,7 +32,7 @@ typedef struct kvt_copy_desc {
     uint64_t len;
 } kvt_copy_desc;
 
-#define KVT_COPY_CHUNK (64u << 10)
+#define KVT_COPY_CHUNK (32u << 10) /* one CTA's copy (cuda_copy.c says why this size) */
 
 /* Descriptors that len bytes take (at most). */
 static inline size_t kvt_copy_ndesc(uint64_t len) { return (size_t)((len + KVT_COPY_CHUNK - 1) / KVT_COPY_CHUNK); }
@@ -49,35 +48,29 @@ static inline size_t kvt_copy_split(kvt_copy_desc *out, uint64_t src, uint64_t d
     return n;
 }
 
-/* Enqueues the copies of n descriptors (bytes in all) on stream s of device dev, whose
- * context is current. h: the descriptors in host memory; d: a device copy of them, or
- * 0 when h is pinned host memory the kernel reads directly. The caller keeps h (and
- * d) as they are until the stream has run the copy. ctr: a counter from
- * kvt_copy_counter used by launches on this stream alone (its CTAs take descriptors
- * from it as they get to them, so that CTAs starting late, behind another stream's
- * kernel, take fewer: a static share each left the GPU half idle at the end of a
- * batch), or 0 (each CTA a fixed share). */
-int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, uint64_t bytes,
-                    CUdeviceptr ctr, kvt_err *err);
-
-/* A counter for launches on stream s (of the current context), zeroed; each launch
- * leaves it zeroed. Freed with cuMemFree. 0 or -errno. */
-int kvt_copy_counter(CUstream s, CUdeviceptr *ctr, kvt_err *err);
+/* Enqueues the copies of n descriptors on stream s of device dev, whose context is
+ * current. h: the descriptors in host memory; d: a device copy of them, or 0 when h
+ * is pinned host memory the kernel reads directly. The caller keeps h (and d) as
+ * they are until the stream has run the copy. */
+int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
 
 /* The same, for copies between device memory and pinned host memory (tcp staging):
  * the kernel shape with more bytes in flight, for PCIe's latency. */
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
 
 /* read_blocks' shape: n blocks of len bytes each, block i from src + ro[i] to
- * dst + lo[i]. ro and lo are device addresses of n uint64 offsets each (pinned,
- * device-mapped memory will do): the kernel reads the offsets and computes each
- * block's addresses itself, so the CPU writes 16 bytes a block, not a descriptor per
- * 64 KiB. -EOPNOTSUPP (err untouched) when the device copies in batch mode: write
+ * dst + lo[i]. ro and lo are device addresses of n uint64 offsets each: the
+ * kernel reads the offsets and computes each block's addresses itself, so the CPU
+ * writes 16 bytes a block, not a descriptor per 32 KiB. Device memory, not pinned:
+ * a block longer than KVT_COPY_CHUNK is several CTAs reading the same offsets, and
+ * concurrent reads of one host cache line over PCIe wait for each other (2,048
+ * blocks of 256 KiB on an H200: 0.69x of copy_ from pinned offsets, 0.92x from
+ * device memory). -EOPNOTSUPP (err untouched) when the device copies in batch mode: write
  * descriptors then. */
 typedef struct kvt_copy_cols {
     uint64_t ro, lo, src, dst, len, n;
 } kvt_copy_cols;
-int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, CUdeviceptr ctr, kvt_err *err);
+int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, kvt_err *err);
 
 /* Whether device dev copies with "kernel" or "batch"; compiles the kernel and loads
  * it into dev's primary context at the first call, whatever context is current. 0 or

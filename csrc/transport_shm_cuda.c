@@ -35,6 +35,7 @@
 /* room for the descriptors of any job: lazy ones are the larger (16-byte column
  * pairs of whole-block jobs fit in it too) */
 #define SLOT_DESCS (SHM_DEV_LAZY_MAX_PIECES + SHM_DEV_LAZY_MAX_BYTES / KVT_COPY_CHUNK)
+#define COLS_BYTES (2 * SHM_DEV_LAZY_MAX_PIECES * sizeof(uint64_t))
 #define BOUNCE_BYTES (4u << 20)
 #define BOUNCE_IOVS 1024
 #define FIFO_MAX (2 * KVT_CUDA_MAX_DEVICES)
@@ -53,7 +54,7 @@ typedef struct slot {
     kvt_copy_desc *h; /* pinned, device-mapped: the kernel reads its descriptors here */
     CUdeviceptr d;    /* h as the device addresses it */
     CUevent ev;
-    CUdeviceptr ctr; /* the copy counter of launches on s */
+    CUdeviceptr cols; /* device memory: a whole-block job's offset columns, uploaded from h */
     kvt_job *job; /* in flight, or NULL */
 } slot;
 
@@ -94,8 +95,8 @@ static void lane_free(const kvt_cu *c, lane *l)
             c->EventDestroy(l->slots[i].ev);
         if (l->slots[i].h)
             c->MemFreeHost(l->slots[i].h);
-        if (l->slots[i].ctr)
-            c->MemFree(l->slots[i].ctr);
+        if (l->slots[i].cols)
+            c->MemFree(l->slots[i].cols);
         if (l->slots[i].s)
             c->StreamDestroy(l->slots[i].s);
     }
@@ -139,15 +140,13 @@ static lane *get_lane(kvt_shm_cuda *cu, int dev, kvt_err *e, int *rc)
             r = c->MemHostGetDevicePointer(&l->slots[i].d, l->slots[i].h, 0);
         }
         if (r == CUDA_SUCCESS) {
+            what = "cuMemAlloc";
+            r = c->MemAlloc(&l->slots[i].cols, COLS_BYTES);
+        }
+        if (r == CUDA_SUCCESS) {
             what = "cuEventCreate";
             r = c->EventCreate(&l->slots[i].ev, kvt_trace_on() ? 0 : CU_EVENT_DISABLE_TIMING);
         }
-    }
-    for (int i = 0; i < 2 && r == CUDA_SUCCESS && *rc == 0; i++)
-        *rc = kvt_copy_counter(l->slots[i].s, &l->slots[i].ctr, e);
-    if (*rc < 0) {
-        lane_free(c, l);
-        return NULL;
     }
     if (r != CUDA_SUCCESS) {
         *rc = kvt_cu_fail(e, r, what, "copy buffers for %d descriptors on device %d", (int)SLOT_DESCS, dev);
@@ -229,14 +228,14 @@ static void gpu_span(kvt_transfer *t, CUevent end)
         ;
 }
 
-/* Launches the copy of the slot's first n descriptors (bytes in all). The kernel
- * reads them from the pinned buffer itself (over PCIe, each CTA loading its next
- * group while it copies one): no upload to wait for before the copy starts. */
-static int launch(lane *l, slot *sl, size_t n, uint64_t bytes, kvt_transfer *t, kvt_err *e)
+/* Launches the copy of the slot's first n descriptors. The kernel reads them from
+ * the pinned buffer itself (over PCIe, each CTA its own): no upload to wait for
+ * before the copy starts. */
+static int launch(lane *l, slot *sl, size_t n, kvt_transfer *t, kvt_err *e)
 {
     if (t->tr_start)
         gpu_mark(t, sl->s);
-    int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, bytes, sl->ctr, e);
+    int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, e);
     if (rc == 0)
         kvt_trace_launch(t);
     return rc;
@@ -385,11 +384,13 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
 /* A lazy job of whole blocks of one length (read_blocks' usual shape), launched
  * without descriptors: its two offset columns go to the slot's pinned buffer, the
  * remote ones checked against the source region on the way (subtractions and ORs, as
- * transfer.c checks the local ones), and the kernel computes each block's addresses
- * (16 bytes copied a block, against a 24-byte descriptor per 64 KiB built at ~6 ns a
- * block: jobs can then be large, few launches a batch). 1 launched; 0 when the job is not of that shape, its source is
- * not CUDA memory, the device copies in batch mode or a range is out of bounds (the
- * descriptor path takes it, and names the entry); -errno. */
+ * transfer.c checks the local ones), then to device memory ahead of the kernel on
+ * the slot's stream (cuda_copy.h says why not pinned), and the kernel computes each
+ * block's addresses (16 bytes copied a block, against a 24-byte descriptor per 32 KiB
+ * built at ~6 ns a block: jobs can then be large, few launches a batch). 1 launched;
+ * 0 when the job is not of that shape, its source is not CUDA memory, the device
+ * copies in batch mode or a range is out of bounds (the descriptor path takes it,
+ * and names the entry); -errno. */
 static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const kvt_job *job, kvt_err *e)
 {
     const kvt_batch *b = job->batch;
@@ -412,11 +413,14 @@ static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const k
     }
     if (bad >> 63)
         return 0;
-    const kvt_copy_cols c = {.ro = sl->d, .lo = sl->d + n * sizeof *ro, .src = src0, .dst = b->local_base,
-                             .len = b->len0, .n = n};
     if (job->t->tr_start)
         gpu_mark(job->t, sl->s);
-    rc = kvt_copy_launch_cols(l->dev, sl->s, &c, sl->ctr, e);
+    CUresult r = kvt_cu_get(e)->MemcpyHtoDAsync(sl->cols, ro, 2 * n * sizeof *ro, sl->s);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%zu offset pairs to device %d", n, l->dev);
+    const kvt_copy_cols c = {.ro = sl->cols, .lo = sl->cols + n * sizeof *ro, .src = src0, .dst = b->local_base,
+                             .len = b->len0, .n = n};
+    rc = kvt_copy_launch_cols(l->dev, sl->s, &c, e);
     if (rc == -EOPNOTSUPP)
         return 0;
     if (rc == 0)
@@ -479,7 +483,7 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
                 kvt_job_materialize(job);
             n = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
         }
-        rc = n < 0 ? (int)n : n > 0 ? launch(l, sl, (size_t)n, job->bytes, job->t, &e) : 0;
+        rc = n < 0 ? (int)n : n > 0 ? launch(l, sl, (size_t)n, job->t, &e) : 0;
     } else if (rc > 0) {
         rc = 0;
     }

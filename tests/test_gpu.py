@@ -216,8 +216,8 @@ def test_device_to_device_between_processes(target, reader, transport):
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_kv_sized_batch_between_processes(target, reader, transport):
     """2,048 scattered 32 KiB blocks (64 MiB) in one batch: several jobs, several launches.
-    Later passes reuse the opened handle, the compiled kernel and each stream's work
-    counter (each launch must leave it zeroed, or the next would skip blocks)."""
+    Later passes reuse the opened handle, the compiled kernel and each slot's pinned
+    and device buffers (each pass must find them free, or it would copy stale blocks)."""
     n, bs = 2048, 32768
     rng = np.random.default_rng(7)
     dst = torch.empty(n * bs, dtype=torch.uint8, device="cuda:0")

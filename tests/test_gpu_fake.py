@@ -82,7 +82,7 @@ def kernel_descriptors(out: str) -> int:
 @pytest.mark.parametrize("copy", ["kernel", "batch"])
 def test_read_blocks_launch_offset_columns(fakes, copy):
     """read_blocks with one length: the kernel that reads the offset columns copies
-    them (a few launches for 20,000 blocks; blocks longer than a descriptor's 64 KiB
+    them (a few launches for 20,000 blocks; blocks longer than a descriptor's 32 KiB
     too); a block out of bounds in a later job is named; from host memory, the
     descriptor path. In batch mode (no kernel) the same reads go through
     cuMemcpyBatchAsync."""

@@ -334,12 +334,12 @@ int cuModuleLoadData(void **m, const void *image)
     *m = &ctx_token;
     return OK;
 }
-static char fn_list, fn_cols; /* the kernels: descriptor lists, or read_blocks' columns */
+static char fn_device, fn_staged, fn_cols; /* the kernels: descriptor lists, or read_blocks' columns */
 int cuModuleGetFunction(void **f, void *m, const char *name)
 {
     if (strncmp(name, "kvt_gather", 10))
         return NOT_FOUND;
-    *f = strcmp(name, "kvt_gather_cols") ? &fn_list : &fn_cols;
+    *f = !strcmp(name, "kvt_gather_cols") ? &fn_cols : !strcmp(name, "kvt_gather_staged") ? &fn_staged : &fn_device;
     return OK;
 }
 
@@ -349,28 +349,21 @@ typedef struct {
 
 static unsigned long launches, descs_copied, cols_launches;
 
-/* The device shape's work counter (cuda_copy.c): 0, or two zeroed words of device
- * memory the real kernel takes descriptors from and leaves zeroed; and its group size. */
-static int counter_ok(void **params, int at_param)
+static int is_device(CUdeviceptr p)
 {
-    CUdeviceptr ctr = *(CUdeviceptr *)params[at_param];
-    unsigned g = *(unsigned *)params[at_param + 1];
-    if (g < 2 || g > 32)
-        return 0;
-    if (!ctr)
-        return 1;
     pthread_mutex_lock(&mu);
-    int device = find(ctr) != NULL;
+    int device = find(p) != NULL;
     pthread_mutex_unlock(&mu);
-    const uint32_t *w = device ? (const uint32_t *)at(ctr, 8) : NULL;
-    return w && w[0] == 0 && w[1] == 0;
+    return device;
 }
 
-/* kvt_gather_cols: n blocks of len bytes, block i from src + ro[i] to dst + lo[i] */
+/* kvt_gather_cols: n blocks of len bytes, block i from src + ro[i] to dst + lo[i];
+ * one CTA of 256 threads per chunk of a block, the offsets in device memory (the
+ * real kernel's CTAs would wait on each other reading them from pinned memory) */
 static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
 {
     const uint64_t ro = c[0], lo = c[1], src = c[2], dst = c[3], len = c[4], n = c[5], parts = c[6], chunk = c[7];
-    if (gx == 0 || gx > n * parts || bx != 1024 || parts != (len + chunk - 1) / chunk)
+    if (gx != n * parts || bx != 256 || parts != (len + chunk - 1) / chunk || !is_device(ro) || !is_device(lo))
         return INVALID_VALUE;
     const uint64_t *r = (const uint64_t *)at(ro, n * 8), *l = (const uint64_t *)at(lo, n * 8);
     for (uint64_t i = 0; i < n; i++)
@@ -381,16 +374,16 @@ static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
     return OK;
 }
 
+/* cuda_copy.c's two shapes of 256 threads: one CTA per descriptor (device memory),
+ * or CTAs walking the list (staging), never more CTAs than descriptors */
 int cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                    unsigned shm, void *st, void **params, void **extra)
 {
     if (f == &fn_cols)
-        return counter_ok(params, 1) ? launch_cols(gx, bx, (const uint64_t *)params[0]) : INVALID_VALUE;
-    if (bx == 1024 && !counter_ok(params, 2))
-        return INVALID_VALUE;
+        return launch_cols(gx, bx, (const uint64_t *)params[0]);
     CUdeviceptr d = *(CUdeviceptr *)params[0];
     unsigned long long n = *(unsigned long long *)params[1];
-    if (gx == 0 || gx > n || (bx != 256 && bx != 1024)) /* cuda_copy.c's two kernel shapes */
+    if (gx == 0 || gx > n || (f == &fn_device && gx != n) || bx != 256)
         return INVALID_VALUE;
     const desc *ds = (const desc *)at(d, n * sizeof(desc));
     for (unsigned long long i = 0; i < n; i++)

@@ -313,17 +313,11 @@ static int whole_entries(const kvt_job_limits lim[2], int kind, uint64_t len)
     return 1;
 }
 
-static int check_locals(kvt_transfer *t, local_set *ls, const kvt_read_cols *c, size_t from, size_t to,
-                        kvt_err *err);
-
 /* Cuts a one-region-to-one-region batch into lazy jobs (see kvt_batch), the same jobs
- * and pieces the general path makes. Entries from `checked` on have not had their
- * local ranges checked (pass 1): each job's are checked before it is queued, and a
- * bad one sets *refused (jobs before it are queued already). */
-static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, local_set *ls, size_t checked,
-                    const kvt_job_limits lim[2], kvt_queue *q, int *refused, kvt_err *err)
+ * and pieces the general path makes. */
+static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_view *lv, const kvt_job_limits lim[2],
+                    kvt_queue *q, kvt_err *err)
 {
-    const kvt_region_view *lv = &ls->views[0];
     size_t n = c->n;
     kvt_batch *b = calloc(1, sizeof *b);
     uint64_t *cols = b ? cols_alloc((c->len.stride ? 3 : 2) * n * sizeof(uint64_t), &b->cap) : NULL;
@@ -367,11 +361,6 @@ static int cut_lazy(kvt_transfer *t, const kvt_read_cols *c, local_set *ls, size
             size_t k = (size_t)(jl.bytes / b->len0);
             k = k < jl.pieces ? k : jl.pieces;
             k = k < n - i ? k : n - i;
-            int rc = i + k > checked ? check_locals(t, ls, c, i, i + k, err) : 0;
-            if (rc < 0) {
-                *refused = 1;
-                return rc;
-            }
             kvt_job *j = new_job(t, q, lim[kind == KVT_MEM_HOST ? 0 : 1].pieces, lv);
             if (!j)
                 return kvt_syserr(err, ENOMEM, "malloc", "job");
@@ -492,57 +481,6 @@ static size_t good_blocks(const uint64_t *lo, const uint64_t *ro, size_t n, uint
     return i;
 }
 
-/* Pass 1 for entries [from, to): each local range inside its region, no negative
- * offset or length, no empty entry. One local region (the common case) is looked up
- * once and its ranges checked in a tight loop; the general loop below runs when that
- * finds a bad entry, to say which and why. 0, or -errno with err naming the entry. */
-static int check_locals(kvt_transfer *t, local_set *ls, const kvt_read_cols *c, size_t from, size_t to,
-                        kvt_err *err)
-{
-    int rc = 0;
-    if (c->local_region.stride == 0 && (rc = hold_local(t, ls, c->local_region.p[0], from, err)) == 0) {
-        const uint64_t rlen = ls->views[ls->last].region_len;
-        const uint64_t *lo = c->local_off.p, *ln = c->len.p, *ro = c->remote_off.p;
-        const size_t so = c->local_off.stride, sl = c->len.stride, sr = c->remote_off.stride;
-        size_t i = from;
-        if (so == 1 && sr == 1 && sl == 0 && ln[0] != 0 && ln[0] <= rlen && to > from) {
-            /* read_blocks' shape (offset arrays, one length): blocks of 256 entries checked
-               with subtractions and ORs alone, which the compiler vectorizes (x86-64 has no
-               64-bit vector compare before SSE4.2): last - lo has its top bit set exactly
-               when lo > last, for lo below 2^63, and lo's own top bit catches the rest; a
-               negative remote offset has its top bit set. The loop below finds the entry
-               at fault in a bad block. */
-            i += good_blocks(lo + from, ro + from, to - from, rlen - ln[0]);
-        }
-        for (; i < to; i++) {
-            uint64_t off = lo[i * so], len = ln[i * sl];
-            if (len == 0 || off > rlen || len > rlen - off || (int64_t)ro[i * sr] < 0)
-                break;
-        }
-        from = i;
-    }
-    for (size_t i = from; i < to && rc == 0; i++) {
-        uint64_t id = col(&c->local_region, i), off = col(&c->local_off, i), len = col(&c->len, i);
-        int64_t roff = (int64_t)col(&c->remote_off, i);
-        if (len == 0 || (int64_t)len < 0 || (int64_t)off < 0 || roff < 0) {
-            const char *what = len == 0 ? "length is 0" : (int64_t)len < 0 ? "negative length"
-                             : (int64_t)off < 0 ? "negative local offset" : "negative remote offset";
-            rc = kvt_error(err, EINVAL, "read", "entry %zu: %s (%ld, %ld, %ld)", i, what, (long)off, (long)roff,
-                           (long)len);
-            break;
-        }
-        if ((rc = hold_local(t, ls, id, i, err)) < 0)
-            break;
-        uint64_t rlen = ls->views[ls->last].region_len;
-        if (off > rlen || len > rlen - off) {
-            rc = kvt_error(err, ERANGE, "read", "entry %zu: local range [%lu, %lu) is outside region 0x%lx of %lu bytes",
-                           i, (unsigned long)off, (unsigned long)(off + len), (unsigned long)id, (unsigned long)rlen);
-            break;
-        }
-    }
-    return rc;
-}
-
 /* Batches this long take long enough to check and cut (several microseconds) that
  * waking the transport threads first hides their wake-up. */
 #define KICK_ENTRIES 256
@@ -574,20 +512,53 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     if (c->n >= KICK_ENTRIES)
         kvt_queue_kick(q); /* sleeping threads wake while the ranges are checked and cut */
 
-    /* Pass 1: every local range, before anything is queued. read_blocks' whole-block
-     * batches into device memory hold their one region here and check each job's
-     * entries as it is cut (cut_lazy): the first job (1/16 of the batch) is on the GPU
-     * while the rest are checked (16,384 entries: 7-11 us on an H200's host, ~3% of the
-     * batch). A bad entry still fails the call, once the jobs before it are done. */
+    /* Pass 1: every local range, before anything is queued. One local region (the
+     * common case) is looked up once and its ranges checked in a tight loop; the
+     * general loop below runs when that finds a bad entry, to say which and why. */
     local_set ls = {0};
-    const int lazy = c->local_region.stride == 0 && c->remote_region.stride == 0 && c->remote_key.stride == 0 &&
-                     c->remote_addr.stride == 0;
-    const kvt_job_limits lazy_lim[2] = {lim[0], lim[2]};
-    int rc = check_locals(t, &ls, c, 0, 0, err);
-    const int staged = rc == 0 && lazy && c->len.stride == 0 && ls.views[0].mem_kind != KVT_MEM_HOST &&
-                       whole_entries(lazy_lim, (int)ls.views[0].mem_kind, c->len.p[0]);
-    if (rc == 0 && !staged)
-        rc = check_locals(t, &ls, c, 0, c->n, err);
+    int rc = 0;
+    size_t from = 0;
+    if (c->local_region.stride == 0 &&
+        (rc = hold_local(t, &ls, c->local_region.p[0], 0, err)) == 0) {
+        const uint64_t rlen = ls.views[0].region_len;
+        const uint64_t *lo = c->local_off.p, *ln = c->len.p, *ro = c->remote_off.p;
+        const size_t so = c->local_off.stride, sl = c->len.stride, sr = c->remote_off.stride;
+        size_t i = 0;
+        if (so == 1 && sr == 1 && sl == 0 && ln[0] != 0 && ln[0] <= rlen) {
+            /* read_blocks' shape (offset arrays, one length): blocks of 256 entries checked
+               with subtractions and ORs alone, which the compiler vectorizes (x86-64 has no
+               64-bit vector compare before SSE4.2): last - lo has its top bit set exactly
+               when lo > last, for lo below 2^63, and lo's own top bit catches the rest; a
+               negative remote offset has its top bit set. The loop below finds the entry
+               at fault in a bad block. */
+            i = good_blocks(lo, ro, c->n, rlen - ln[0]);
+        }
+        for (; i < c->n; i++) {
+            uint64_t off = lo[i * so], len = ln[i * sl];
+            if (len == 0 || off > rlen || len > rlen - off || (int64_t)ro[i * sr] < 0)
+                break;
+        }
+        from = i;
+    }
+    for (size_t i = from; i < c->n && rc == 0; i++) {
+        uint64_t id = col(&c->local_region, i), off = col(&c->local_off, i), len = col(&c->len, i);
+        int64_t roff = (int64_t)col(&c->remote_off, i);
+        if (len == 0 || (int64_t)len < 0 || (int64_t)off < 0 || roff < 0) {
+            const char *what = len == 0 ? "length is 0" : (int64_t)len < 0 ? "negative length"
+                             : (int64_t)off < 0 ? "negative local offset" : "negative remote offset";
+            rc = kvt_error(err, EINVAL, "read", "entry %zu: %s (%ld, %ld, %ld)", i, what, (long)off, (long)roff,
+                           (long)len);
+            break;
+        }
+        if ((rc = hold_local(t, &ls, id, i, err)) < 0)
+            break;
+        uint64_t rlen = ls.views[ls.last].region_len;
+        if (off > rlen || len > rlen - off) {
+            rc = kvt_error(err, ERANGE, "read", "entry %zu: local range [%lu, %lu) is outside region 0x%lx of %lu bytes",
+                           i, (unsigned long)off, (unsigned long)(off + len), (unsigned long)id, (unsigned long)rlen);
+            break;
+        }
+    }
     if (t->tr_start)
         t->tr_checked = kvt_now_ns();
     if (rc < 0) {
@@ -600,19 +571,11 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
 
     /* One local region and one remote region (read_blocks): copy the columns, cut
      * jobs without pieces; the popping threads write them. */
-    if (lazy) {
-        int refused = 0;
-        rc = cut_lazy(t, c, &ls, staged ? 0 : c->n, lazy_lim, q, &refused, err);
+    if (c->local_region.stride == 0 && c->remote_region.stride == 0 && c->remote_key.stride == 0 &&
+        c->remote_addr.stride == 0) {
+        const kvt_job_limits lazy[2] = {lim[0], lim[2]};
+        rc = cut_lazy(t, c, &ls.views[0], lazy, q, err);
         free(ls.views);
-        if (refused) {
-            /* a bad local range in a later job: the call fails, as pass 1's would,
-               once the jobs queued before it are done (nothing writes after) */
-            fail(t, rc, err, -1);
-            start_done(t);
-            kvt_transfer_wait(t, -1);
-            kvt_transfer_release(t);
-            return rc;
-        }
         return started(t, rc, err, out);
     }
 

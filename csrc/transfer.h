@@ -79,9 +79,7 @@ struct kvt_transfer {
     uint64_t *local_ids;
     size_t n_local;
     kvt_batch *batch; /* the columns of a lazily cut batch, or NULL */
-    /* KVTRANSFER_TRACE=1: when it started, had its local ranges checked (those it
-       checks up front: read_blocks' whole-block batches check each job's as it is
-       cut), was cut,
+    /* KVTRANSFER_TRACE=1: when it started, had its local ranges checked, was cut,
        first popped, first and last launched on a GPU (ns, CLOCK_MONOTONIC; 0 unset);
        printed when it finishes */
     int64_t tr_start, tr_checked, tr_cut;

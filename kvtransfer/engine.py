@@ -307,11 +307,7 @@ class Peer:
     def read_blocks(self, local: Region, local_offsets: Any, remote: RegionDescriptor, remote_offsets: Any,
                     lengths: Any) -> Transfer:
         """Vectorized :meth:`read` for one local and one remote region: offsets are
-        int arrays (bytes), ``lengths`` an array or one int for every block. A bad local
-        range raises InvalidArgumentError naming the entry, as :meth:`read` does; into
-        CUDA memory with one length, the first jobs of a large batch may have copied
-        their (good) blocks by then: its local ranges are checked a job at a time, so
-        that the GPU starts sooner, and the call returns once nothing writes."""
+        int arrays (bytes), ``lengths`` an array or one int for every block."""
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
         lo = _offsets(local_offsets, "local offset", check_negative=False)

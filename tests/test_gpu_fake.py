@@ -476,6 +476,7 @@ def child_refusals() -> int:
 
 
 def child_blocks() -> int:
+    from kvtransfer import InvalidArgumentError
     from kvtransfer.target import seeded_bytes
 
     src, host_src = seeded_bytes(TARGET_BYTES, 1), seeded_bytes(TARGET_BYTES, 2)
@@ -500,6 +501,17 @@ def child_blocks() -> int:
             assert (got[:5] == 0xEE).all() and (got[int(lo[-1]) + size:] == 0xEE).all(), "poison touched"
         # a block out of bounds in the third job: named, whatever the other jobs did
         lo, ro = refuses_block(peer, local, ddesc, 20000, 96, bad=19000)
+        # a local range out of bounds there: the call itself raises, naming it, and
+        # nothing is copied (local ranges are checked before any job is queued)
+        r.poison()
+        bad_lo = lo.copy()
+        bad_lo[19000] = 4 << 20
+        try:
+            peer.read_blocks(local, bad_lo, ddesc, ro, 96)
+            raise AssertionError("local block 19000 out of bounds was not refused")
+        except InvalidArgumentError as e:
+            assert e.errno == errno.ERANGE and "entry 19000" in str(e), e
+        assert (gpu.download(r.dst, 4 << 20) == 0xEE).all(), "a refused batch copied blocks"
         # from the target's host memory: the descriptor path, not the columns
         r.poison()
         before = cols()

@@ -664,12 +664,15 @@ static int64_t spin_setting(const char *name, int64_t default_us, _Atomic int64_
     return v;
 }
 
-/* A waiter: a GPU batch finishes in hundreds of microseconds, and waking a sleeping
- * thread costs tens of them (more in a VM). */
+/* A waiter: a GPU batch finishes in hundreds of microseconds to a few milliseconds
+ * (512 MiB from another GPU: ~1.5 ms), and waking a sleeping thread costs tens of
+ * them (more in a VM): reading from another H200, 0.93x of the peer copy_ with 5 ms
+ * against 0.89-0.91x with 1 ms, which slept through every pass. The spin ends when
+ * the transfer does. */
 static int64_t spin_ns(void)
 {
     static _Atomic int64_t cached = -1;
-    return spin_setting("KVTRANSFER_WAIT_SPIN_US", 1000, &cached);
+    return spin_setting("KVTRANSFER_WAIT_SPIN_US", 5000, &cached);
 }
 
 int kvt_transfer_wait(kvt_transfer *t, int64_t timeout_ms)

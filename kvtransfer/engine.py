@@ -36,7 +36,7 @@ bench/transfer_bw.py): ``KVTRANSFER_NVRTC`` (path of libnvrtc, or ``none``),
 every descriptor list, csrc/cuda_copy.c; shm's read_blocks jobs have none),
 ``KVTRANSFER_TCP_STAGE_KB`` (pinned staging buffers, default 2048) and
 ``KVTRANSFER_TCP_DEV_JOB_KB`` (tcp frames into CUDA memory, default 8192),
-``KVTRANSFER_WAIT_SPIN_US`` (``wait`` polls this long before sleeping, default 1000),
+``KVTRANSFER_WAIT_SPIN_US`` (``wait`` polls this long before sleeping, default 5000),
 ``KVTRANSFER_WORKER_SPIN_US`` (transport threads poll for the next job this long before
 sleeping, default 200), ``KVTRANSFER_TRACE=1`` (one stderr line per large batch: when
 it was cut, first picked up, first and last launched, done).

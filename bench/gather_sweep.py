@@ -7,8 +7,11 @@ benchmark's workloads: 16,384 blocks of 32 KiB gathered in a random permutation 
 Llama-3-8B 4,096-token prompt), the same blocks in order, and 2,048 of 256 KiB.
 Shapes: threads per CTA, 16-byte loads in flight per thread (U) before their stores,
 CTAs per SM (0: one CTA per descriptor), one descriptor per CTA or per warp, how
-long ranges are cut (chunk), and load/store cache hints. The numbers chose
-cuda_copy.c's default; the script is kept to redo that on another card.
+long ranges are cut (chunk), and load/store cache hints. Calls are timed back to back
+(a stream of copies), or with ``--single`` one pass at a time, launch to synchronize
+(as a READ waits for its batch: what chose cuda_copy.c's current shape, one CTA of 256
+threads per 32 KiB descriptor; back to back, persistent shapes had looked better). The
+script is kept to redo that on another card.
 
   python3 bench/gather_sweep.py [--total 512M] [--quick] [--json FILE]
 """
@@ -124,9 +127,10 @@ def shapes(quick: bool) -> list[tuple]:
     for ld, st in itertools.product(range(4), range(3)):
         out.append((256, 8, 0, ld, st, 99, 64))
         out.append((512, 4, 0, ld, st, 99, 64))
-    for chunk in (8, 16):
+    for chunk in (8, 16, 32):
         out.append((256, 8, 0, 0, 0, 99, chunk))
         out.append((512, 4, 0, 0, 0, 0, chunk))
+        out.append((256, 8, 0, 0, 0, 0, chunk))  # cuda_copy.c's device shape: 32 KiB
     out = list(dict.fromkeys(out))
     return out[::7] if quick else out
 
@@ -160,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--total", type=parse_size, default="512M", help="bytes (K, M, G: powers of 1024)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="every 7th shape")
+    ap.add_argument("--single", action="store_true",
+                    help="time single passes (launch + synchronize, median of --iters), not calls back to back")
     ap.add_argument("--src-device", type=int, default=0,
                     help="the source's GPU (the destination is GPU 0): 1 times reads from another GPU")
     ap.add_argument("--run-on", choices=("dst", "src"), default="dst",
@@ -200,9 +206,11 @@ def main(argv=None) -> int:
     def timed(fn) -> float:
         """seconds per call: the best of 3 rounds of `iters` calls back to back, synchronized
         once at the end of a round (launch gaps and kernel tails count, as they do in a
-        stream of copies)"""
+        stream of copies); --single: the median of `iters` passes, each synchronized"""
         fn()
         sync()
+        if args.single:
+            return float(np.median([_per_call(fn, 1, then=sync) for _ in range(args.iters)]))
         return min(_per_call(fn, args.iters, then=sync) for _ in range(3))
 
     def gbps(sec: float) -> float:

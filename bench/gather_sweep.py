@@ -171,11 +171,11 @@ def main(argv=None) -> int:
     ap.add_argument("--run-on", choices=("dst", "src"), default="dst",
                     help="which GPU runs the kernel: the destination's (pull) or the source's (push)")
     ap.add_argument("--pipeline", action="store_true",
-                    help="instead: the device shape (1,024 x 2, one CTA per SM) on 32 KiB scattered blocks cut "
+                    help="instead: the former device shape (1,024 x 2, one CTA per SM) on 32 KiB scattered blocks cut "
                          "into jobs as the engine cuts them, on 1, 2 or 4 streams, with and without uploading "
                          "each job's descriptors; wall time of a pass, synchronized")
     ap.add_argument("--ipc", action="store_true",
-                    help="instead: the device shape on a source in another process, opened through CUDA IPC "
+                    help="instead: the former device shape on a source in another process, opened through CUDA IPC "
                          "(as shm reads it), against the same source in this process")
     ap.add_argument("--ipc-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json")
@@ -307,9 +307,10 @@ def ipc_child(total: int) -> int:
 
 
 def ipc_compare(args, cp, torch, src, dst, sms, perm, gbps) -> int:
-    """The device shape gathering 32 KiB blocks from a source in this process and from one
-    in another process (opened through CUDA IPC); each source's gathered bytes are
-    checked once (destination zeroed, one launch). Exit status 1 on a mismatch."""
+    """The former device shape (1,024 x 2, one CTA per SM) gathering 32 KiB blocks from a
+    source in this process and from one in another process (opened through CUDA IPC);
+    each source's gathered bytes are checked once (destination zeroed, one launch).
+    Exit status 1 on a mismatch."""
     from kvtransfer.target import start_child, stop_child
 
     total = src.numel()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu_tune.sh - tuning data in one call on a lent GPU machine (logs under $OUT,
 # packed into $OUT/tune.tgz: a call brings back at most 8 files):
-#   GPU_TUNE_SWEEP=1     gather kernel shapes against copy_ (bench/gather_sweep.py)
+#   GPU_TUNE_SWEEP=1     gather kernel shapes against copy_, one pass at a time (bench/gather_sweep.py --single)
 #   GPU_TUNE_PIPELINE=1  what cutting a gather into jobs costs on the GPU alone
 #   always               shm READs against copy_ with KVTRANSFER_TRACE=1 (medians by
 #                        bench/trace_summary.py); with two GPUs, reads from the other GPU
@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version,pci.bus_id --format=csv | tee "$OUT/machine.txt"
 python3 setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1 || tail -20 "$OUT/build.txt"
 if [ "${GPU_TUNE_SWEEP:-0}" = 1 ]; then
-  timeout 150 python3 bench/gather_sweep.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
+  timeout 150 python3 bench/gather_sweep.py --single --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
 fi
 if [ "${GPU_TUNE_PIPELINE:-0}" = 1 ]; then
   timeout 120 python3 bench/gather_sweep.py --pipeline --json "$OUT/pipeline.json" > "$OUT/pipeline.txt" 2>&1

@@ -1,5 +1,5 @@
 """Tuning the gather kernel on a GPU: shapes of a block-gather kernel against torch's
-``copy_`` of the same bytes, in one process, GPU time from CUDA events.
+``copy_`` of the same bytes, in one process, wall time of synchronized calls.
 
 The engine's shm path copies a READ's blocks with one gather kernel (csrc/cuda_copy.c).
 This script compiles shapes of such a kernel with cupy (NVRTC) and times each on the
@@ -25,9 +25,7 @@ import time
 
 import numpy as np
 
-from kvtransfer.target import parse_size, seeded_bytes
-
-IPC_SEED = 17  # the --ipc child's source bytes: kvtransfer.target.seeded_bytes(total, IPC_SEED)
+from kvtransfer.target import parse_size
 
 SRC = r"""
 struct kvt_copy { unsigned long long src, dst, len; };
@@ -170,18 +168,8 @@ def main(argv=None) -> int:
                     help="the source's GPU (the destination is GPU 0): 1 times reads from another GPU")
     ap.add_argument("--run-on", choices=("dst", "src"), default="dst",
                     help="which GPU runs the kernel: the destination's (pull) or the source's (push)")
-    ap.add_argument("--pipeline", action="store_true",
-                    help="instead: the former device shape (1,024 x 2, one CTA per SM) on 32 KiB scattered blocks cut "
-                         "into jobs as the engine cuts them, on 1, 2 or 4 streams, with and without uploading "
-                         "each job's descriptors; wall time of a pass, synchronized")
-    ap.add_argument("--ipc", action="store_true",
-                    help="instead: the former device shape on a source in another process, opened through CUDA IPC "
-                         "(as shm reads it), against the same source in this process")
-    ap.add_argument("--ipc-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if args.ipc_child:
-        return ipc_child(args.ipc_child)
     import cupy as cp
     import torch
 
@@ -232,10 +220,6 @@ def main(argv=None) -> int:
           + "; ".join(f"index_select {k} {gbps(v):.0f} GB/s ({copy_s[0] / v:.3f}x)" for k, v in base.items()),
           flush=True)
 
-    if args.ipc:
-        return ipc_compare(args, cp, torch, src, dst, sms, workloads["32K perm"][1], gbps)
-    if args.pipeline:
-        return pipeline(args, cp, torch, src, dst, sms, workloads["32K perm"][1], gbps)
     todo = shapes(args.quick)
     names = sorted({f"g<{t},{u},{w},{ld},{st}>" for t, u, w, ld, st, _, _ in todo})
     cp.cuda.Device(runs_on).use()
@@ -291,132 +275,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"copy_gbps": [gbps(s) for s in copy_s], "index_select_ratio":
                        {k: copy_s[0] / v for k, v in base.items()}, "rows": rows}, f, indent=1)
-    return 0 if all(r["ok"] for r in rows) else 1
-
-
-def ipc_child(total: int) -> int:
-    """Holds seeded_bytes(total, IPC_SEED) on cuda:0 and prints their CUDA IPC handle as
-    one JSON line, ``{"handle": HEX}``; end of stdin exits."""
-    import cupy as cp
-
-    buf = cp.asarray(seeded_bytes(total, IPC_SEED))
-    cp.cuda.Device().synchronize()
-    print(json.dumps({"handle": bytes(cp.cuda.runtime.ipcGetMemHandle(buf.data.ptr)).hex()}), flush=True)
-    sys.stdin.read()
-    return 0
-
-
-def ipc_compare(args, cp, torch, src, dst, sms, perm, gbps) -> int:
-    """The former device shape (1,024 x 2, one CTA per SM) gathering 32 KiB blocks from a
-    source in this process and from one in another process (opened through CUDA IPC);
-    each source's gathered bytes are checked once (destination zeroed, one launch).
-    Exit status 1 on a mismatch."""
-    from kvtransfer.target import start_child, stop_child
-
-    total = src.numel()
-    child, hello = start_child([sys.executable, __file__, "--ipc-child", str(total)], 120, "--ipc-child")
-    wrong = []
-    try:
-        ptr = cp.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(hello["handle"]))
-        idx = torch.from_numpy(perm)
-
-        def gathered(source):
-            return torch.index_select(source.view(-1, 32 << 10), 0, idx.to(source.device)).view(-1).to(dst.device)
-
-        # what each source's gather must leave in dst (the child holds seeded bytes)
-        expect = {src.data_ptr(): gathered(src),
-                  ptr: gathered(torch.from_numpy(seeded_bytes(total, IPC_SEED)).to(dst.device))}
-        mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["g<1024,2,0,0,0>"])
-        fn = mod.get_function("g<1024,2,0,0,0>")
-
-        def timed(f) -> float:
-            f()
-            torch.cuda.synchronize()
-            best = float("inf")
-            for _ in range(5):
-                best = min(best, _per_call(lambda: (f(), torch.cuda.synchronize()), args.iters))
-            return best
-
-        out = {}
-        for where, base in (("this process", src.data_ptr()), ("CUDA IPC", ptr), ("this process again", src.data_ptr())):
-            d = cp.asarray(descs(base, dst.data_ptr(), perm, 32 << 10, 64 << 10))
-            n = len(d)
-            out[where] = timed(lambda: fn((sms,), (1024,), (d, np.uint64(n))))
-            dst.zero_()
-            torch.cuda.synchronize()
-            fn((sms,), (1024,), (d, np.uint64(n)))
-            torch.cuda.synchronize()
-            if not torch.equal(dst, expect[base]):
-                wrong.append(where)
-                print(f"source in {where}: the gathered bytes differ", flush=True)
-            contiguous = timed(lambda: cp.cuda.runtime.memcpyAsync(dst.data_ptr(), base, total, 3, 0))
-            print(f"source in {where}: gather of 32 KiB blocks {out[where] * 1e6:.1f} us ({gbps(out[where]):.0f} GB/s); "
-                  f"contiguous cudaMemcpyAsync {contiguous * 1e6:.1f} us ({gbps(contiguous):.0f} GB/s)", flush=True)
-        cp.cuda.runtime.ipcCloseMemHandle(ptr)
-    finally:
-        stop_child(child, 30)
-    return 1 if wrong else 0
-
-
-def pipeline(args, cp, torch, src, dst, sms, perm, gbps) -> int:
-    """Costs of cutting one gather into jobs (bench/transfer_bw.py's shm path does):
-    a pass launches every job, then waits for all (as a READ does)."""
-    import cupyx
-
-    mod = cp.RawModule(code=SRC, options=("-std=c++17",), name_expressions=["g<1024,2,0,0,0>"])
-    fn = mod.get_function("g<1024,2,0,0,0>")
-    d = descs(src.data_ptr(), dst.data_ptr(), perm, 32 << 10, 64 << 10)
-    host = cupyx.empty_pinned(d.shape, np.uint64)
-    host[...] = d
-    dd = cp.asarray(d)
-    n = len(d)
-    ref = dst.clone()
-    ref.copy_(torch.index_select(src.view(-1, 32 << 10), 0, torch.from_numpy(perm).to(src.device)).view(-1))
-    big = 2048
-    cuts = {"1 job": [n], "2 jobs": [n // 2] * 2, "engine (128, 512, 2048...)": [128, 512],
-            "8192 each": [8192] * 2, "4096 each": [4096] * 4, "128, 512, 8192...": [128, 512]}
-    for k in ("engine (128, 512, 2048...)", "128, 512, 8192..."):
-        step = big if k.startswith("engine") else 8192
-        while sum(cuts[k]) < n:
-            cuts[k].append(min(step, n - sum(cuts[k])))
-    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(4)]
-
-    def copy_pass():
-        dst.copy_(src)
-        torch.cuda.synchronize()
-
-    copy_pass()
-    copy_s = min(_per_call(copy_pass, args.iters) for _ in range(3))
-    print(f"copy_ then synchronize: {copy_s * 1e6:.1f} us a pass ({gbps(copy_s):.0f} GB/s)", flush=True)
-    rows = []
-    for name, sizes in cuts.items():
-        for ns in (1, 2, 4):
-            for upload in (False, True):
-                def one_pass():
-                    at = 0
-                    for j, k in enumerate(sizes):
-                        st = streams[j % ns]
-                        part = dd[at:at + k]
-                        if upload:
-                            part.set(host[at:at + k], stream=st)
-                        with st:
-                            fn((min(sms, k),), (1024,), (part, np.uint64(k)))
-                        at += k
-                    for st in streams[:ns]:
-                        st.synchronize()
-                one_pass()
-                best = min(_per_call(one_pass, args.iters) for _ in range(3))
-                dst.zero_()
-                torch.cuda.synchronize()
-                one_pass()
-                ok = bool(torch.equal(dst, ref))
-                row = {"cut": name, "jobs": len(sizes), "streams": ns, "upload": upload,
-                       "us": round(best * 1e6, 1), "ratio": round(copy_s / best, 4), "ok": ok}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"copy_gbps": gbps(copy_s), "rows": rows}, f, indent=1)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -2,7 +2,7 @@
 # scripts/gpu_tune.sh - tuning data in one call on a lent GPU machine (logs under $OUT,
 # packed into $OUT/tune.tgz: a call brings back at most 8 files):
 #   GPU_TUNE_SWEEP=1     gather kernel shapes against copy_, one pass at a time (bench/gather_sweep.py --single)
-#   GPU_TUNE_PIPELINE=1  what cutting a gather into jobs costs on the GPU alone
+#   GPU_TUNE_KERNEL=1    the engine's kernel alone: one launch against its three jobs (bench/engine_kernel.py)
 #   always               shm READs against copy_ with KVTRANSFER_TRACE=1 (medians by
 #                        bench/trace_summary.py); with two GPUs, reads from the other GPU
 #   device tool: run(command="bash scripts/gpu_tune.sh", kind="nvidia-h100-x2", carry=[".whl"])
@@ -13,8 +13,8 @@ python3 setup.py -q build_ext --inplace > "$OUT/build.txt" 2>&1 || tail -20 "$OU
 if [ "${GPU_TUNE_SWEEP:-0}" = 1 ]; then
   timeout 150 python3 bench/gather_sweep.py --single --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
 fi
-if [ "${GPU_TUNE_PIPELINE:-0}" = 1 ]; then
-  timeout 120 python3 bench/gather_sweep.py --pipeline --json "$OUT/pipeline.json" > "$OUT/pipeline.txt" 2>&1
+if [ "${GPU_TUNE_KERNEL:-0}" = 1 ]; then
+  timeout 120 python3 bench/engine_kernel.py > "$OUT/engine_kernel.txt" 2>&1
 fi
 for th in ${GPU_TUNE_THREADS:-2}; do
   KVTRANSFER_TRACE=1 timeout 90 python3 bench/transfer_bw.py --device cuda --transports shm,d2d --shm-threads $th \

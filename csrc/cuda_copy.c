@@ -450,7 +450,7 @@ static int launch_with(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr 
     return 0;
 }
 
-int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, kvt_err *err)
+int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdeviceptr dev_offs, kvt_err *err)
 {
     if (cols->n == 0)
         return 0;
@@ -460,18 +460,23 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, kvt_err
     struct dev_state *ds = &st.dev[dev];
     if (ds->mode != MODE_KERNEL)
         return -EOPNOTSUPP; /* the caller writes descriptors instead; err untouched */
-    /* the kernel's kvt_cols: the caller's fields, then how blocks are cut into descriptors */
-    struct {
-        kvt_copy_cols c;
-        uint64_t parts, chunk;
-    } k = {*cols, kvt_copy_ndesc(cols->len), KVT_COPY_CHUNK};
-    void *params[] = {&k};
-    unsigned int grid = grid_for(ds, KERNEL_COLS, cols->n * k.parts);
+    const uint64_t parts = kvt_copy_ndesc(cols->len);
+    unsigned int grid = grid_for(ds, KERNEL_COLS, cols->n * parts);
     if (!grid)
         return kvt_error(err, EINVAL, "cuLaunchKernel", "gather of %lu blocks: more than a grid holds",
                          (unsigned long)cols->n);
-    CUresult r = kvt_cu_get(err)->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0,
-                                               s, params, NULL);
+    const kvt_cu *c = kvt_cu_get(err);
+    CUresult r = c->MemcpyHtoDAsync(dev_offs, cols->offs, 2 * cols->n * sizeof *cols->offs, s);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(err, r, "cuMemcpyHtoDAsync", "%lu offset pairs to device %d", (unsigned long)cols->n, dev);
+    /* the kernel's kvt_cols: where the offsets are on the device, the caller's fields,
+       then how blocks are cut into descriptors */
+    struct {
+        uint64_t ro, lo, src, dst, len, n, parts, chunk;
+    } k = {dev_offs, dev_offs + cols->n * sizeof *cols->offs, cols->src, cols->dst, cols->len, cols->n, parts,
+           KVT_COPY_CHUNK};
+    void *params[] = {&k};
+    r = c->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0, s, params, NULL);
     if (r != CUDA_SUCCESS)
         return kvt_cu_fail(err, r, "cuLaunchKernel", "gather of %lu blocks of %lu bytes on device %d, grid %u",
                            (unsigned long)cols->n, (unsigned long)cols->len, dev, grid);

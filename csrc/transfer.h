@@ -148,7 +148,8 @@ void kvt_queue_destroy(kvt_queue *q);
  * nothing is queued), holds the local regions, then cuts the entries into jobs of at
  * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination, and
  * whether the batch is cut lazily; a longer entry is split) and pushes each job to q
- * as soon as it is cut, so transports start on the first while the rest are cut. A job lands in one memory kind and device. */
+ * as soon as it is cut, so transports start on the first while the rest are cut. A
+ * job lands in one memory kind and device. */
 int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[3],
                        kvt_queue *q, kvt_transfer **out, kvt_err *err);
 

@@ -7,10 +7,11 @@
  * copied by one launch that reads them there. A job cut lazily from one region to
  * one region (read_blocks) needs no pieces: whole blocks of one length (the usual
  * shape) need no descriptors either, the kernel reading the job's two offset columns
- * (copied to the pinned buffer, the remote bounds checked on the way) and computing
- * each block's addresses; other lazy jobs get descriptors straight from the batch's
- * columns (a few ns a block; writing pieces first and checking each one cost ~30 ns
- * a block and left the GPU waiting). Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
+ * (copied to the pinned buffer, the remote bounds checked on the way, then uploaded
+ * to device memory by the launch) and computing each block's addresses; other lazy
+ * jobs get descriptors straight from the batch's columns (a few ns a block; writing
+ * pieces first and checking each one cost ~30 ns a block and left the GPU waiting).
+ * Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
  * the GPU starts on them while the rest are cut. The kernel runs on the destination's
  * device, in its primary context; a reader on another GPU reads over peer access.
  * Each thread keeps two jobs in flight per device, each with its own descriptor
@@ -54,7 +55,7 @@ typedef struct slot {
     kvt_copy_desc *h; /* pinned, device-mapped: the kernel reads its descriptors here */
     CUdeviceptr d;    /* h as the device addresses it */
     CUevent ev;
-    CUdeviceptr cols; /* device memory: a whole-block job's offset columns, uploaded from h */
+    CUdeviceptr cols; /* device memory: a whole-block job's offset columns (kvt_copy_launch_cols) */
     kvt_job *job; /* in flight, or NULL */
 } slot;
 
@@ -384,8 +385,8 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
 /* A lazy job of whole blocks of one length (read_blocks' usual shape), launched
  * without descriptors: its two offset columns go to the slot's pinned buffer, the
  * remote ones checked against the source region on the way (subtractions and ORs, as
- * transfer.c checks the local ones), then to device memory ahead of the kernel on
- * the slot's stream (cuda_copy.h says why not pinned), and the kernel computes each
+ * transfer.c checks the local ones), which the launch uploads to the slot's device
+ * buffer ahead of the kernel (cuda_copy.h says why), and the kernel computes each
  * block's addresses (16 bytes copied a block, against a 24-byte descriptor per 32 KiB
  * built at ~6 ns a block: jobs can then be large, few launches a batch). 1 launched;
  * 0 when the job is not of that shape, its source is not CUDA memory, the device
@@ -415,12 +416,8 @@ static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const k
         return 0;
     if (job->t->tr_start)
         gpu_mark(job->t, sl->s);
-    CUresult r = kvt_cu_get(e)->MemcpyHtoDAsync(sl->cols, ro, 2 * n * sizeof *ro, sl->s);
-    if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(e, r, "cuMemcpyHtoDAsync", "%zu offset pairs to device %d", n, l->dev);
-    const kvt_copy_cols c = {.ro = sl->cols, .lo = sl->cols + n * sizeof *ro, .src = src0, .dst = b->local_base,
-                             .len = b->len0, .n = n};
-    rc = kvt_copy_launch_cols(l->dev, sl->s, &c, e);
+    const kvt_copy_cols c = {.offs = ro, .src = src0, .dst = b->local_base, .len = b->len0, .n = n};
+    rc = kvt_copy_launch_cols(l->dev, sl->s, &c, sl->cols, e);
     if (rc == -EOPNOTSUPP)
         return 0;
     if (rc == 0)

@@ -308,6 +308,19 @@ class Peer:
                     lengths: Any) -> Transfer:
         """Vectorized :meth:`read` for one local and one remote region: offsets are
         int arrays (bytes), ``lengths`` an array or one int for every block."""
+        if (type(local_offsets) is np.ndarray and type(remote_offsets) is np.ndarray and type(lengths) is int
+                and local_offsets.dtype == _INT64 and remote_offsets.dtype == _INT64 and local_offsets.ndim == 1
+                and local_offsets.shape == remote_offsets.shape and type(local) is Region
+                and local._engine is self._engine and not local._closed and type(remote) is RegionDescriptor
+                and remote.engine_id == self.descriptor.engine_id and not self._closed):
+            # the usual call, checked in a few lines: ~3 us sooner to the C core, which
+            # checks every range (and starts the first copy) itself
+            n = len(local_offsets)
+            batch = _Columns(n, local_region=local.id, local_off=local_offsets, remote_region=remote.region_id,
+                             remote_key=remote.key, remote_addr=remote.addr, remote_off=remote_offsets, len=lengths)
+            c = self._c.read_cols(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
+                                  remote_offsets, lengths)
+            return Transfer(c, batch, self.transport, (local,), lengths * n)
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
         lo = _offsets(local_offsets, "local offset", check_negative=False)
@@ -402,6 +415,9 @@ def _hint_nvrtc() -> None:
         path = find_nvrtc()
         if path:
             os.environ["KVTRANSFER_NVRTC"] = path
+
+
+_INT64 = np.dtype(np.int64)
 
 
 def _check_each(objs: Sequence[Any], problem: Any) -> list[Any]:

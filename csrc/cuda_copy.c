@@ -466,14 +466,22 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *cols, CUdevic
         return kvt_error(err, EINVAL, "cuLaunchKernel", "gather of %lu blocks: more than a grid holds",
                          (unsigned long)cols->n);
     const kvt_cu *c = kvt_cu_get(err);
-    CUresult r = c->MemcpyHtoDAsync(dev_offs, cols->offs, 2 * cols->n * sizeof *cols->offs, s);
-    if (r != CUDA_SUCCESS)
-        return kvt_cu_fail(err, r, "cuMemcpyHtoDAsync", "%lu offset pairs to device %d", (unsigned long)cols->n, dev);
+    /* blocks of one descriptor: each CTA reads its offsets where the CPU wrote them;
+       longer blocks: from device memory (cuda_copy.h says why) */
+    CUdeviceptr offs = cols->offs_dev;
+    CUresult r;
+    if (parts > 1) {
+        r = c->MemcpyHtoDAsync(dev_offs, cols->offs, 2 * cols->n * sizeof *cols->offs, s);
+        if (r != CUDA_SUCCESS)
+            return kvt_cu_fail(err, r, "cuMemcpyHtoDAsync", "%lu offset pairs to device %d", (unsigned long)cols->n,
+                               dev);
+        offs = dev_offs;
+    }
     /* the kernel's kvt_cols: where the offsets are on the device, the caller's fields,
        then how blocks are cut into descriptors */
     struct {
         uint64_t ro, lo, src, dst, len, n, parts, chunk;
-    } k = {dev_offs, dev_offs + cols->n * sizeof *cols->offs, cols->src, cols->dst, cols->len, cols->n, parts,
+    } k = {offs, offs + cols->n * sizeof *cols->offs, cols->src, cols->dst, cols->len, cols->n, parts,
            KVT_COPY_CHUNK};
     void *params[] = {&k};
     r = c->LaunchKernel(ds->fn[KERNEL_COLS], grid, 1, 1, SHAPE[KERNEL_COLS].threads, 1, 1, 0, s, params, NULL);

@@ -59,18 +59,21 @@ int kvt_copy_launch(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, 
 int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdeviceptr d, size_t n, kvt_err *err);
 
 /* read_blocks' shape: n blocks of len bytes each, block i from src + ro[i] to
- * dst + lo[i]. offs: 2n uint64 in pinned host memory, the n remote offsets (ro), then
- * the n local ones (lo). The launch uploads them to dev_offs (device memory of 2n
- * uint64) on stream s, and the kernel computes each block's addresses from them, so
- * the CPU writes 16 bytes a block, not a descriptor per 32 KiB. Device memory, not
- * pinned: a block longer than KVT_COPY_CHUNK is several CTAs reading the same
- * offsets, and concurrent reads of one host cache line over PCIe wait for each other
- * (2,048 blocks of 256 KiB on an H200: 0.69x of copy_ from pinned offsets, 0.92x from
- * device memory). The caller keeps offs and dev_offs as they are until the stream has
- * run the copy. -EOPNOTSUPP (err untouched, nothing enqueued) when the device copies
- * in batch mode: write descriptors then. */
+ * dst + lo[i]. offs: 2n uint64 in pinned, device-mapped host memory (offs_dev as the
+ * device addresses it), the n remote offsets (ro), then the n local ones (lo); the
+ * kernel computes each block's addresses from them, so the CPU writes 16 bytes a
+ * block, not a descriptor per 32 KiB. Blocks of one descriptor (len <= KVT_COPY_CHUNK)
+ * are one CTA each, which reads its offsets over PCIe itself: no upload to wait for
+ * before the copy starts. Longer blocks are several CTAs reading the same offsets,
+ * and concurrent reads of one host cache line wait for each other (2,048 blocks of
+ * 256 KiB on an H200: 0.69x of copy_ from pinned offsets, 0.92x from device memory):
+ * the launch uploads them to dev_offs (device memory of 2n uint64) on stream s first.
+ * The caller keeps offs and dev_offs as they are until the stream has run the copy.
+ * -EOPNOTSUPP (err untouched, nothing enqueued) when the device copies in batch mode:
+ * write descriptors then. */
 typedef struct kvt_copy_cols {
     const uint64_t *offs;
+    CUdeviceptr offs_dev;
     uint64_t src, dst, len, n;
 } kvt_copy_cols;
 int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, CUdeviceptr dev_offs, kvt_err *err);

@@ -7,17 +7,17 @@
  * copied by one launch that reads them there. A job cut lazily from one region to
  * one region (read_blocks) needs no pieces: whole blocks of one length (the usual
  * shape) need no descriptors either, the kernel reading the job's two offset columns
- * (copied to the pinned buffer, the remote bounds checked on the way, then uploaded
- * to device memory by the launch) and computing each block's addresses; other lazy
- * jobs get descriptors straight from the batch's columns (a few ns a block; writing
- * pieces first and checking each one cost ~30 ns a block and left the GPU waiting).
- * Other jobs go piece by piece. The first jobs of a batch are small (transfer.c), so
- * the GPU starts on them while the rest are cut. The kernel runs on the destination's
- * device, in its primary context; a reader on another GPU reads over peer access.
- * Each thread keeps two jobs in flight per device, each with its own descriptor
- * buffer and stream (a job's copy may start while the one before drains) and an
- * event marking its end; a job is completed (and its transfer may finish) only after
- * its event: nothing writes the destination after that.
+ * (copied to the pinned buffer, the remote bounds checked on the way) and computing
+ * each block's addresses; other lazy jobs get descriptors straight from the batch's
+ * columns (a few ns a block; writing pieces first and checking each one cost ~30 ns a
+ * block and left the GPU waiting). Other jobs go piece by piece. The first jobs of a
+ * batch are small (transfer.c), so the GPU starts on them while the rest are cut. The
+ * kernel runs on the destination's device, in its primary context; a reader on
+ * another GPU reads over peer access. Each thread keeps two jobs in flight per
+ * device, each with its own descriptor buffer and stream (a job's copy may start
+ * while the one before drains) and an event marking its end; a job is completed (and
+ * its transfer may finish) only after its event: nothing writes the destination after
+ * that.
  *
  * Mixed kinds, correct rather than fast (and said so here): device <- host memory
  * goes through a pinned bounce buffer (process_vm_readv, then cuMemcpyHtoDAsync per
@@ -385,10 +385,11 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
 /* A lazy job of whole blocks of one length (read_blocks' usual shape), launched
  * without descriptors: its two offset columns go to the slot's pinned buffer, the
  * remote ones checked against the source region on the way (subtractions and ORs, as
- * transfer.c checks the local ones), which the launch uploads to the slot's device
- * buffer ahead of the kernel (cuda_copy.h says why), and the kernel computes each
- * block's addresses (16 bytes copied a block, against a 24-byte descriptor per 32 KiB
- * built at ~6 ns a block: jobs can then be large, few launches a batch). 1 launched;
+ * transfer.c checks the local ones), where the kernel reads them (blocks longer than
+ * a descriptor: the launch uploads them to the slot's device buffer first; cuda_copy.h
+ * says why), and the kernel computes each block's addresses (16 bytes copied a block,
+ * against a 24-byte descriptor per 32 KiB built at ~6 ns a block: jobs can then be
+ * large, few launches a batch). 1 launched;
  * 0 when the job is not of that shape, its source is not CUDA memory, the device
  * copies in batch mode or a range is out of bounds (the descriptor path takes it,
  * and names the entry); -errno. */
@@ -416,7 +417,7 @@ static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const k
         return 0;
     if (job->t->tr_start)
         gpu_mark(job->t, sl->s);
-    const kvt_copy_cols c = {.offs = ro, .src = src0, .dst = b->local_base, .len = b->len0, .n = n};
+    const kvt_copy_cols c = {.offs = ro, .offs_dev = sl->d, .src = src0, .dst = b->local_base, .len = b->len0, .n = n};
     rc = kvt_copy_launch_cols(l->dev, sl->s, &c, sl->cols, e);
     if (rc == -EOPNOTSUPP)
         return 0;

@@ -303,11 +303,45 @@ int cuEventDestroy_v2(void *e)
     free(e);
     return OK;
 }
-int cuMemHostAlloc(void **p, size_t n, unsigned f) { return posix_memalign(p, 4096, n) ? 2 : OK; }
+/* pinned buffers, remembered so that launches can check where their offsets are */
+#define MAX_PINNED 256
+static struct {
+    char *base;
+    size_t size;
+} pinned[MAX_PINNED];
+int cuMemHostAlloc(void **p, size_t n, unsigned f)
+{
+    if (posix_memalign(p, 4096, n))
+        return 2;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < MAX_PINNED; i++)
+        if (!pinned[i].base) {
+            pinned[i].base = *p;
+            pinned[i].size = n;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    return OK;
+}
 int cuMemFreeHost(void *p)
 {
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < MAX_PINNED; i++)
+        if (pinned[i].base == p)
+            pinned[i].base = NULL;
+    pthread_mutex_unlock(&mu);
     free(p);
     return OK;
+}
+static int is_pinned(uint64_t p)
+{
+    int found = 0;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < MAX_PINNED && !found; i++)
+        found = pinned[i].base && p >= (uint64_t)(uintptr_t)pinned[i].base &&
+                p < (uint64_t)(uintptr_t)pinned[i].base + pinned[i].size;
+    pthread_mutex_unlock(&mu);
+    return found;
 }
 int cuMemHostGetDevicePointer_v2(CUdeviceptr *d, void *p, unsigned f)
 {
@@ -358,12 +392,14 @@ static int is_device(CUdeviceptr p)
 }
 
 /* kvt_gather_cols: n blocks of len bytes, block i from src + ro[i] to dst + lo[i];
- * one CTA of 256 threads per chunk of a block, the offsets in device memory (the
- * real kernel's CTAs would wait on each other reading them from pinned memory) */
+ * one CTA of 256 threads per chunk of a block; the offsets in pinned memory for blocks
+ * of one chunk, else in device memory (the real kernel's CTAs would wait on each other
+ * reading them from pinned memory) */
 static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
 {
     const uint64_t ro = c[0], lo = c[1], src = c[2], dst = c[3], len = c[4], n = c[5], parts = c[6], chunk = c[7];
-    if (gx != n * parts || bx != 256 || parts != (len + chunk - 1) / chunk || !is_device(ro) || !is_device(lo))
+    int (*where)(uint64_t) = parts == 1 ? is_pinned : is_device;
+    if (gx != n * parts || bx != 256 || parts != (len + chunk - 1) / chunk || !where(ro) || !where(lo))
         return INVALID_VALUE;
     const uint64_t *r = (const uint64_t *)at(ro, n * 8), *l = (const uint64_t *)at(lo, n * 8);
     for (uint64_t i = 0; i < n; i++)

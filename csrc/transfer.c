@@ -269,6 +269,8 @@ static kvt_job *new_job(kvt_transfer *t, kvt_queue *q, size_t max_pieces, const 
     if (j) {
         j->next = NULL;
         j->batch = NULL;
+        j->settle = NULL;
+        j->settle_arg = NULL;
         j->t = t;
         j->n = 0;
         j->bytes = 0;
@@ -445,7 +447,8 @@ static void push_job(kvt_transfer *t, kvt_queue *q, kvt_job *j)
 {
     t->tr_jobs++;
     atomic_fetch_add(&t->pending, 1);
-    kvt_queue_push(q, j);
+    if (!q->direct || !q->direct(q->direct_ctx, j))
+        kvt_queue_push(q, j);
 }
 
 /* Every job is queued (or cutting failed: the transfer fails, with what was queued
@@ -771,6 +774,10 @@ void kvt_queue_push(kvt_queue *q, kvt_job *j)
     pthread_mutex_lock(&q->mu);
     if (q->closed) {
         pthread_mutex_unlock(&q->mu);
+        if (j->settle) {
+            j->settle(j); /* started already: it completes when its copy has */
+            return;
+        }
         kvt_err e;
         kvt_error(&e, ECANCELED, "read", "peer is closed");
         kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
@@ -867,7 +874,10 @@ void kvt_queue_close(kvt_queue *q, const char *why)
     kvt_error(&e, ECANCELED, "read", "%s", why);
     while (j) {
         kvt_job *n = j->next;
-        kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
+        if (j->settle)
+            j->settle(j);
+        else
+            kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
         j = n;
     }
 }

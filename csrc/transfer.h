@@ -53,6 +53,12 @@ typedef struct kvt_job {
     uint64_t bytes;
     int local_kind; /* every piece of a job lands in one kind of memory ... */
     int local_dev;  /* ... on one device (CUDA ordinal, -1 for host) */
+    /* A job its queue's direct hook started in the caller's thread (see kvt_queue):
+       settle waits for its copy and completes it. Whoever takes it from the queue (a
+       transport thread, or kvt_queue_close) calls settle, never kvt_job_done. NULL
+       for every other job. */
+    void (*settle)(struct kvt_job *job);
+    void *settle_arg;
     kvt_piece pieces[];
 } kvt_job;
 
@@ -120,6 +126,13 @@ typedef struct kvt_queue {
     pthread_mutex_t pool_mu;
     kvt_job *pool;
     size_t pool_n;
+    /* Set by a transport that can start some jobs in the thread that cuts them (shm:
+       read_blocks into GPU memory, so the first copy starts without a hand-off to its
+       threads): called for each job as it is cut; 1 when it took the job (started it
+       and queued it with settle set, or completed it with an error), 0 to leave it to
+       the queue. */
+    int (*direct)(void *ctx, kvt_job *job);
+    void *direct_ctx;
 } kvt_queue;
 
 void kvt_queue_init(kvt_queue *q);
@@ -140,7 +153,8 @@ void kvt_job_materialize(kvt_job *j);
  * batch starts: waking them first hides the wake-up); nothing where threads do not
  * spin (KVTRANSFER_WORKER_SPIN_US=0, or fewer than 8 CPUs by default). */
 void kvt_queue_kick(kvt_queue *q);
-/* Closes the queue and fails what is left in it with ECANCELED. */
+/* Closes the queue and fails what is left in it with ECANCELED (jobs already started,
+ * with settle set, are settled: their copies finish first). */
 void kvt_queue_close(kvt_queue *q, const char *why);
 void kvt_queue_destroy(kvt_queue *q);
 

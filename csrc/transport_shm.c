@@ -149,6 +149,10 @@ static void *worker(void *arg)
             kvt_shm_cuda_retire(s, cu);
             continue;
         }
+        if (job->settle) { /* started by the caller (kvt_shm_cuda_direct): wait for it */
+            job->settle(job);
+            continue;
+        }
         if (kvt_job_skip_if_failed(job))
             continue;
         if (!liov) {
@@ -172,6 +176,7 @@ static void shm_close(kvt_peer *p)
     shm_peer *s = p->impl;
     for (int i = 0; i < s->nthreads; i++)
         pthread_join(s->threads[i], NULL);
+    kvt_shm_direct_end(s); /* after the threads: every job is settled */
     kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */
     munmap((void *)s->table, sizeof(kvt_shared_table));
     close(s->pidfd);
@@ -249,6 +254,9 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         free(s);
         return rc;
     }
+    pthread_mutex_init(&s->direct_mu, NULL);
+    p->queue.direct = kvt_shm_cuda_direct;
+    p->queue.direct_ctx = s;
     s->nthreads = p->eng->opts.shm_threads;
     p->impl = s;
     p->close = shm_close;

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "cuda.h"
 #include "engine.h"
 
 /* Jobs into CUDA memory: 64 MiB is ~45 us of an H100's copy bandwidth, long enough
@@ -24,6 +25,7 @@
 
 typedef struct kvt_ipc_cache kvt_ipc_cache;
 typedef struct kvt_shm_cuda kvt_shm_cuda;
+struct lane;
 
 typedef struct shm_peer {
     pid_t pid;
@@ -34,6 +36,11 @@ typedef struct shm_peer {
     kvt_ipc_cache *ipc; /* the target's CUDA allocations opened here (cuda_ipc.c) */
     int nthreads;
     pthread_t threads[KVT_MAX_THREADS];
+    /* the callers' CUDA lanes, one per device (kvt_shm_cuda_direct), shared by every
+       thread reading over the peer: one at a time (a caller finding them taken leaves
+       its jobs to the transport threads) */
+    pthread_mutex_t direct_mu;
+    struct lane *direct[KVT_CUDA_MAX_DEVICES];
 } shm_peer;
 
 /* After a job's bytes are in place: 0 if every source region outlived the copy and
@@ -53,6 +60,16 @@ void kvt_shm_cuda_job(shm_peer *s, kvt_shm_cuda **cu, kvt_job *job);
 int kvt_shm_cuda_busy(const kvt_shm_cuda *cu);
 void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu);
 void kvt_shm_cuda_end(shm_peer *s, kvt_shm_cuda *cu);
+
+/* The peer queue's direct hook (kvt_queue): a read_blocks job into GPU memory from GPU
+ * memory is launched in the caller's thread, on a lane of the peer's own (the first
+ * copy starts without waiting for a transport thread), and queued for a transport
+ * thread to settle (wait for and complete). 0 (the job is left to the queue) when the
+ * job has another shape, the lane is taken by another caller or all its slots are in
+ * use, or a range is out of bounds (the transport thread names the entry). end: frees
+ * the lanes, once every job is settled. */
+int kvt_shm_cuda_direct(void *ctx, kvt_job *job);
+void kvt_shm_direct_end(shm_peer *s);
 
 /* The peer's IPC mappings (cuda_ipc.c). map: the address in this process, on device
  * dev (its context current), of the allocation a region slot describes, opened once

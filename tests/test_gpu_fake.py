@@ -90,6 +90,15 @@ def test_read_blocks_launch_offset_columns(fakes, copy):
     assert "blocks ok" in out, out
 
 
+def test_read_blocks_launched_by_the_caller(fakes):
+    """read_blocks into device memory from device memory: the calling thread launches
+    the first copy itself (no hand-off to a transport thread before the GPU starts);
+    batches in flight beyond the caller's slots, two calling threads at once, and a
+    peer closed with a batch in flight all end with every block in place."""
+    out = run(fakes, "direct")
+    assert "direct ok" in out, out
+
+
 def test_batched_copies_without_nvrtc_use_memcpy_batch(fakes):
     out = run(fakes, "read-shm", nvrtc=False)
     assert "no gather kernel: NVRTC disabled" in out and "cuMemcpyBatchAsync available" in out, out
@@ -160,6 +169,11 @@ class FakeGPU:
         """Launches of the kernel that reads read_blocks' offset columns."""
         self.cu.fake_cuda_cols_launches.restype = ctypes.c_ulong
         return self.cu.fake_cuda_cols_launches()
+
+    def cols_first_tid(self) -> int:
+        """The thread (native id) of the first column launch since the last call; 0: none."""
+        self.cu.fake_cuda_cols_first_tid.restype = ctypes.c_ulong
+        return self.cu.fake_cuda_cols_first_tid()
 
     def descs(self) -> int:
         """Descriptors the fake gather kernel copied in this process (cuMemcpyBatchAsync
@@ -522,6 +536,68 @@ def child_blocks() -> int:
     return 0
 
 
+def child_direct() -> int:
+    import threading
+
+    from kvtransfer import TransferError
+    from kvtransfer.target import seeded_bytes
+
+    src = seeded_bytes(TARGET_BYTES, 1)
+    rng = np.random.default_rng(4)
+    n, size = 5000, 96  # three jobs a batch (1,024 blocks, then the rest)
+    span = n * size
+    with reader(8 * span, "shm") as r:
+        gpu, local, ddesc, peer = r.gpu, r.local, r.ddesc, r.peer
+
+        def plan(k: int):
+            return np.arange(n, dtype=np.int64) * size + k * span, rng.integers(0, TARGET_BYTES - size, n)
+
+        # the first copy is launched in the calling thread
+        lo, ro = plan(0)
+        gpu.cols_first_tid()
+        peer.read_blocks(local, lo, ddesc, ro, size).wait(30)
+        assert gpu.cols_first_tid() == threading.get_native_id(), "the first copy was not launched by the caller"
+        check(gpu.download(r.dst, span), src, lo, ro, np.full(n, size), "read_blocks, launched by the caller")
+        # eight batches before any wait: more jobs than the caller's slots, the rest
+        # go to the transport threads; every block lands
+        r.poison()
+        plans = [plan(k) for k in range(8)]
+        for t in [peer.read_blocks(local, lo, ddesc, ro, size) for lo, ro in plans]:
+            t.wait(30)
+        got = gpu.download(r.dst, 8 * span)
+        for k, (lo, ro) in enumerate(plans):
+            check(got, src, lo, ro, np.full(n, size), f"batch {k} of 8 in flight")
+        # two threads reading at once (one of them finds the caller's lanes taken)
+        r.poison()
+        errors: list[BaseException] = []
+
+        def loop(k: int) -> None:
+            try:
+                for _ in range(20):
+                    peer.read_blocks(local, plans[k][0], ddesc, plans[k][1], size).wait(30)
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=loop, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and not any(t.is_alive() for t in threads), errors or "a reading thread hung"
+        got = gpu.download(r.dst, 2 * span)
+        for k in (0, 1):
+            check(got, src, *plans[k], np.full(n, size), f"thread {k}")
+        # closed with a batch in flight: it ends (its started copies settled), no hang
+        t = peer.read_blocks(local, plans[2][0], ddesc, plans[2][1], size)
+        peer.close()
+        try:
+            t.wait(30)
+        except TransferError as e:
+            assert e.errno == errno.ECANCELED, e
+    print("direct ok")
+    return 0
+
+
 def main(scenario: str) -> int:
     if scenario == "target":
         return child_target()
@@ -530,7 +606,7 @@ def main(scenario: str) -> int:
     if scenario.startswith("mixed-"):
         return child_mixed(scenario[6:])
     return {"register": child_register, "same-process": child_same_process, "no-ipc": child_no_ipc,
-            "no-copy": child_no_copy, "refusals": child_refusals, "blocks": child_blocks}[scenario]()
+            "no-copy": child_no_copy, "refusals": child_refusals, "blocks": child_blocks, "direct": child_direct}[scenario]()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #ifdef FAKE_NVRTC
@@ -382,6 +383,7 @@ typedef struct {
 } desc;
 
 static unsigned long launches, descs_copied, cols_launches;
+static unsigned long cols_first_tid; /* the thread of the first column launch since the last reset */
 
 static int is_device(CUdeviceptr p)
 {
@@ -405,6 +407,9 @@ static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
     for (uint64_t i = 0; i < n; i++)
         memmove(at(dst + l[i], len), at(src + r[i], len), len);
     __atomic_add_fetch(&launches, 1, __ATOMIC_RELAXED);
+    unsigned long none = 0;
+    __atomic_compare_exchange_n(&cols_first_tid, &none, (unsigned long)syscall(SYS_gettid), 0, __ATOMIC_RELAXED,
+                                __ATOMIC_RELAXED);
     __atomic_add_fetch(&cols_launches, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&descs_copied, n * parts, __ATOMIC_RELAXED);
     return OK;
@@ -448,5 +453,7 @@ int cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, s
 unsigned long fake_cuda_launches(void) { return launches; }
 unsigned long fake_cuda_descs(void) { return descs_copied; }
 unsigned long fake_cuda_cols_launches(void) { return cols_launches; }
+/* Which thread made the first column launch since the last call (0: none). */
+unsigned long fake_cuda_cols_first_tid(void) { return __atomic_exchange_n(&cols_first_tid, 0, __ATOMIC_RELAXED); }
 
 #endif

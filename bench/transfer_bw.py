@@ -109,7 +109,7 @@ CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
 KERNEL_VARIANTS = ("kernel0", "kernel1")  # csrc/cuda_copy.c's shapes, on request
 CUDA_RATIOS = (("shm", "d2d"), ("shm", "gather"), ("shm", "cpu"), ("tcp", "tcp-host"), ("kernel", "d2d"),
                ("shm", "kernel"))
-COPY_CHUNK = 64 << 10  # csrc/cuda_copy.h KVT_COPY_CHUNK: how the transports cut long ranges
+COPY_CHUNK = 32 << 10  # csrc/cuda_copy.h KVT_COPY_CHUNK: how the transports cut long ranges
 CUDA_CHUNK = 8 << 20  # the cpu baseline's message size
 GPU_WARMUP_S = 0.25  # untimed passes per system and size, at least (after --warmup passes)
 DEFAULT_SYSTEMS = ("shm", "tcp") + BASELINES  # verbs needs an RDMA device: ask for it

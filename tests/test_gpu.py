@@ -234,6 +234,66 @@ def test_kv_sized_batch_between_processes(target, reader, transport):
     local.close()
 
 
+def test_read_blocks_in_flight_and_from_two_threads(target, reader):
+    """read_blocks into GPU memory over shm is launched by the calling thread on the
+    peer's own lanes (four slots), and a transport thread waits for each copy: eight
+    batches in flight before any wait (more jobs than slots: the rest go to the
+    transport threads), then two threads reading at once (one finds the lanes taken).
+    Every batch's blocks are in place when its wait returns."""
+    import threading
+
+    n, bs, k = 1024, 32768, 8  # 32 MiB a batch, three jobs each
+    rng = np.random.default_rng(11)
+    src = target.bytes_dev()
+    dst = torch.zeros(k * n * bs, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    local, _ = reader.register(dst)
+    peer = reader.connect(target.engine, transport="shm")
+    lo = np.arange(n, dtype=np.int64) * bs
+    perms = [rng.permutation(n).astype(np.int64) for _ in range(k)]
+
+    def check(i: int) -> None:
+        got = dst[i * n * bs:(i + 1) * n * bs].view(n, bs).cpu().numpy()
+        want = src[:n * bs].reshape(n, bs)[perms[i]]
+        assert np.array_equal(got, want), f"batch {i}: {first_difference(got.ravel(), want.ravel())}"
+
+    for t in [peer.read_blocks(local, lo + i * n * bs, target.dev, perms[i] * bs, bs) for i in range(k)]:
+        t.wait(WAIT_S)
+    for i in range(k):
+        check(i)
+    dst.zero_()
+    torch.cuda.synchronize()
+    errors: list[BaseException] = []
+
+    def loop(i: int) -> None:
+        try:
+            for _ in range(10):
+                peer.read_blocks(local, lo + i * n * bs, target.dev, perms[i] * bs, bs).wait(WAIT_S)
+                check(i)  # waited: in place now, whatever the other thread does
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * WAIT_S)
+    assert not any(t.is_alive() for t in threads), "a reading thread hung"
+    assert not errors, errors
+    # the peer closed with a batch in flight: the read ends (its started copies are
+    # waited for), landed in full or cancelled
+    dst.zero_()
+    torch.cuda.synchronize()
+    t = peer.read_blocks(local, lo, target.dev, perms[0] * bs, bs)
+    peer.close()
+    try:
+        t.wait(WAIT_S)
+        check(0)
+    except TransferError as e:
+        assert e.errno == errno.ECANCELED, e
+    local.close()
+
+
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_mixed_host_and_device_memory(target, reader, transport):
     lo, ro, lens, size = plan(800, seed=2)

@@ -72,8 +72,8 @@ typedef struct slot {
     shm_peer *peer;
 } slot;
 
-/* A transport thread's lane uses two slots, a caller's lane (kvt_shm_direct) all four:
- * a batch's first jobs are launched one right after the other. */
+/* A transport thread's lane uses two slots, a caller's lane (kvt_shm_cuda_direct) all
+ * four: a batch's first jobs are launched one right after the other. */
 #define LANE_SLOTS 4
 
 typedef struct lane {
@@ -361,6 +361,17 @@ static void complete(shm_peer *s, kvt_job *job, int rc, kvt_err *e, int64_t entr
     kvt_job_done(job, rc, rc < 0 ? e : NULL, entry);
 }
 
+/* Waits for the copy in flight on a slot (its device's context current). */
+static int wait_slot(slot *sl, const kvt_job *job, kvt_err *e)
+{
+    CUresult r = kvt_cu_get(e)->EventSynchronize(sl->ev);
+    if (r != CUDA_SUCCESS)
+        return kvt_cu_fail(e, r, "cuEventSynchronize", "copy of %zu blocks on device %d", job->n, sl->dev);
+    if (job->t->tr_start)
+        gpu_span(job->t, sl->ev);
+    return 0;
+}
+
 void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
 {
     if (!cu || cu->count == 0)
@@ -373,13 +384,8 @@ void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
     sl->job = NULL;
     kvt_err e;
     int rc = enter(cu, l->dev, &e);
-    if (rc == 0) {
-        CUresult r = kvt_cu_get(&e)->EventSynchronize(sl->ev);
-        if (r != CUDA_SUCCESS)
-            rc = kvt_cu_fail(&e, r, "cuEventSynchronize", "copy of %zu blocks on device %d", job->n, l->dev);
-        else if (job->t->tr_start)
-            gpu_span(job->t, sl->ev);
-    }
+    if (rc == 0)
+        rc = wait_slot(sl, job, &e);
     complete(s, job, rc, &e, (int64_t)job->pieces[0].entry);
 }
 
@@ -418,10 +424,10 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
  * a descriptor: the launch uploads them to the slot's device buffer first; cuda_copy.h
  * says why), and the kernel computes each block's addresses (16 bytes copied a block,
  * against a 24-byte descriptor per 32 KiB built at ~6 ns a block: jobs can then be
- * large, few launches a batch). In a transport thread or the caller's (cu NULL). 1 launched;
- * 0 when the job is not of that shape, its source is not CUDA memory, the device
- * copies in batch mode or a range is out of bounds (the descriptor path takes it,
- * and names the entry); -errno. */
+ * large, few launches a batch). In a transport thread, or the caller's (cu NULL). 1
+ * launched; 0 when the job is not of that shape, its source is not CUDA memory, the
+ * device copies in batch mode or a range is out of bounds (the descriptor path takes
+ * it, and names the entry); -errno. */
 static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const kvt_job *job, kvt_err *e)
 {
     const kvt_batch *b = job->batch;
@@ -543,11 +549,7 @@ static void direct_settle(kvt_job *job)
     kvt_err e;
     int rc = kvt_cuda_push(sl->dev, &e);
     if (rc == 0) {
-        CUresult r = kvt_cu_get(&e)->EventSynchronize(sl->ev);
-        if (r != CUDA_SUCCESS)
-            rc = kvt_cu_fail(&e, r, "cuEventSynchronize", "copy of %zu blocks on device %d", job->n, sl->dev);
-        else if (job->t->tr_start)
-            gpu_span(job->t, sl->ev);
+        rc = wait_slot(sl, job, &e);
         kvt_cuda_pop();
     }
     if (rc == 0) /* else the copy may still run: the slot is never used again */

@@ -95,9 +95,11 @@ from typing import Protocol
 import numpy as np
 import zmq
 
-import kvtransfer
-from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host
-from kvtransfer import target
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's kvtransfer
+
+import kvtransfer  # noqa: E402
+from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host  # noqa: E402
+from kvtransfer import target  # noqa: E402
 from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
 from report import cpu_model, kv_lines
 from kvtransfer.target import parse_size, seeded_bytes

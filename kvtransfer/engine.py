@@ -310,11 +310,10 @@ class Peer:
         int arrays (bytes), ``lengths`` an array or one int for every block."""
         if (type(local_offsets) is np.ndarray and type(remote_offsets) is np.ndarray and type(lengths) is int
                 and local_offsets.dtype == _INT64 and remote_offsets.dtype == _INT64 and local_offsets.ndim == 1
-                and local_offsets.shape == remote_offsets.shape and type(local) is Region
-                and local._engine is self._engine and not local._closed and type(remote) is RegionDescriptor
-                and remote.engine_id == self.descriptor.engine_id and not self._closed):
-            # the usual call, checked in a few lines: ~3 us sooner to the C core, which
-            # checks every range (and starts the first copy) itself
+                and local_offsets.shape == remote_offsets.shape and not self._closed
+                and self._local_problem(local) is None and self._remote_problem(remote) is None):
+            # the usual call, without the conversions below: ~3 us sooner to the C core,
+            # which checks every range (and starts the first copy) itself
             n = len(local_offsets)
             batch = _Columns(n, local_region=local.id, local_off=local_offsets, remote_region=remote.region_id,
                              remote_key=remote.key, remote_addr=remote.addr, remote_off=remote_offsets, len=lengths)

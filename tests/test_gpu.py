@@ -236,10 +236,10 @@ def test_kv_sized_batch_between_processes(target, reader, transport):
 
 def test_read_blocks_in_flight_and_from_two_threads(target, reader):
     """read_blocks into GPU memory over shm is launched by the calling thread on the
-    peer's own lanes (four slots), and a transport thread waits for each copy: eight
-    batches in flight before any wait (more jobs than slots: the rest go to the
-    transport threads), then two threads reading at once (one finds the lanes taken).
-    Every batch's blocks are in place when its wait returns."""
+    peer's own lanes (four slots, one caller at a time), and a transport thread waits
+    for each copy: eight batches in flight before any wait, then two threads reading at
+    once, then the peer closed with a batch in flight. Every batch's blocks are in place
+    when its wait returns (the stand-in driver's test shows which thread launched what)."""
     import threading
 
     n, bs, k = 1024, 32768, 8  # 32 MiB a batch, three jobs each

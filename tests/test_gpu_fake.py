@@ -170,10 +170,12 @@ class FakeGPU:
         self.cu.fake_cuda_cols_launches.restype = ctypes.c_ulong
         return self.cu.fake_cuda_cols_launches()
 
-    def cols_first_tid(self) -> int:
-        """The thread (native id) of the first column launch since the last call; 0: none."""
-        self.cu.fake_cuda_cols_first_tid.restype = ctypes.c_ulong
-        return self.cu.fake_cuda_cols_first_tid()
+    def cols_threads(self) -> list[int]:
+        """The threads (native ids) that made column launches since the last call, the
+        first one first."""
+        out = (ctypes.c_ulong * 16)()
+        n = self.cu.fake_cuda_cols_threads(out)
+        return list(out[:n])
 
     def descs(self) -> int:
         """Descriptors the fake gather kernel copied in this process (cuMemcpyBatchAsync
@@ -552,18 +554,25 @@ def child_direct() -> int:
         def plan(k: int):
             return np.arange(n, dtype=np.int64) * size + k * span, rng.integers(0, TARGET_BYTES - size, n)
 
-        # the first copy is launched in the calling thread
+        # every copy is launched in the calling thread
         lo, ro = plan(0)
-        gpu.cols_first_tid()
+        gpu.cols_threads()
         peer.read_blocks(local, lo, ddesc, ro, size).wait(30)
-        assert gpu.cols_first_tid() == threading.get_native_id(), "the first copy was not launched by the caller"
+        assert gpu.cols_threads() == [threading.get_native_id()], "the copies were not launched by the caller"
         check(gpu.download(r.dst, span), src, lo, ro, np.full(n, size), "read_blocks, launched by the caller")
-        # eight batches before any wait: more jobs than the caller's slots, the rest
-        # go to the transport threads; every block lands
+        # eight batches before any wait, each copy taking 20 ms (FAKE_CUDA_SYNC_US):
+        # more jobs than the caller's four slots, the rest launched by the transport
+        # threads; every block lands
         r.poison()
         plans = [plan(k) for k in range(8)]
-        for t in [peer.read_blocks(local, lo, ddesc, ro, size) for lo, ro in plans]:
-            t.wait(30)
+        os.environ["FAKE_CUDA_SYNC_US"] = "20000"
+        try:
+            for t in [peer.read_blocks(local, lo, ddesc, ro, size) for lo, ro in plans]:
+                t.wait(30)
+        finally:
+            del os.environ["FAKE_CUDA_SYNC_US"]
+        launchers = gpu.cols_threads()
+        assert launchers[0] == threading.get_native_id() and len(launchers) > 1, launchers
         got = gpu.download(r.dst, 8 * span)
         for k, (lo, ro) in enumerate(plans):
             check(got, src, lo, ro, np.full(n, size), f"batch {k} of 8 in flight")
@@ -587,11 +596,14 @@ def child_direct() -> int:
         got = gpu.download(r.dst, 2 * span)
         for k in (0, 1):
             check(got, src, *plans[k], np.full(n, size), f"thread {k}")
-        # closed with a batch in flight: it ends (its started copies settled), no hang
+        # closed with a batch in flight: it ends (its started copies settled), no hang;
+        # landed in full or cancelled
+        r.poison()
         t = peer.read_blocks(local, plans[2][0], ddesc, plans[2][1], size)
         peer.close()
         try:
             t.wait(30)
+            check(gpu.download(r.dst, 8 * span), src, *plans[2], np.full(n, size), "batch read as the peer closed")
         except TransferError as e:
             assert e.errno == errno.ECANCELED, e
     print("direct ok")

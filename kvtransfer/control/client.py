@@ -136,13 +136,15 @@ class ControlClient:
     # --- the caller's side -------------------------------------------------------------
 
     def pull(self, request_id: str, dst_blocks: Sequence[int], *, payload: bytes | None = None, readers: int = 1,
-             heads: tuple[int, int] | None = None, timeout: float | None = None) -> Pull:
+             heads: tuple[int, int] | None = None, timeout: float | None = None, skip_blocks: int = 0) -> Pull:
         """Starts pulling request ``request_id`` into local blocks ``dst_blocks`` (token
         order). With ``payload`` it submits the request (the prefill side computes it);
         without, it subscribes to a request the prefill side already has (everything
         published so far is replayed). ``heads``: the global KV heads to take from this
         prefill worker (tensor-parallel mixes; default all of ours). ``timeout``: the
-        pull fails with TransferTimeoutError if not done by then."""
+        pull fails with TransferTimeoutError if not done by then. ``skip_blocks``: the
+        request's first blocks are not read (the decode side has that prefix already);
+        ``dst_blocks`` then start at the prefill side's block ``skip_blocks``."""
         self._require_usable()
         dst = [int(b) for b in dst_blocks]
         bad = [b for b in dst if not 0 <= b < self.layout.num_blocks]
@@ -150,7 +152,9 @@ class ControlClient:
             raise InvalidArgumentError(f"pull {request_id!r}: local block ids {bad[:8]} outside the pool of "
                                        f"{self.layout.num_blocks}", op="pull")
         deadline = time.monotonic() + timeout if timeout is not None else None
-        p = Pull(self, request_id, dst, heads, deadline)
+        if skip_blocks < 0:
+            raise InvalidArgumentError(f"pull {request_id!r}: skip_blocks must be >= 0, got {skip_blocks}", op="pull")
+        p = Pull(self, request_id, dst, heads, deadline, skip_blocks)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
                else m.Subscribe(request_id=request_id))
         frames = m.encode(msg)  # once: checked here, sent by the loop

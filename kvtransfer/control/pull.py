@@ -32,8 +32,9 @@ class Pull:
     a timeout; ``timings`` fills in as it goes. Created by :meth:`ControlClient.pull`."""
 
     def __init__(self, client: "ControlClient", request_id: str, dst_blocks: list[int],
-                 heads: tuple[int, int] | None, deadline: float | None):
+                 heads: tuple[int, int] | None, deadline: float | None, skip_blocks: int = 0):
         self.request_id = request_id
+        self.skip_blocks = skip_blocks
         self.dst_blocks = dst_blocks
         self.heads = heads
         self.timings = PullTimings(request_id=request_id, transport=client.transport,
@@ -108,15 +109,22 @@ class Pull:
                 self._fail(ControlError(f"{self.request_id!r}: pinned twice with different blocks",
                                         code="out_of_order", op="pull"))
             return
-        need = self._client.layout.blocks_for(msg.num_tokens)
+        c = self._client
+        skip, bs = self.skip_blocks, c.remote_layout.block_size
+        # a skipped prefix is whole blocks on both sides: only equal block sizes say where it ends
+        if skip and (bs != c.layout.block_size or skip > len(msg.blocks)):
+            return self._fail(InvalidArgumentError(
+                f"{self.request_id!r}: cannot skip {skip} of {len(msg.blocks)} blocks (block sizes {bs} and "
+                f"{c.layout.block_size})", op="pull"))
+        num_tokens = max(msg.num_tokens - skip * bs, 0)
+        need = c.layout.blocks_for(num_tokens)
         if len(self.dst_blocks) < need:
             return self._fail(InvalidArgumentError(
-                f"{self.request_id!r}: {msg.num_tokens} tokens need {need} local blocks, "
+                f"{self.request_id!r}: {num_tokens} tokens need {need} local blocks, "
                 f"{len(self.dst_blocks)} were given", op="pull"))
-        c = self._client
         # the whole plan now, while the prefill side computes layer 0: a manifest then
         # costs a slice and a read, nothing more
-        self._plans = plan_reads(c.remote_layout, c.layout, msg.blocks, self.dst_blocks, msg.num_tokens,
+        self._plans = plan_reads(c.remote_layout, c.layout, msg.blocks[skip:], self.dst_blocks, num_tokens,
                                  heads=self.heads)
         self._src_blocks = msg.blocks
         self.num_tokens = msg.num_tokens

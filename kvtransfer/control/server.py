@@ -143,14 +143,15 @@ class ControlServer:
     ``endpoint``: where to bind (``tcp://HOST:0`` picks a free port; :attr:`endpoint`
     says which). ``on_submit(req)`` runs on the loop thread for every Submit: it must
     only queue the request (raising rejects it). ``lease_s``: how long blocks stay
-    pinned without a renewal. ``curve``: CurveZMQ keys; without them a server bound
+    pinned without a renewal. ``on_freed(request_id)`` runs on the loop thread when a
+    request's blocks went back to ``pool`` (released by every reader, or lease expired). ``curve``: CurveZMQ keys; without them a server bound
     beyond loopback warns.
     """
 
     def __init__(self, endpoint: str, *, engine: Engine, regions: Sequence[Region], layout: KVLayout,
                  compat: CompatInfo, pool: BlockPool, on_submit: Callable[[PrefillRequest], None],
                  lease_s: float = 10.0, curve: CurveServerKeys | None = None, name: str = "prefill",
-                 registry=None):
+                 registry=None, on_freed: Callable[[str], None] | None = None):
         if not 0.05 <= lease_s <= 86400:
             raise InvalidArgumentError(f"lease_s must be in [0.05, 86400], got {lease_s}", op="control")
         if len(regions) != layout.num_regions:
@@ -165,6 +166,7 @@ class ControlServer:
         self.lease_s = lease_s
         self.name = name
         self._on_submit = on_submit
+        self._on_freed = on_freed
         self._metrics = metrics_for(registry)
         self._welcome_parts = dict(engine=engine.descriptor.to_bytes(),
                                    regions=[r.descriptor.to_bytes() for r in regions])
@@ -443,6 +445,11 @@ class ControlServer:
             self.pool.free(req.blocks)
             self._metrics.pinned_blocks.dec(len(req.blocks))
             req.blocks = None
+        if self._on_freed is not None:
+            try:
+                self._on_freed(req.handle.request_id)
+            except Exception:  # the application's bug must not stop the loop
+                log.exception("%s: on_freed(%r) raised", self.name, req.handle.request_id)
 
     def _remember(self, rid: str, why: str, released_by: set[bytes] | None = None) -> None:
         self._tombstones[rid] = why

@@ -8,6 +8,8 @@ the strides:
   one block's K (or V) for all of the pool's heads is one contiguous range.
 - ``heads_major``: per layer ``[num_blocks, heads, block_size, 2*head_dim]``, K and V side by
   side in each row; a whole block (K and V) is one contiguous range.
+- ``tokens_major`` (vLLM's LBNHC): per layer ``[num_blocks, block_size, heads, 2*head_dim]``;
+  a whole block is one contiguous range.
 - ``mla``: per layer ``[num_blocks, block_size, latent]``, one latent, no separate K and V.
 
 Layers live in one or more registered regions (``layer_regions``, ``layer_offsets``).

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 
-KINDS = ("flash", "heads_major", "mla")
+KINDS = ("flash", "heads_major", "tokens_major", "mla")
 #: Element sizes in bytes, by dtype name (torch's names).
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1, "uint8": 1}
 # numpy has no bfloat16 or float8: views of those hold the raw bits.
@@ -47,6 +47,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
       tensor (vLLM FlashAttention).
     - kind ``"heads_major"``: per layer ``[num_blocks, num_kv_heads, block_size, 2*head_dim]``
       (K in the first half of the last dim, V in the second) - layers are views into one buffer.
+    - kind ``"tokens_major"``: per layer ``[num_blocks, block_size, num_kv_heads, 2*head_dim]``
+      (vLLM's LBNHC, its default on GPUs), K and V side by side in each head's row.
     - kind ``"mla"``: per layer ``[num_blocks, block_size, head_dim]``, one latent
       (num_kv_heads must be 1; head_dim = latent width).
 
@@ -212,6 +214,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             return nb * bs * h * d, bs * h * d, h * d, d, 1
         if self.kind == "heads_major":
             return d, h * bs * 2 * d, 2 * d, bs * 2 * d, 1
+        if self.kind == "tokens_major":
+            return d, bs * h * 2 * d, h * 2 * d, 2 * d, 1
         return nb * bs * d, bs * d, d, d, 1  # mla: kv and head have size 1
 
     def blocks_for(self, num_tokens: int) -> int:

@@ -30,7 +30,8 @@ PLAN_DTYPE = np.dtype([("src_region", "<u4"), ("dst_region", "<u4"), ("src_off",
 # Innermost-first order in which each kind's dims can become contiguous. flash: a token's
 # heads are adjacent, then a block's tokens. heads_major: a (token, head)'s K and V are
 # adjacent halves of one row, then a head's tokens, then a block's heads. mla: tokens.
-_DIM_ORDER = {"flash": ("head", "token", "kv"), "heads_major": ("kv", "token", "head"), "mla": ("token",)}
+_DIM_ORDER = {"flash": ("head", "token", "kv"), "heads_major": ("kv", "token", "head"),
+              "tokens_major": ("kv", "head", "token"), "mla": ("token",)}
 _DIM_INDEX = {"kv": 0, "token": 2, "head": 3}  # in element_strides()' order
 
 

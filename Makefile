@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup setup-rxe setup-vllm demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma clean
+.PHONY: setup setup-rxe setup-vllm demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma bench-vllm clean
 setup:
 	@scripts/setup_env.sh
 
@@ -41,6 +41,11 @@ bench-control: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py $(BENCH_ARGS)
+
+# vLLM prefill -> decode through KVTransferConnector and through vLLM's NixlConnector
+bench-vllm: setup-vllm
+	@scripts/setup_nixl.sh
+	.venv-vllm/bin/python bench/vllm_pd.py $(BENCH_ARGS)
 
 # our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON)
 JSON ?= bench-rdma.json

@@ -1,0 +1,1 @@
+"""Harnesses the tests and benchmarks share (processes they start, with every wait bounded)."""

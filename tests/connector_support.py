@@ -76,15 +76,24 @@ class JsonChild:
     to a file shown on failure."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, python: str = sys.executable,
-                 ready_timeout: float = 60.0, what: str = "child") -> None:
+                 ready_timeout: float | None = 60.0, what: str = "child", new_session: bool = False) -> None:
         self.what = what
         fd, self.stderr_path = tempfile.mkstemp(prefix="kvt-conn-", suffix=".log")
         with os.fdopen(fd, "w") as err:
             self.proc = subprocess.Popen([python, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                                         stderr=err, text=True, cwd=ROOT, env=_environ(env),
+                                         start_new_session=new_session)
         self._lines: "queue.Queue[str | None]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
-        self.ready = self.read(ready_timeout)
+        self.ready: dict | None = None
+        if ready_timeout is not None:  # else the caller waits with wait_ready (children starting together)
+            self.wait_ready(ready_timeout)
+
+    def wait_ready(self, timeout: float) -> dict:
+        """The child's first line (what it says once it is up)."""
+        if self.ready is None:
+            self.ready = self.read(timeout)
+        return self.ready
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -113,7 +122,7 @@ class JsonChild:
             raise ChildError(reply["error"])
         return reply
 
-    def call(self, timeout: float = 30.0, **cmd: Any) -> dict:
+    def call(self, timeout: float = 30.0, /, **cmd: Any) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self.read(timeout)
@@ -131,6 +140,17 @@ class JsonChild:
             os.unlink(self.stderr_path)
         except OSError:
             pass
+
+
+def _environ(changes: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``changes`` (None removes a variable)."""
+    env = dict(os.environ)
+    for key, value in (changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
 class ChildError(Exception):

@@ -24,6 +24,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         for name, cfg in json.loads(sys.argv[1]).items():
             caches = make_caches(cfg["layout"], **{k: cfg[k] for k in SHAPE_KEYS if k in cfg})
+            if cfg.get("device", "cpu") != "cpu":
+                import torch
+                torch.cuda.synchronize()  # the seeded pages are in place before anyone reads them
             sources[name] = stack.enter_context(KVCacheSource(caches, model=cfg["model"],
                                                               lease_s=cfg.get("lease_s", 30.0), name=name))
             done[name] = []

@@ -452,3 +452,39 @@ if __name__ == "__main__":
     if sys.argv[1] == "reader-batch":
         sys.exit(reader_batch_main())
     sys.exit(f"unknown command {sys.argv[1:]}")
+
+
+# --------------------------------------------------------------------------- the vLLM connector's core
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "flash"])
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_kv_cache_source_to_sink_with_cuda_caches(layout, transport):
+    """KVCacheSource in a child and KVCacheSink here, both over CUDA KV caches in vLLM's GPU
+    shapes (connector_support.make_caches): pulled pages equal the seeded source's."""
+    import json as _json
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from connector_support import JsonChild, block, make_caches
+
+    from kvtransfer.connector.core import KVCacheSink
+
+    shape = dict(num_layers=3, heads=4, block_size=16, head_dim=64)
+    cfg = {"src": {"layout": layout, "seed": 5, "num_blocks": 64, "model": "m", "device": "cuda:0", **shape}}
+    child = JsonChild(["tests/kv_source_child.py", _json.dumps(cfg)], what="kv source", ready_timeout=STARTUP_S,
+                      env={"PYTHONPATH": pythonpath()})
+    try:
+        src_ids, dst_ids = [40, 3, 17, 63, 8], [0, 99, 5, 6, 7]
+        child.call(op="serve", source="src", request_id="r", blocks=src_ids, num_tokens=4 * 16 + 3)
+        got = make_caches(layout, num_blocks=100, device="cuda:0", **shape)
+        with KVCacheSink(got, model="m", transport=transport, timeout=30) as sink:
+            sink.start("r", child.ready["endpoints"]["src"], "r", dst_ids)
+            sink.wait(["r"], WAIT_S)
+            finished, failed = sink.take_done()
+        assert failed == {} and finished == {"r"}
+        want = make_caches(layout, num_blocks=64, seed=5, **shape)  # the same seeded values, on the CPU
+        for lw, lg in zip(want, got):
+            for s, d in zip(src_ids, dst_ids):
+                assert torch.equal(block(lg, layout, d).cpu(), block(lw, layout, s)), (layout, s, d)
+            assert not block(lg, layout, 1).any()
+    finally:
+        child.stop()

@@ -339,9 +339,18 @@ class KVCacheSink:
         blocks = [int(b) for b in block_ids]
 
         def run() -> None:
-            load.pull = self._client(endpoint).pull(remote_request_id, blocks, skip_blocks=skip_blocks,
-                                                    timeout=self.load_timeout)
-            load.pull.wait(self.load_timeout + self.timeout)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                load.pull = self._client(endpoint).pull(remote_request_id, blocks, skip_blocks=skip_blocks,
+                                                        timeout=self.load_timeout)
+                try:
+                    load.pull.wait(self.load_timeout + self.timeout)
+                    return
+                except ControlError as e:
+                    # the producer's engine publishes a request a step after it answered it: ask again
+                    if e.code != "unknown_request" or time.monotonic() > deadline or self._closed:
+                        raise
+                time.sleep(0.02)
 
         with self._lock:
             if request_id in self._loads:
@@ -349,6 +358,13 @@ class KVCacheSink:
             load = _Load(request_id, concurrent.futures.Future())
             self._loads[request_id] = load
         load.future = self._pool.submit(run)
+
+    def fail(self, request_id: str, message: str) -> None:
+        """Records a load that cannot start (reported by :meth:`take_done` as failed)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_exception(InvalidArgumentError(f"load of {request_id!r}: {message}", op="start"))
+        with self._lock:
+            self._loads[request_id] = _Load(request_id, future)
 
     def wait(self, request_ids: Sequence[str], timeout: float) -> None:
         """Until these loads are done (or failed), at most ``timeout`` seconds."""
@@ -412,10 +428,3 @@ def _check_same_pages(remote: KVLayout, local: KVLayout, endpoint: str) -> None:
             f"whole pages are moved, so both engines need one block size",
             fields=[("block_size", local.block_size, remote.block_size)])
 
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
-    """Polls ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not (ok := predicate()) and time.monotonic() < deadline:
-        time.sleep(interval)
-    return bool(ok)

@@ -198,11 +198,18 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         with self.decode.take() as up:
             try:
-                resp = await self.client.get(up.url + "/v1/models", headers=_headers(request))
+                req = self.client.build_request("GET", up.url + "/v1/models", headers=_headers(request))
+                resp = await self.client.send(req, stream=True)
+                try:
+                    data = await _read_bounded(resp, self.max_body_bytes, "decode", up)
+                finally:
+                    await resp.aclose()
             except httpx.HTTPError as exc:
                 e = _transport_error("decode", up, exc)
                 return error_response(e.status, e.message, e.kind)
-        return Response(resp.content, resp.status_code, media_type="application/json")
+            except UpstreamError as e:
+                return error_response(e.status, e.message, e.kind)
+        return Response(data, resp.status_code, media_type="application/json")
 
     async def health(self, request: Request) -> Response:
         """200 when at least one producer and one consumer answer their /health."""

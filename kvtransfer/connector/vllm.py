@@ -22,8 +22,9 @@ rank r uses port + r; default ``kv_port``), ``host`` (advertised, default 127.0.
 ``transport`` (auto|shm|tcp|verbs), ``async_load`` (default true), ``model_id`` (the name both
 sides must share; default the model folder's name), CurveZMQ: ``curve_secret_file`` (this side's
 ``.key_secret``), ``curve_clients_dir`` (producer: accepted consumers' public keys),
-``curve_server_public_file`` (consumer: the producer's public key), ``corrupt_loaded_kv`` (tests
-only: overwrite loaded pages with noise, to prove the KV is used).
+``curve_server_public_file`` (consumer: the producer's public key). A request's ``kv_transfer_params``
+may carry ``corrupt_loaded_kv: true`` (tests only: its loaded pages are overwritten with noise,
+which proves the KV is used).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class _Load:
     block_ids: list[int]     # local, from the first block not cached here
     skip_blocks: int         # the producer's blocks cached here already
     report: bool             # False: only releases the producer's blocks (everything was cached here)
+    corrupt: bool = False    # tests only: overwrite the loaded pages with noise
 
 
 @dataclass
@@ -112,6 +114,7 @@ class KVTransferConnector(KVConnectorBase_V1):
         self._load_blocks: dict[str, list[int]] = {}
         self._unreported: set[str] = set()
         self._bad_blocks: set[int] = set()
+        self._corrupt_ids: set[str] = set()
 
     # --- scheduler side ------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class KVTransferConnector(KVConnectorBase_V1):
         fresh = blocks.get_unhashed_block_ids() if num_external_tokens else []
         skip = len(local) - len(fresh) if num_external_tokens else len(params["remote_block_ids"])
         self._loads.append(_Load(request.request_id, list(params["remote_endpoints"]), params["remote_request_id"],
-                                 list(fresh), skip, report=num_external_tokens > 0))
+                                 list(fresh), skip, report=num_external_tokens > 0,
+                                 corrupt=bool(params.get("corrupt_loaded_kv"))))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVTransferMetadata(serves=self._serves, loads=self._loads, sync=not self._async)
@@ -217,6 +221,8 @@ class KVTransferConnector(KVConnectorBase_V1):
             self._load_blocks[load.request_id] = load.block_ids
             if not load.report:
                 self._unreported.add(load.request_id)
+            if load.corrupt:
+                self._corrupt_ids.add(load.request_id)
             if len(load.endpoints) != self._tp_size:
                 # equal tensor parallel sizes only: rank r reads producer rank r
                 self._sink.fail(load.request_id, f"producer has {len(load.endpoints)} ranks, this engine "
@@ -240,9 +246,9 @@ class KVTransferConnector(KVConnectorBase_V1):
         finished, failed = self._sink.take_done()
         for rid, err in failed.items():
             log.warning("KVTransferConnector: load of %r failed: %s", rid, err)
-        if self._extra.get("corrupt_loaded_kv"):
-            for rid in finished:
-                self._corrupt(self._load_blocks.get(rid, []))
+        for rid in finished & self._corrupt_ids:
+            self._corrupt(self._load_blocks.get(rid, []))
+        self._corrupt_ids -= finished | set(failed)
         for rid in finished | set(failed):
             if rid in self._unreported:
                 self._unreported.discard(rid)

@@ -16,15 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvtransfer.model.random_model import make_random_model
 from kvtransfer.testing.vllm_serve import VllmServer, serve_args
 from proxy_support import free_port, sse_events
+from vllm_support import START_S, VLLM_PYTHON, connector_config, make_tiny_llama, require_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=32, vocab_size=384, max_position_embeddings=1024)
-START_S = 900.0  # two engines starting at once: 30-50 s each on two idle cores, minutes on busy ones
 # one prompt of whole blocks (32 tokens each), one not, one shorter than a block
 PROMPTS = [[(7 * i + 3) % 300 + 20 for i in range(96)], [(5 * i + 1) % 280 + 30 for i in range(77)],
            [(11 * i + 2) % 250 + 40 for i in range(20)]]
@@ -33,24 +29,17 @@ MAX_TOKENS = 12
 pytestmark = pytest.mark.timeout(START_S + 300)
 
 
-def connector(role: str, port: int) -> dict:
-    """The --kv-transfer-config the README prints."""
-    return {"kv_connector": "KVTransferConnector", "kv_connector_module_path": "kvtransfer.connector.vllm",
-            "kv_role": role, "kv_connector_extra_config": {"port": port, "host": "127.0.0.1"}}
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Producer on core 0, consumer on core 1, the proxy; stopped at the end of the module."""
-    if not VLLM_PYTHON.exists():
-        pytest.skip(f"{VLLM_PYTHON} is missing: run scripts/setup_vllm.sh (make setup-vllm)")
+    require_vllm()
     tmp = tmp_path_factory.mktemp("vllm-http")
-    model = make_random_model(tmp / "tiny-llama", seed=0, **MODEL_SHAPE)
+    model = make_tiny_llama(tmp / "tiny-llama")
     servers: list[VllmServer] = []
     proxy = None
     try:
         for i, role in enumerate(("producer", "consumer")):
-            args = serve_args(model, free_port(), connector(f"kv_{role}", free_port()))
+            args = serve_args(model, free_port(), connector_config(f"kv_{role}", free_port()))
             servers.append(VllmServer(VLLM_PYTHON, args, cpu=str(i), log=tmp / f"{role}.log"))
         deadline = time.monotonic() + START_S
         for s in servers:

@@ -19,22 +19,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidArgumentError
+from .tokenizer import read_json
 
 #: ``tokenizer_config.json`` keys whose token strings the template sees as variables.
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    file = folder / "tokenizer_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgumentError(f"{str(file)!r} is not valid JSON: {e}", op="chat_template") from None
-    if not isinstance(data, dict):
-        raise InvalidArgumentError(f"{str(file)!r} must hold a JSON object", op="chat_template")
-    return data
 
 
 def _template_source(folder: Path, config: Mapping[str, Any]) -> str:
@@ -115,7 +103,7 @@ class ChatTemplate:
         path = Path(folder)
         if not path.is_dir():
             raise InvalidArgumentError(f"model folder {str(path)!r} does not exist", op="chat_template")
-        config = _read_config(path)
+        config = read_json(path / "tokenizer_config.json", op="chat_template")
         special = {k: t for k in _SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         return cls(_template_source(path, config), special)
 

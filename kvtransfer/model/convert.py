@@ -5,8 +5,8 @@ vLLM) load.
 ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and
 ``generation_config.json``. :func:`gguf_model_dir` keeps one conversion per file content
 under the cache (:func:`~kvtransfer.model.random_model.cache_root`), written to a private
-folder and renamed into place so that workers starting together convert it once each at
-worst, and never read a half-written folder.
+folder and renamed into place (:func:`~kvtransfer.model.random_model.build_once`), so that
+workers starting together never read a half-written folder.
 
     python -m kvtransfer.model convert FILE.gguf DIR
 """
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from .gguf_file import gguf_config, gguf_tensors, open_gguf
 from .gguf_tokenizer import gguf_tokenizer
-from .random_model import cache_root
+from .random_model import build_once, cache_root
 
 #: Bumped whenever a conversion's output changes, so cached folders are rebuilt.
 CONVERTER_VERSION = 1
@@ -74,17 +71,4 @@ def gguf_model_dir(file: str | Path) -> Path:
     if not src.is_file():
         raise InvalidArgumentError(f"GGUF file {str(src)!r} does not exist", op="convert_gguf")
     folder = cache_root() / "models" / f"{src.stem}-{_digest(src)}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        convert_gguf(src, tmp / "model")
-        try:
-            os.rename(tmp / "model", folder)
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_once(folder, lambda tmp: convert_gguf(src, tmp))

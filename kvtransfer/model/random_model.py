@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -122,17 +122,16 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "kvtransfer"
 
 
-def default_model_dir(seed: int = 0) -> Path:
-    """The folder of the default model (random Llama, ``seed``) under :func:`cache_root`,
-    written on first use. Safe when several processes ask at once: each writes a private
-    folder and renames it into place; the first rename wins."""
-    folder = cache_root() / "models" / f"random-llama-seed{seed}-v{GENERATOR_VERSION}"
+def build_once(folder: Path, write: Callable[[Path], object]) -> Path:
+    """``folder``, written by ``write(empty_folder)`` first unless it holds a config.json.
+    Safe when several processes ask at once: each writes a private folder and renames it
+    into place; the first rename wins."""
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        make_random_model(tmp, seed=seed)
+        write(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -141,3 +140,10 @@ def default_model_dir(seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def default_model_dir(seed: int = 0) -> Path:
+    """The folder of the seeded random Llama (``--model random``) under :func:`cache_root`,
+    written on first use (:func:`build_once`)."""
+    folder = cache_root() / "models" / f"random-llama-seed{seed}-v{GENERATOR_VERSION}"
+    return build_once(folder, lambda tmp: make_random_model(tmp, seed=seed))

@@ -71,13 +71,15 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path, op: str = "load_tokenizer") -> dict[str, Any]:
+    """A JSON object file of a model folder; {} when missing or not an object;
+    :class:`InvalidArgumentError` (``op``) when it is not JSON."""
     if not file.is_file():
         return {}
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidArgumentError(f"{str(file)!r} is not valid JSON: {e}", op="load_tokenizer") from None
+        raise InvalidArgumentError(f"{str(file)!r} is not valid JSON: {e}", op=op) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -106,8 +108,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         tok = _Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise InvalidArgumentError(f"cannot read {str(file)!r}: {e}", op="load_tokenizer") from None
-    sources = [_read_json(folder / "generation_config.json"), _read_json(folder / "config.json")]
-    special = _read_json(folder / "tokenizer_config.json")
+    sources = [read_json(folder / "generation_config.json"), read_json(folder / "config.json")]
+    special = read_json(folder / "tokenizer_config.json")
 
     def first(key: str, token_key: str) -> list[int]:
         for source in sources:

@@ -1,13 +1,17 @@
-"""The main demo (`make demo`): a prefill and a decode worker on this machine.
+"""The main demo (`make demo`): a prefill and a decode worker answer questions.
 
-It starts ``python -m prefill_worker`` and ``python -m decode_worker`` (the default
-model: a small seeded random Llama, generated on first use — its text is noise; the
-point is that both paths make the same noise), sends prompts of different lengths at
-once through the OpenAI-compatible HTTP API (streamed), prints the completions and, per
-request, what moving its KV took; then runs the same model in this one process and
-checks that every token is the same. Workers are stopped at the end, also on Ctrl-C.
+It starts ``python -m prefill_worker`` and ``python -m decode_worker`` on the default model
+(SmolLM2-135M-Instruct, converted from its GGUF file on first use) and asks a few plain
+questions at once through the OpenAI-compatible HTTP API: each is rendered with the
+model's chat template (:mod:`kvtransfer.model.chat`) and sent to ``/v1/completions``,
+streamed, greedy, until the model's end-of-turn token. It prints each question, its
+answer and what moving its KV took (bytes, transport, transfer time), then runs the same
+model in this one process and checks that every answer is the same, token for token.
+Workers are stopped at the end, also on Ctrl-C. A model without a chat template
+(``--model random``) gets the questions as plain prompts.
 
-    python -m kvtransfer.demo [--model DIR] [--max-tokens 24] [--transport shm|tcp] [--device cuda]
+    .venv/bin/python scripts/demo.py [--model DIR|FILE.gguf|random] [--max-tokens 64]
+                                     [--transport shm|tcp] [--device cuda]
 """
 
 from __future__ import annotations
@@ -19,16 +23,15 @@ import sys
 import threading
 import time
 
-from .target import start_child, stop_child
-from .worker_cli import model_folder
+from kvtransfer.errors import InvalidArgumentError
+from kvtransfer.model.chat import ChatTemplate
+from kvtransfer.target import start_child, stop_child
+from kvtransfer.worker_cli import model_folder
 
-PROMPTS = [
-    "Hi",
-    "The KV cache moves, not the prompt.",  # about two blocks
-    "Prefill computes the prompt's keys and values once; decode pulls them with one-sided reads "
-    "and keeps generating, token after token, while the prefill worker takes the next prompt.",
-    "Disaggregated serving splits the two phases of LLM inference: " * 6,
-    "A long prompt: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 12,
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is 2+2?",
+    "Name three fruits, as a short list.",
 ]
 
 #: a worker's exit after SIGTERM, before SIGKILL
@@ -52,6 +55,15 @@ class Progress:
             print(("\r\033[K" if self.tty else "") + text, flush=True)
 
 
+def chat_prompts(folder: str) -> list[str]:
+    """Each question as one user turn in the model's chat template (plain text without one)."""
+    try:
+        template = ChatTemplate.from_folder(folder)
+    except InvalidArgumentError:
+        return list(QUESTIONS)
+    return [template.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
+
+
 def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progress) -> list[dict]:
     from decode_worker.client import stream
 
@@ -60,7 +72,7 @@ def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progre
 
     def one(i: int) -> None:
         t0 = time.monotonic()
-        body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}
         ids, text, first = [], "", None
         try:
             for at, chunk in stream(url, body, timeout=120):
@@ -87,15 +99,16 @@ def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progre
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model folder (default: the seeded random Llama)")
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--model", help="model folder, .gguf file or 'random' (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="most tokens an answer may have [%(default)s]")
     ap.add_argument("--transport", choices=("shm", "tcp"), help="force the KV transport (default: the engine's choice)")
     ap.add_argument("--device", default="cpu", help="torch device of both workers' model and KV pool (e.g. cuda)")
     args = ap.parse_args(argv)
-    from .model import load_model, load_tokenizer
-    from .model.generate import reference_generate
+    from kvtransfer.model import load_model, load_tokenizer
+    from kvtransfer.model.generate import reference_generate
 
     folder = str(model_folder(args.model))
+    prompts = chat_prompts(folder)
     py = sys.executable
     progress = Progress()
     procs: list[tuple[subprocess.Popen, str]] = []
@@ -115,34 +128,32 @@ def main(argv: list[str] | None = None) -> int:
         procs.append((dw, "decode worker"))
         url = ready["url"]
         progress.done(f"decode worker   pid {dw.pid}, OpenAI API at {url}/v1/completions")
-        print(f"\nsending {len(PROMPTS)} prompts at once (streamed, greedy, {args.max_tokens} tokens each) ...")
-        results = run_requests(url, PROMPTS, args.max_tokens, progress)
-        progress.done(f"  {sum(1 for r in results if 'ids' in r)}/{len(PROMPTS)} requests done")
+        print(f"\nasking {len(prompts)} questions at once (chat template, streamed, greedy, "
+              f"at most {args.max_tokens} tokens each) ...")
+        results = run_requests(url, prompts, args.max_tokens, progress)
+        progress.done(f"  {sum(1 for r in results if 'ids' in r)}/{len(prompts)} requests done")
         failed = [r["error"] for r in results if "error" in r]
         if failed:
             print("FAILED requests:\n  " + "\n  ".join(failed))
             return 1
 
-        print()
-        for i, (p, r) in enumerate(zip(PROMPTS, results)):
-            print(f"[{i}] {p[:60]!r}{'...' if len(p) > 60 else ''}\n    -> {r['text'][:70]!r}")
-        print(f"\n {'#':>2} {'prompt tok':>10} {'KV bytes':>10} {'transport':>9} {'transfer ms':>11} "
-              f"{'GB/s':>7} {'TTFT ms':>8} {'tokens':>6}")
-        for i, r in enumerate(results):
+        for i, (q, r) in enumerate(zip(QUESTIONS, results)):
             kv = r["kv"]
-            gbps = f"{kv['gb_per_s']:.2f}" if kv.get("gb_per_s") else "-"
-            print(f" {i:>2} {r['usage']['prompt_tokens']:>10} {kv['bytes']:>10} {kv['transport']:>9} "
-                  f"{kv['transfer_s'] * 1e3:>11.2f} {gbps:>7} {r['ttft'] * 1e3:>8.1f} {len(r['ids']):>6}")
+            answer = r["text"].strip().replace("\n", "\n       ")
+            print(f"\n[{i}] Q: {q}\n    A: {answer}")
+            print(f"    KV {kv['bytes']:,} bytes ({r['usage']['prompt_tokens']} prompt tokens) over "
+                  f"{kv['transport']} in {kv['transfer_s'] * 1e3:.2f} ms; first token after "
+                  f"{r['ttft'] * 1e3:.0f} ms, {len(r['ids'])} tokens in {r['total']:.2f} s")
 
         progress.show("  checking against the same model in one process ...")
         model, tok = load_model(folder, device=args.device), load_tokenizer(folder)
         same = 0
-        for p, r in zip(PROMPTS, results):
-            want = reference_generate(model, tok.encode(p), args.max_tokens)
+        for p, r in zip(prompts, results):
+            want = reference_generate(model, tok.encode(p), args.max_tokens, stop_ids=tok.eos_token_ids)
             same += want == r["ids"]
-        progress.done(f"\none-process reference: {same}/{len(PROMPTS)} completions token-for-token identical"
-                      + ("" if same == len(PROMPTS) else "  <-- MISMATCH"))
-        return 0 if same == len(PROMPTS) else 1
+        progress.done(f"\none-process reference: {same}/{len(prompts)} answers token-for-token identical"
+                      + ("" if same == len(prompts) else "  <-- MISMATCH"))
+        return 0 if same == len(prompts) else 1
     except KeyboardInterrupt:
         progress.done("\ninterrupted; stopping the workers")
         return 130

@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup setup-rxe demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma clean
+.PHONY: setup setup-rxe demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma bench-peers clean
 setup:
 	@scripts/setup_env.sh
 
@@ -31,6 +31,11 @@ test-rdma: setup setup-rxe
 
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)
+
+# NIXL and Mooncake beside our transports (their environment .venv-peers, made first)
+bench-peers: setup
+	@scripts/setup_peers.sh
+	$(PY) bench/transfer_bw.py --peers nixl,mooncake $(BENCH_ARGS)
 
 bench-control: setup
 	$(PY) bench/control_overhead.py $(BENCH_ARGS)

@@ -36,7 +36,7 @@ stamp=.venv/.kvtransfer-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python dependencies"
   $PIP install -q --upgrade pip setuptools wheel
-  $PIP install -q -e ".[test]"
+  $PIP install -q -e ".[test,bench]"
   touch "$stamp"
 fi
 # Rebuild the extension in place when any C source is newer than the built module.

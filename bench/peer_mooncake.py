@@ -27,7 +27,7 @@ from peer_common import (Driver, parse_size, protect_stdout, reader_main, seeded
                          start_target, stop_target)
 
 QUEUE_ENV = ("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", "MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER")
-QUEUE_DEPTH = 1 << 20  # above the largest batch (1 GiB of 1 KiB blocks)
+QUEUE_DEPTH = 32768  # the largest it takes (0.3.13: 65536 is "invalid", the default 1024 stays)
 
 
 def make_engine(host: str, protocol: str):

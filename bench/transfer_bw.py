@@ -87,6 +87,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy
 from report import cpu_model, kv_lines
 import peers  # bench/peers.py: NIXL and Mooncake in the same run (--peers)
 import remote  # bench/remote.py: --serve and --connect, two hosts
+import kv_shapes  # bench/kv_shapes.py: --model-shape, one request's paged KV
 from kvtransfer.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
@@ -469,6 +471,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="--serve: hello port; the engine listens on the next one (default %(default)s)")
     ap.add_argument("--serve-seconds", type=float, default=None, help=argparse.SUPPRESS)  # tests: stop by itself
     ap.add_argument("--connect", metavar="HOST:PORT", help="two hosts: read from a --serve target (tcp or verbs)")
+    ap.add_argument("--model-shape", choices=tuple(kv_shapes.MODEL_SHAPES),
+                    help="KV-shaped workload: one request's paged KV of this model, layer by layer")
+    ap.add_argument("--prompt-tokens", type=int, default=2048, help="--model-shape: tokens of the request "
+                                                                    "(default %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # cuda-target | cuda-zmq: the other process
     ap.add_argument("--bytes", type=parse_size, help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="FILE", help="write the results as a JSON list of records")
@@ -697,6 +703,111 @@ def records(systems: list[str], sizes: list[int], reps: dict, missing: dict) -> 
                                                                         spread(pair_ratios(reps, a, b, size))))
             out.append(rec)
     return out
+
+
+# --------------------------------------------------------------------------- KV-shaped
+
+def kv_request(runner, plans: list[np.ndarray]) -> list[int]:
+    """One request's KV, every layer's batch posted in order: ns from the start to each
+    layer's last byte (decode streams layers, so the first one's time matters)."""
+    t0 = time.perf_counter_ns()
+    ts = [runner.peer.read_blocks(runner.local, p["dst_off"].astype(np.int64), runner.remote,
+                                  p["src_off"].astype(np.int64), p["len"].astype(np.int64)) for p in plans]
+    out = []
+    for t in ts:
+        t.wait(PASS_TIMEOUT_S)
+        out.append(time.perf_counter_ns() - t0)
+    return out
+
+
+def kv_summary(w: "kv_shapes.KVWorkload", reqs: list[list[int]]) -> dict:
+    """Medians over requests: total and first-layer time, each layer's own time; GB/s of the total."""
+    a = np.asarray(reqs, np.float64) / 1e3  # us, (requests, layers)
+    total = a[:, -1]
+    own = np.diff(a, axis=1, prepend=0.0)
+    return {"total_us": float(np.median(total)), "total_min_us": float(total.min()),
+            "total_max_us": float(total.max()), "first_layer_us": float(np.median(a[:, 0])),
+            "per_layer_us": np.median(own, axis=0).tolist(), "bw_gbps": w.kv_bytes / float(np.median(total)) / 1e3,
+            "requests": len(reqs)}
+
+
+def run_kv(args: argparse.Namespace) -> int:
+    """--model-shape: per system, one request's KV moved layer by layer, verified first."""
+    w = kv_shapes.build(args.model_shape, args.prompt_tokens, args.seed)
+    args.total = w.nbytes
+    systems = [s for s in args.systems if s in ENGINE_TRANSPORTS or s in peers.PEER_SYSTEMS]
+    header = [("Benchmark", f"READ of one request's KV: {w.shape}, {w.tokens} tokens"),
+              ("KV layout", f"{w.layout.kind}, {w.layout.num_layers} layers, block size {w.layout.block_size}, "
+                            f"{w.layout.num_kv_heads} KV heads x {w.layout.head_dim}, bf16, pool of "
+                            f"{w.layout.num_blocks} blocks, fragmented block tables (runs of 1-8 ids)"),
+              ("Request", f"{w.kv_bytes} bytes ({w.kv_bytes / 2**20:.1f} MiB) in {w.entries} ranges, "
+                          "one batch per layer, all posted, waited in layer order"),
+              ("Iterations", f"{args.iters} requests per repetition, {args.reps} repetitions interleaved, "
+                             f"after 1 verifying + {args.warmup} warmup"),
+              ("Host", f"{socket.gethostname()}, Linux {platform.release()}"),
+              ("CPUs", f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()} ({cpu_model()})")]
+    reqs: dict[str, list[list[int]]] = {}
+    missing: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        reference = seeded_bytes(w.nbytes, args.seed, alloc_host(w.nbytes))
+        dst = alloc_host(w.nbytes)
+        expected = w.expected(reference, alloc_host(w.nbytes))
+        runners: dict = {}
+        if any(s in ENGINE_TRANSPORTS for s in systems):
+            connect_engine(args, dst, stack, runners, header)
+        start_peers(args, stack, runners, missing, header)
+        ranges = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ranges.json"
+        ranges.write_text(json.dumps({"layers": w.ranges()}))
+        live = []
+        for system in (s for s in systems if s not in missing):
+            r = runners[system]
+            try:
+                if isinstance(r, peers.PeerRunner):
+                    r.prepare_ranges(ranges)
+                    if args.warmup:
+                        r.layer_times(args.warmup)
+                else:
+                    dst[:] = 0
+                    kv_request(r, w.plans)
+                    if not np.array_equal(dst, expected):
+                        bad = int(np.flatnonzero(dst != expected)[0])
+                        raise VerifyError(f"{system}: KV request read wrong bytes from byte {bad} on")
+                    for _ in range(args.warmup):
+                        kv_request(r, w.plans)
+                live.append(system)
+            except peers.PeerError as e:
+                missing[system] = str(e)
+        for _ in range(args.reps):
+            for system in live:
+                r = runners[system]
+                try:
+                    got = (r.layer_times(args.iters) if isinstance(r, peers.PeerRunner)
+                           else [kv_request(r, w.plans) for _ in range(args.iters)])
+                except peers.PeerError as e:
+                    missing[system] = str(e)
+                    continue
+                reqs.setdefault(system, []).extend(got)
+    header.append(("Verified", "yes (first request of each system, destination zeroed before it)"))
+    rule = "-" * 90
+    out = [rule, *kv_lines(header), rule,
+           f" {'system':<14}{'total ms median [min-max]':>30}{'first layer ms':>16}{'layer ms':>10}{'GB/s':>8}"]
+    recs = []
+    for system in systems:
+        if system not in reqs:
+            out.append(f" {system:<14} NOT RUN: {missing.get(system, 'not run')}")
+            recs.append({"system": system, "model_shape": w.shape, "unavailable": missing.get(system, "not run")})
+            continue
+        k = kv_summary(w, reqs[system])
+        out.append(f" {system:<14}{k['total_us'] / 1e3:>12.2f} [{k['total_min_us'] / 1e3:.2f}-"
+                   f"{k['total_max_us'] / 1e3:.2f}]".ljust(45) + f"{k['first_layer_us'] / 1e3:>15.3f}"
+                   f"{np.median(k['per_layer_us']) / 1e3:>10.3f}{k['bw_gbps']:>8.2f}")
+        recs.append({"system": system, "model_shape": w.shape, "prompt_tokens": w.tokens, "kv_bytes": w.kv_bytes,
+                     "layers": len(w.plans), "entries": w.entries, **k})
+    out.append(rule)
+    print("\n".join(out), flush=True)
+    if args.json:
+        write_json(args.json, recs)
+    return 0
 
 
 def write_json(path: str, obj) -> None:
@@ -991,6 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
             args.total, args.seed = args.hello["total"], args.hello["seed"]
         if args.device == "cuda":
             return run_cuda(args)
+        if args.model_shape:
+            return run_kv(args)
         return run(args)
     except VerifyError as e:
         print(f"transfer_bw: VERIFY FAILED: {e}", file=sys.stderr)

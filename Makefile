@@ -43,10 +43,15 @@ bench-control: setup
 bench-serve: setup
 	$(PY) bench/serve.py $(BENCH_ARGS)
 
-# our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON)
+# our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON).
+# The guest writes them into a folder of the checkout (shared with it; its /tmp is its own),
+# copied to $(JSON) after; a path that cannot take them is refused before the guest boots.
 JSON ?= bench-rdma.json
 bench-rdma: setup setup-rxe
-	$(RXE) scripts/rxe/bench_rdma.sh $(JSON)
+	@$(PY) bench/report.py --check-out "$(JSON)"
+	@out=$$(mktemp -d "$(CURDIR)/.bench-rdma.XXXXXX") && trap 'rm -rf "$$out"' EXIT && \
+	  $(RXE) scripts/rxe/bench_rdma.sh "$$out/records.json" && cp "$$out/records.json" "$(JSON)" && \
+	  echo "bench-rdma: records in $(JSON)"
 
 clean:
 	rm -rf build kvtransfer/_C*.so *.egg-info

@@ -102,10 +102,11 @@ import kvtransfer  # noqa: E402
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host  # noqa: E402
 from kvtransfer import target  # noqa: E402
 from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
-from report import cpu_model, kv_lines
+from report import cpu_model, kv_lines, out_path_problem
 import peers  # bench/peers.py: NIXL and Mooncake in the same run (--peers)
 import remote  # bench/remote.py: --serve and --connect, two hosts
 import kv_shapes  # bench/kv_shapes.py: --model-shape, one request's paged KV
+import plot  # bench/plot.py: --plot (matplotlib imported only when drawing)
 from kvtransfer.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
@@ -478,6 +479,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--child", help=argparse.SUPPRESS)  # cuda-target | cuda-zmq: the other process
     ap.add_argument("--bytes", type=parse_size, help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="FILE", help="write the results as a JSON list of records")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the results (bench/plot.py: GB/s against block size, "
+                                                      "or a --model-shape run's times)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bytes and the permutations")
     ap.add_argument("--tcp-connections", type=int, default=engine_default("tcp_connections"),
                     help="Engine(tcp_connections=) (default %(default)s)")
@@ -488,6 +491,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.child:
         return args
+    for opt, path, suffix in (("--json", args.json, None), ("--plot", args.plot, ".png")):
+        problem = path and out_path_problem(path, suffix)
+        if problem:  # refused before any work: a long run must not end unable to write
+            ap.error(f"{opt}: {problem}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib (pip install -e '.[bench]'; make setup installs it)")
     cuda = args.device == "cuda"
     if args.sizes is None:
         args.sizes = "32K,256K,512M" if cuda else "16K,256K,4M"
@@ -618,8 +630,11 @@ def run(args: argparse.Namespace) -> int:
                   {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections,
                    "verbs_qps": args.verbs_qps}, missing=missing)
     print(text + "\n" + "\n".join(reps_lines(systems, sizes, reps)), flush=True)
+    recs = records(systems, sizes, reps, missing)
     if args.json:
-        write_json(args.json, records(systems, sizes, reps, missing))
+        write_json(args.json, recs)
+    if args.plot:
+        plot.draw(args.plot, recs, None, f"READ, {human(total)} per pass, {socket.gethostname()}")
     return 0
 
 
@@ -807,6 +822,8 @@ def run_kv(args: argparse.Namespace) -> int:
     print("\n".join(out), flush=True)
     if args.json:
         write_json(args.json, recs)
+    if args.plot:
+        plot.draw(args.plot, None, recs, socket.gethostname())
     return 0
 
 
@@ -1075,10 +1092,12 @@ def run_cuda(args: argparse.Namespace) -> int:
                   "verbs_qps": args.verbs_qps}, CUDA_RATIOS, CUDA_TITLES), flush=True)
     for system, size, e in failures:
         print(f" FAILED {system} {human(size)}: {type(e).__name__}: {e}", flush=True)
+    cuda_records = [dict(results[system, size].record(), device="cuda") for system in systems for size in sizes
+                    if (system, size) in results]
     if args.json:
-        records = [dict(results[system, size].record(), device="cuda") for system in systems for size in sizes
-                   if (system, size) in results]
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        write_json(args.json, cuda_records)
+    if args.plot:
+        plot.draw(args.plot, cuda_records, None, f"READ, CUDA memory, {props.name}")
     if failures:
         return 1 if all(isinstance(e, VerifyError) for _, _, e in failures) else 2
     return 0

@@ -41,7 +41,10 @@ def backend_params(args: argparse.Namespace) -> dict[str, str]:
 
 def make_agent(name: str, args: argparse.Namespace, prog_thread: bool):
     os.environ["UCX_TLS"] = args.ucx_tls  # read when the UCX context is created, in the agent
-    from nixl._api import nixl_agent, nixl_agent_config
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError:  # the GPU machine gets only NIXL's CUDA 13 wheel (scripts/gpu_nixl.sh)
+        from nixl_cu13._api import nixl_agent, nixl_agent_config
 
     agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=prog_thread, backends=[]))
     agent.create_backend("UCX", backend_params(args))
@@ -127,12 +130,24 @@ class _CudaView:
 
     def __setitem__(self, key, value) -> None:
         self.t[key] = value
+        import torch
+
+        torch.cuda.synchronize()  # before NIXL's copies, on streams of its own
 
     def __getitem__(self, key):
         return self.t[key].cpu().numpy()
 
     def __len__(self) -> int:
         return self.t.numel()
+
+
+def _version(version) -> str:
+    for dist in ("nixl", "nixl-cu13", "nixl-cu12"):
+        try:
+            return f"{dist} {version(dist)}"
+        except Exception:
+            continue
+    return "?"
 
 
 def reader(args: argparse.Namespace) -> int:
@@ -144,7 +159,7 @@ def reader(args: argparse.Namespace) -> int:
         from importlib.metadata import version
 
         driver = NixlDriver(args, cmd)
-        config = {"nixl": version("nixl"), "UCX_TLS": args.ucx_tls,
+        config = {"nixl": _version(version), "UCX_TLS": args.ucx_tls,
                   **{f"UCX.{k}": v for k, v in backend_params(args).items()},
                   "initiator progress thread": "no (polls check_xfer_state)",
                   "target progress thread": "yes" if args.target_thread else "no",

@@ -97,7 +97,7 @@ def reader(args: argparse.Namespace) -> int:
         from importlib.metadata import version
 
         driver = MooncakeDriver(args, cmd)
-        config = {"mooncake-transfer-engine": version("mooncake-transfer-engine-non-cuda"),
+        config = {"library": f"mooncake-transfer-engine-non-cuda {version('mooncake-transfer-engine-non-cuda')}",
                   "protocol": args.protocol, "metadata": "P2PHANDSHAKE",
                   **{k: os.environ[k] for k in QUEUE_ENV},
                   "request": "batch_transfer_async_read of the whole batch"}

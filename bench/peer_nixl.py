@@ -159,7 +159,7 @@ def reader(args: argparse.Namespace) -> int:
         from importlib.metadata import version
 
         driver = NixlDriver(args, cmd)
-        config = {"nixl": _version(version), "UCX_TLS": args.ucx_tls,
+        config = {"library": _version(version), "UCX_TLS": args.ucx_tls,
                   **{f"UCX.{k}": v for k, v in backend_params(args).items()},
                   "initiator progress thread": "no (polls check_xfer_state)",
                   "target progress thread": "yes" if args.target_thread else "no",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -64,9 +65,10 @@ class PeerRunner:
             raise PeerUnavailable(f"no peers' environment ({python}); run `make bench-peers`")
         script, extra = PEER_SYSTEMS[system]
         self.system = system
+        self.log = tempfile.TemporaryFile("w+")  # the libraries' chatter; its last line says why on a failure
         self.proc = subprocess.Popen([str(python), str(BENCH / script), *extra, "--bytes", str(total),
                                       "--seed", str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+                                     stderr=self.log, text=True)
         self.lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         hello = self._answer(STARTUP_TIMEOUT_S, "start")
@@ -89,8 +91,10 @@ class PeerRunner:
             raise PeerError(f"{self.system}: no answer to {what!r} in {timeout} s") from None
         if not line:
             code = self.proc.wait(timeout=10)
+            self.log.seek(0)
+            last = (self.log.read().strip().splitlines() or ["no output"])[-1]
             raise (PeerUnavailable if what == "start" else PeerError)(
-                f"{self.system}: reader exited (status {code}) during {what!r}")
+                f"{self.system}: reader exited (status {code}) during {what!r}: {last}")
         return json.loads(line)
 
     def command(self, line: str) -> dict:
@@ -120,6 +124,7 @@ class PeerRunner:
         return self.command(f"layers {n}")["layer_ns"]
 
     def close(self) -> None:
+        self.log.close()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()

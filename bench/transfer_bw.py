@@ -46,6 +46,21 @@ After the tables, one line per size gives the ratios of BW avg: shm/memcpy and t
 ``--json FILE`` writes a list of records ``{"system", "block_bytes", "blocks", "iters",
 "bw_avg_gbps", "bw_peak_gbps", "mops", "p50_us", "p99_us"}``.
 
+Other libraries, repetitions, two hosts, KV shapes, pictures (bench/README.md has a run):
+
+* ``--peers nixl,mooncake`` adds ``nixl-sm``, ``nixl-tcp`` (NIXL's UCX backend) and
+  ``mooncake-tcp`` (Mooncake's Transfer Engine) on the same bytes, sizes and permutations,
+  from their own environment (``make bench-peers``); bench/peers.py and bench/peer_*.py.
+  A peer that cannot start is a row that says why; the header prints each one's settings.
+* ``--reps N`` interleaves the systems' timed passes (A B C A B C ...) N times and adds
+  median [min-max] per system and each ratio computed pair by pair within a repetition.
+* ``--serve [--listen-host H --port P]`` runs only the target, like ib_read_bw's server;
+  ``--connect H:P`` reads from it over tcp or verbs (bench/remote.py).
+* ``--model-shape NAME --prompt-tokens N`` moves one request's paged KV instead, layer by
+  layer (bench/kv_shapes.py): total time, time to the first layer, each layer's time.
+* ``--plot FILE.png`` draws the run (bench/plot.py). ``--json`` and ``--plot`` paths are
+  checked before any work.
+
 ``--device cuda`` (a GPU machine: torch with CUDA) moves GPU memory instead, between a
 target process holding the seeded bytes in a CUDA tensor and this process reading them
 into a CUDA tensor; defaults: ``--total 512M --sizes 32K,256K,512M`` (16,384 scattered

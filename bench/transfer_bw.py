@@ -547,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(str(e))
     if not args.sizes or any(s <= 0 or s > args.total for s in args.sizes):
         ap.error(f"--sizes must be between 1 and --total ({args.total}) bytes")
+    if args.model_shape and not 1 <= args.prompt_tokens <= 1 << 20:
+        ap.error("--prompt-tokens must be between 1 and 1048576")
     if args.iters < 1 or args.warmup < 0 or args.reps < 1:
         ap.error("--iters and --reps must be >= 1 and --warmup >= 0")
     if args.tcp_connections < 1 or not 1 <= args.shm_threads <= 64:

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-APT_PACKAGES="build-essential libibverbs-dev"
+APT_PACKAGES="build-essential libibverbs-dev iproute2"  # iproute2: the two-host test's namespaces
 
 missing=""
 for p in $APT_PACKAGES; do

@@ -547,6 +547,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(str(e))
     if not args.sizes or any(s <= 0 or s > args.total for s in args.sizes):
         ap.error(f"--sizes must be between 1 and --total ({args.total}) bytes")
+    if cuda and (peer_systems or args.reps > 1 or args.model_shape):
+        ap.error("--peers, --reps and --model-shape move host memory; on a GPU, scripts/gpu_nixl.sh runs NIXL "
+                 "beside our CUDA path")
     if args.model_shape and not 1 <= args.prompt_tokens <= 1 << 20:
         ap.error("--prompt-tokens must be between 1 and 1048576")
     if args.iters < 1 or args.warmup < 0 or args.reps < 1:

@@ -50,6 +50,7 @@ def test_a_peer_that_cannot_start_is_a_row_that_says_why(tmp_path):
 
 @pytest.mark.skipif(not PEERS_PYTHON.exists(), reason="no .venv-peers: `make bench-peers` installs NIXL and "
                                                       "Mooncake (not part of make test)")
+@pytest.mark.timeout(600)  # six peer processes start, each importing its library (~50 s on an idle machine)
 def test_nixl_and_mooncake_read_our_workload(tmp_path):
     p, recs = bench(tmp_path, "--transports", "shm,tcp", "--peers", "nixl,mooncake", "--reps", "2", timeout=400)
     assert p.returncode == 0, p.stdout + p.stderr

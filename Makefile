@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 RXE := scripts/rxe/run_in_rxe_vm.sh
 
-.PHONY: setup setup-rxe setup-vllm demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma bench-vllm clean
+.PHONY: setup setup-rxe setup-vllm demo demo-transfer test test-host test-rdma bench bench-control bench-serve bench-rdma bench-vllm bench-peers clean
 setup:
 	@scripts/setup_env.sh
 
@@ -36,6 +36,11 @@ test-rdma: setup setup-rxe
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)
 
+# NIXL and Mooncake beside our transports (their environment .venv-peers, made first)
+bench-peers: setup
+	@scripts/setup_peers.sh
+	$(PY) bench/transfer_bw.py --peers nixl,mooncake $(BENCH_ARGS)
+
 bench-control: setup
 	$(PY) bench/control_overhead.py $(BENCH_ARGS)
 
@@ -47,10 +52,15 @@ bench-vllm: setup-vllm
 	@scripts/setup_nixl.sh
 	.venv-vllm/bin/python bench/vllm_pd.py $(BENCH_ARGS)
 
-# our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON)
+# our verbs READ beside perftest's ib_read_bw on the same rxe device; records to $(JSON).
+# The guest writes them into a folder of the checkout (shared with it; its /tmp is its own),
+# copied to $(JSON) after; a path that cannot take them is refused before the guest boots.
 JSON ?= bench-rdma.json
 bench-rdma: setup setup-rxe
-	$(RXE) scripts/rxe/bench_rdma.sh $(JSON)
+	@$(PY) bench/report.py --check-out "$(JSON)"
+	@out=$$(mktemp -d "$(CURDIR)/.bench-rdma.XXXXXX") && trap 'rm -rf "$$out"' EXIT && \
+	  $(RXE) scripts/rxe/bench_rdma.sh "$$out/records.json" && cp "$$out/records.json" "$(JSON)" && \
+	  echo "bench-rdma: records in $(JSON)"
 
 clean:
 	rm -rf build kvtransfer/_C*.so *.egg-info

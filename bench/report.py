@@ -4,6 +4,7 @@ as ``python bench/NAME.py``, so this folder is on the path)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
 
@@ -19,3 +20,29 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def out_path_problem(path: str, suffix: str | None = None) -> str | None:
+    """Why ``path`` cannot take a benchmark's output (checked before any work), or None:
+    its folder must exist and be writable, and it must not be a folder itself."""
+    p = Path(path)
+    if suffix and p.suffix.lower() != suffix:
+        return f"{path}: expected a {suffix} file name"
+    if p.is_dir():
+        return f"{path} is a folder; name a file"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"{path}: folder {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"{path}: not writable"
+    return None
+
+
+if __name__ == "__main__":  # `python bench/report.py --check-out FILE`: the Makefile's check
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--check-out":
+        sys.exit("usage: report.py --check-out FILE")
+    problem = out_path_problem(sys.argv[2])
+    if problem:
+        sys.exit(f"refused: {problem}")

@@ -46,6 +46,21 @@ After the tables, one line per size gives the ratios of BW avg: shm/memcpy and t
 ``--json FILE`` writes a list of records ``{"system", "block_bytes", "blocks", "iters",
 "bw_avg_gbps", "bw_peak_gbps", "mops", "p50_us", "p99_us"}``.
 
+Other libraries, repetitions, two hosts, KV shapes, pictures (bench/README.md has a run):
+
+* ``--peers nixl,mooncake`` adds ``nixl-sm``, ``nixl-tcp`` (NIXL's UCX backend) and
+  ``mooncake-tcp`` (Mooncake's Transfer Engine) on the same bytes, sizes and permutations,
+  from their own environment (``make bench-peers``); bench/peers.py and bench/peer_*.py.
+  A peer that cannot start is a row that says why; the header prints each one's settings.
+* ``--reps N`` interleaves the systems' timed passes (A B C A B C ...) N times and adds
+  median [min-max] per system and each ratio computed pair by pair within a repetition.
+* ``--serve [--listen-host H --port P]`` runs only the target, like ib_read_bw's server;
+  ``--connect H:P`` reads from it over tcp or verbs (bench/remote.py).
+* ``--model-shape NAME --prompt-tokens N`` moves one request's paged KV instead, layer by
+  layer (bench/kv_shapes.py): total time, time to the first layer, each layer's time.
+* ``--plot FILE.png`` draws the run (bench/plot.py). ``--json`` and ``--plot`` paths are
+  checked before any work.
+
 ``--device cuda`` (a GPU machine: torch with CUDA) moves GPU memory instead, between a
 target process holding the seeded bytes in a CUDA tensor and this process reading them
 into a CUDA tensor; defaults: ``--total 512M --sizes 32K,256K,512M`` (16,384 scattered
@@ -87,6 +102,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +117,11 @@ import kvtransfer  # noqa: E402
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host  # noqa: E402
 from kvtransfer import target  # noqa: E402
 from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
-from report import cpu_model, kv_lines
+from report import cpu_model, kv_lines, out_path_problem
+import peers  # bench/peers.py: NIXL and Mooncake in the same run (--peers)
+import remote  # bench/remote.py: --serve and --connect, two hosts
+import kv_shapes  # bench/kv_shapes.py: --model-shape, one request's paged KV
+import plot  # bench/plot.py: --plot (matplotlib imported only when drawing)
 from kvtransfer.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
@@ -129,6 +149,9 @@ SYSTEM_TITLES = {
     "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections)",
     "memcpy": "baseline: single-thread gather copy in one process (np.take), the ceiling for shm",
     "zmq": "baseline: CPU-mediated ZeroMQ PUSH/PULL on loopback, one message per block, copied in place",
+    "nixl-sm": "peer: NIXL READ, UCX backend over shared memory (bench/peer_nixl.py)",
+    "nixl-tcp": "peer: NIXL READ, UCX backend over tcp on loopback (bench/peer_nixl.py)",
+    "mooncake-tcp": "peer: Mooncake Transfer Engine READ over tcp on loopback (bench/peer_mooncake.py)",
     "tcp-host": "kvtransfer READ over tcp (loopback, {tcp_connections} connections), host memory on both ends",
     "d2d": "baseline, the ceiling: one contiguous device-to-device copy_ of the same bytes, one process",
     "gather": "baseline: torch.index_select of the same scattered blocks, one process",
@@ -339,21 +362,28 @@ def verify(system: str, layout: Layout, dst: np.ndarray, expected: np.ndarray) -
                       f"got {int(got[i, byte]):#04x}, expected {int(want[i, byte]):#04x}")
 
 
-def measure(system: str, runner: Runner, layout: Layout, dst: np.ndarray, expected: np.ndarray,
-            warmup: int, iters: int) -> Result:
-    """A zeroed-destination verifying pass, ``warmup`` passes, then ``iters`` timed ones."""
+def first_passes(system: str, runner, layout: Layout, dst: np.ndarray, expected: np.ndarray, warmup: int) -> None:
+    """A zeroed-destination verifying pass, then ``warmup`` passes (the timed ones come
+    interleaved with the other systems', :func:`timed_passes`).
+    A peer checks its own bytes, after we checked it reads our permutation."""
+    if isinstance(runner, peers.PeerRunner):
+        runner.prepare_verified(layout.perm, layout.block_bytes)
+        if warmup:
+            runner.passes(warmup)
+        return
     runner.prepare(layout, dst)
     dst[:] = 0
     runner.run_pass()
     verify(system, layout, dst, expected)
     for _ in range(warmup):
         runner.run_pass()
-    return Result(system, layout.block_bytes, layout.blocks, timed_passes(runner, iters))
 
 
 def timed_passes(runner, iters: int) -> list[int]:
     """The time of each of ``iters`` passes, in ns, from the call that starts it to the
-    last byte in place."""
+    last byte in place (a peer times its own, in its process)."""
+    if isinstance(runner, peers.PeerRunner):
+        return runner.passes(iters)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter_ns()
@@ -394,12 +424,15 @@ def table_lines(rows: list[list[str]]) -> list[str]:
 
 
 def report(header: list[tuple[str, str]], systems: list[str], sizes: list[int], results: dict,
-           engine_opts: dict, ratios: tuple = RATIOS, titles: dict | None = None) -> str:
+           engine_opts: dict, ratios: tuple = RATIOS, titles: dict | None = None,
+           missing: dict | None = None) -> str:
     rule = "-" * 90
     out = [rule, *kv_lines(header)]
     titles = {**SYSTEM_TITLES, **(titles or {})}
     for system in systems:
         out += [rule, f" {system}: {titles[system].format(**engine_opts)}", rule]
+        if missing and system in missing:
+            out.append(f" NOT RUN: {missing[system]}")
         out += table_lines([row_cells(results[system, size]) if (system, size) in results
                             else [str(size), "FAILED", "-", "-", "-", "-", "-"] for size in sizes])
     pairs = [(a, b) for a, b in ratios if a in systems and b in systems]
@@ -441,9 +474,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--transports", default=None,
                     help="systems to run: engine transports verbs,shm,tcp and baselines memcpy,zmq "
                          f"(default {','.join(DEFAULT_SYSTEMS)}); cuda: {','.join(CUDA_SYSTEMS)} (all by default)")
+    ap.add_argument("--peers", default="",
+                    help="other libraries in the same run: nixl (nixl-sm, nixl-tcp), mooncake (mooncake-tcp); "
+                         "from .venv-peers (make bench-peers)")
+    ap.add_argument("--peers-python", default=str(peers.PEERS_PYTHON), help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=1,
+                    help="repetitions of --iters timed passes, systems interleaved (default %(default)s)")
+    ap.add_argument("--serve", action="store_true",
+                    help="two hosts: run only the target (seeded bytes, registered) and print how to reach it")
+    ap.add_argument("--listen-host", default="127.0.0.1", help="--serve: address to listen on (default %(default)s)")
+    ap.add_argument("--port", type=int, default=remote.DEFAULT_PORT,
+                    help="--serve: hello port; the engine listens on the next one (default %(default)s)")
+    ap.add_argument("--serve-seconds", type=float, default=None, help=argparse.SUPPRESS)  # tests: stop by itself
+    ap.add_argument("--connect", metavar="HOST:PORT", help="two hosts: read from a --serve target (tcp or verbs)")
+    ap.add_argument("--model-shape", choices=tuple(kv_shapes.MODEL_SHAPES),
+                    help="KV-shaped workload: one request's paged KV of this model, layer by layer")
+    ap.add_argument("--prompt-tokens", type=int, default=2048, help="--model-shape: tokens of the request "
+                                                                    "(default %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # cuda-target | cuda-zmq: the other process
     ap.add_argument("--bytes", type=parse_size, help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="FILE", help="write the results as a JSON list of records")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the results (bench/plot.py: GB/s against block size, "
+                                                      "or a --model-shape run's times)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bytes and the permutations")
     ap.add_argument("--tcp-connections", type=int, default=engine_default("tcp_connections"),
                     help="Engine(tcp_connections=) (default %(default)s)")
@@ -454,26 +506,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.child:
         return args
+    for opt, path, suffix in (("--json", args.json, None), ("--plot", args.plot, ".png")):
+        problem = path and out_path_problem(path, suffix)
+        if problem:  # refused before any work: a long run must not end unable to write
+            ap.error(f"{opt}: {problem}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib (pip install -e '.[bench]'; make setup installs it)")
     cuda = args.device == "cuda"
     if args.sizes is None:
         args.sizes = "32K,256K,512M" if cuda else "16K,256K,4M"
     if args.total is None:
         args.total = (512 if cuda else 256) << 20
     if args.transports is None:
-        args.transports = ",".join(CUDA_SYSTEMS if cuda else DEFAULT_SYSTEMS)
+        args.transports = ",".join(CUDA_SYSTEMS if cuda else ("tcp",) if args.connect else DEFAULT_SYSTEMS)
     try:
         args.sizes = [parse_size(s) for s in parse_list(args.sizes)]
     except ValueError:
         ap.error(f"--sizes: cannot parse {args.sizes!r}; expected sizes like 16K,256K,4M")
-    args.systems = list(dict.fromkeys(parse_list(args.transports)))  # in order, without repeats
-    known = CUDA_SYSTEMS + KERNEL_VARIANTS if cuda else SYSTEMS
+    try:
+        peer_systems = peers.expand(parse_list(args.peers))
+    except ValueError as e:
+        ap.error(f"--peers: {e}")
+    args.systems = list(dict.fromkeys(parse_list(args.transports) + peer_systems))  # in order, without repeats
+    known = (CUDA_SYSTEMS + KERNEL_VARIANTS if cuda else SYSTEMS) + tuple(peer_systems)
     unknown = [s for s in args.systems if s not in known]
     if unknown or not args.systems:
         ap.error(f"--transports: unknown {', '.join(unknown) or 'empty list'}; choose from {','.join(known)}")
+    if args.connect:
+        across = [s for s in args.systems if s not in remote.CROSS_HOST]
+        if across or cuda:
+            ap.error(f"--connect reads from another host: {', '.join(across) or '--device cuda'} cannot "
+                     "(shm reads another process's memory on the same host; memcpy and zmq run here); "
+                     f"choose from {','.join(remote.CROSS_HOST)}")
+        try:
+            remote.split_hostport(args.connect)
+        except ValueError as e:
+            ap.error(str(e))
     if not args.sizes or any(s <= 0 or s > args.total for s in args.sizes):
         ap.error(f"--sizes must be between 1 and --total ({args.total}) bytes")
-    if args.iters < 1 or args.warmup < 0:
-        ap.error("--iters must be >= 1 and --warmup >= 0")
+    if cuda and (peer_systems or args.reps > 1 or args.model_shape):
+        ap.error("--peers, --reps and --model-shape move host memory; on a GPU, scripts/gpu_nixl.sh runs NIXL "
+                 "beside our CUDA path")
+    if args.model_shape and not 1 <= args.prompt_tokens <= 1 << 20:
+        ap.error("--prompt-tokens must be between 1 and 1048576")
+    if args.iters < 1 or args.warmup < 0 or args.reps < 1:
+        ap.error("--iters and --reps must be >= 1 and --warmup >= 0")
     if args.tcp_connections < 1 or not 1 <= args.shm_threads <= 64:
         # the engine would quietly use its defaults (or 64 threads) instead of the header's numbers
         ap.error("--tcp-connections must be >= 1 and --shm-threads between 1 and 64")
@@ -483,21 +563,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.ExitStack,
                    runners: dict, header: list[tuple[str, str]]) -> None:
     """Starts the target, registers ``dst`` and connects one peer per engine transport."""
-    _, info = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(args.total),
-                           "--seed", str(args.seed)], "kvtransfer.target", stack)
-    remote = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
-    if remote.nbytes < args.total:
-        raise BenchError(f"target region is {remote.nbytes} bytes, expected {args.total}")
+    if args.connect:
+        info = args.hello
+        where = f"{args.connect} (transfer_bw.py --serve)"
+    else:
+        _, info = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(args.total),
+                               "--seed", str(args.seed)], "kvtransfer.target", stack)
+        where = f"pid {info['pid']} (python -m kvtransfer.target)"
+    region = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
+    if region.nbytes < args.total:
+        raise BenchError(f"target region is {region.nbytes} bytes, expected {args.total}")
     eng = stack.enter_context(Engine(tcp_connections=args.tcp_connections, shm_threads=args.shm_threads,
                                      verbs_qps=args.verbs_qps))
     local, _ = eng.register(dst)
-    peers = []
+    connected = []
     for name in (s for s in args.systems if s in ENGINE_TRANSPORTS):
         peer = eng.connect(bytes.fromhex(info["engine"]), transport=name)
-        runners[name] = EngineRunner(peer, local, remote)
-        peers.append(f"{name} -> {peer.transport}")
-    header += [("Target", f"pid {info['pid']} (python -m kvtransfer.target), region {remote.nbytes} bytes"),
-               ("Peer transports", ", ".join(peers)),
+        runners[name] = EngineRunner(peer, local, region)
+        connected.append(f"{name} -> {peer.transport}")
+    header += [("Target", f"{where}, region {region.nbytes} bytes"),
+               ("Peer transports", ", ".join(connected)),
                ("Engine", f"kvtransfer {kvtransfer.__version__}, tcp_connections={args.tcp_connections}, "
                           f"shm_threads={args.shm_threads}, verbs_qps={args.verbs_qps}")]
 
@@ -531,25 +616,239 @@ def run(args: argparse.Namespace) -> int:
             header.append(("ZeroMQ", f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}, sender pid "
                                      f"{info['pid']}, data {info['data']}"))
 
-        results: dict[tuple[str, int], Result] = {}
+        missing: dict[str, str] = {}
+        start_peers(args, stack, runners, missing, header)
+        reps: dict[tuple[str, int], list[Result]] = {}
         for size in sizes:
             layout = make_layout(size, total, args.seed)
             gather(reference, layout, expected)
-            for system in systems:
-                r = measure(system, runners[system], layout, dst, expected, args.warmup, args.iters)
-                results[system, size] = r
-                print(f"[transfer_bw] {system:<6} {human(size):>5} blocks: verified, "
-                      f"{r.bw_avg_gbps:6.2f} GB/s avg", file=sys.stderr, flush=True)
+            live = []
+            for system in (s for s in systems if s not in missing):
+                try:
+                    first_passes(system, runners[system], layout, dst, expected, args.warmup)
+                    live.append(system)
+                except peers.PeerError as e:  # a peer's failure is its row; ours end the run
+                    missing[system] = str(e)
+            for _ in range(args.reps):  # interleaved: A B C A B C, so drift hits every system alike
+                for system in live:
+                    try:
+                        ns = timed_passes(runners[system], args.iters)
+                    except peers.PeerError as e:
+                        missing[system] = str(e)
+                        continue
+                    reps.setdefault((system, size), []).append(Result(system, size, layout.blocks, ns))
+            for system in live:
+                if (system, size) in reps:
+                    r = merged(reps[system, size])
+                    print(f"[transfer_bw] {system:<12} {human(size):>5} blocks: verified, "
+                          f"{r.bw_avg_gbps:6.2f} GB/s avg", file=sys.stderr, flush=True)
 
+    results = {key: merged(rs) for key, rs in reps.items()}
     header.append(("Verified", f"yes (first pass of each of {len(results)} system/size pairs, destination "
-                               "zeroed before it)"))
-    print(report(header, systems, sizes, results,
-                 {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections,
-                  "verbs_qps": args.verbs_qps}), flush=True)
+                               "zeroed before it; peers check their own and read our permutation)"))
+    text = report(header, systems, sizes, results,
+                  {"shm_threads": args.shm_threads, "tcp_connections": args.tcp_connections,
+                   "verbs_qps": args.verbs_qps}, missing=missing)
+    print(text + "\n" + "\n".join(reps_lines(systems, sizes, reps)), flush=True)
+    recs = records(systems, sizes, reps, missing)
     if args.json:
-        records = [results[system, size].record() for system in systems for size in sizes]
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        write_json(args.json, recs)
+    if args.plot:
+        plot.draw(args.plot, recs, None, f"READ, {human(total)} per pass, {socket.gethostname()}")
     return 0
+
+
+# --------------------------------------------------------------------------- peers and repetitions
+
+def start_peers(args: argparse.Namespace, stack: contextlib.ExitStack, runners: dict, missing: dict,
+                header: list[tuple[str, str]]) -> None:
+    """A PeerRunner per peer system; one that cannot start goes to ``missing`` with why."""
+    for system in (s for s in args.systems if s in peers.PEER_SYSTEMS):
+        try:
+            pr = peers.PeerRunner(system, args.total, args.seed, Path(args.peers_python))
+        except (peers.PeerUnavailable, peers.PeerError) as e:
+            missing[system] = str(e)
+            header.append((system, f"NOT RUN: {e}"))
+            continue
+        stack.callback(pr.close)
+        runners[system] = pr
+        header.append((system, ", ".join(f"{k}={v}" for k, v in pr.config.items())))
+
+
+def merged(rs: list[Result]) -> Result:
+    """All repetitions' passes as one Result (the table's columns)."""
+    return Result(rs[0].system, rs[0].block_bytes, rs[0].blocks, [ns for r in rs for ns in r.pass_ns])
+
+
+def ratio_pairs(systems: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for a, b in RATIOS + peers.PEER_RATIOS if a in systems and b in systems]
+
+
+def spread(xs: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return float(np.median(xs)), min(xs), max(xs)
+
+
+def pair_ratios(reps: dict, a: str, b: str, size: int) -> list[float]:
+    """BW avg of ``a`` over ``b``, repetition by repetition (same position in the interleave)."""
+    return [ra.bw_avg_gbps / rb.bw_avg_gbps for ra, rb in zip(reps.get((a, size), []), reps.get((b, size), []))]
+
+
+def reps_lines(systems: list[str], sizes: list[int], reps: dict) -> list[str]:
+    """Per system and size: median [min-max] of the repetitions' BW avg; then the ratios."""
+    n = max((len(v) for v in reps.values()), default=0)
+    out = [f" Repetitions: {n}, systems interleaved; GB/s median [min-max] of each repetition's BW avg"]
+    out.append(" " + f"{'system':<18}" + "".join(f"{human(s):>24}" for s in sizes))
+    for system in systems:
+        cells = []
+        for size in sizes:
+            rs = reps.get((system, size))
+            cells.append("-" if not rs else "{:.2f} [{:.2f}-{:.2f}]".format(*spread([r.bw_avg_gbps for r in rs])))
+        out.append(" " + f"{system:<18}" + "".join(f"{c:>24}" for c in cells))
+    pairs = ratio_pairs(systems)
+    if pairs:
+        out.append(" Ratios, pair by pair within each repetition: median [min-max]")
+        for a, b in pairs:
+            cells = []
+            for size in sizes:
+                rs = pair_ratios(reps, a, b, size)
+                cells.append("-" if not rs else "{:.2f}x [{:.2f}-{:.2f}]".format(*spread(rs)))
+            out.append(" " + f"{a + '/' + b:<18}" + "".join(f"{c:>24}" for c in cells))
+    out.append("-" * 90)
+    return out
+
+
+def records(systems: list[str], sizes: list[int], reps: dict, missing: dict) -> list[dict]:
+    """The --json records: Result.record() over all passes, with the repetitions' spread and,
+    for a compared system, its ratios; a system that did not run says why."""
+    out = []
+    for system in systems:
+        for size in sizes:
+            rs = reps.get((system, size))
+            if not rs:
+                out.append({"system": system, "block_bytes": size, "unavailable": missing.get(system, "not run")})
+                continue
+            rec = merged(rs).record()
+            med, lo, hi = spread([r.bw_avg_gbps for r in rs])
+            rec.update(reps=len(rs), bw_median_gbps=med, bw_min_gbps=lo, bw_max_gbps=hi,
+                       rep_bw_gbps=[r.bw_avg_gbps for r in rs])
+            for a, b in ratio_pairs(systems):
+                if b == system and pair_ratios(reps, a, b, size):
+                    rec.setdefault("ratios", {})[f"{a}/{b}"] = dict(zip(("median", "min", "max"),
+                                                                        spread(pair_ratios(reps, a, b, size))))
+            out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------- KV-shaped
+
+def kv_request(runner, plans: list[np.ndarray]) -> list[int]:
+    """One request's KV, every layer's batch posted in order: ns from the start to each
+    layer's last byte (decode streams layers, so the first one's time matters)."""
+    t0 = time.perf_counter_ns()
+    ts = [runner.peer.read_blocks(runner.local, p["dst_off"].astype(np.int64), runner.remote,
+                                  p["src_off"].astype(np.int64), p["len"].astype(np.int64)) for p in plans]
+    out = []
+    for t in ts:
+        t.wait(PASS_TIMEOUT_S)
+        out.append(time.perf_counter_ns() - t0)
+    return out
+
+
+def kv_summary(w: "kv_shapes.KVWorkload", reqs: list[list[int]]) -> dict:
+    """Medians over requests: total and first-layer time, each layer's own time; GB/s of the total."""
+    a = np.asarray(reqs, np.float64) / 1e3  # us, (requests, layers)
+    total = a[:, -1]
+    own = np.diff(a, axis=1, prepend=0.0)
+    return {"total_us": float(np.median(total)), "total_min_us": float(total.min()),
+            "total_max_us": float(total.max()), "first_layer_us": float(np.median(a[:, 0])),
+            "per_layer_us": np.median(own, axis=0).tolist(), "bw_gbps": w.kv_bytes / float(np.median(total)) / 1e3,
+            "requests": len(reqs)}
+
+
+def run_kv(args: argparse.Namespace) -> int:
+    """--model-shape: per system, one request's KV moved layer by layer, verified first."""
+    w = kv_shapes.build(args.model_shape, args.prompt_tokens, args.seed)
+    args.total = w.nbytes
+    systems = [s for s in args.systems if s in ENGINE_TRANSPORTS or s in peers.PEER_SYSTEMS]
+    header = [("Benchmark", f"READ of one request's KV: {w.shape}, {w.tokens} tokens"),
+              ("KV layout", f"{w.layout.kind}, {w.layout.num_layers} layers, block size {w.layout.block_size}, "
+                            f"{w.layout.num_kv_heads} KV heads x {w.layout.head_dim}, bf16, pool of "
+                            f"{w.layout.num_blocks} blocks, fragmented block tables (runs of 1-8 ids)"),
+              ("Request", f"{w.kv_bytes} bytes ({w.kv_bytes / 2**20:.1f} MiB) in {w.entries} ranges, "
+                          "one batch per layer, all posted, waited in layer order"),
+              ("Iterations", f"{args.iters} requests per repetition, {args.reps} repetitions interleaved, "
+                             f"after 1 verifying + {args.warmup} warmup"),
+              ("Host", f"{socket.gethostname()}, Linux {platform.release()}"),
+              ("CPUs", f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()} ({cpu_model()})")]
+    reqs: dict[str, list[list[int]]] = {}
+    missing: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        reference = seeded_bytes(w.nbytes, args.seed, alloc_host(w.nbytes))
+        dst = alloc_host(w.nbytes)
+        expected = w.expected(reference, alloc_host(w.nbytes))
+        runners: dict = {}
+        if any(s in ENGINE_TRANSPORTS for s in systems):
+            connect_engine(args, dst, stack, runners, header)
+        start_peers(args, stack, runners, missing, header)
+        ranges = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ranges.json"
+        ranges.write_text(json.dumps({"layers": w.ranges()}))
+        live = []
+        for system in (s for s in systems if s not in missing):
+            r = runners[system]
+            try:
+                if isinstance(r, peers.PeerRunner):
+                    r.prepare_ranges(ranges)
+                    if args.warmup:
+                        r.layer_times(args.warmup)
+                else:
+                    dst[:] = 0
+                    kv_request(r, w.plans)
+                    if not np.array_equal(dst, expected):
+                        bad = int(np.flatnonzero(dst != expected)[0])
+                        raise VerifyError(f"{system}: KV request read wrong bytes from byte {bad} on")
+                    for _ in range(args.warmup):
+                        kv_request(r, w.plans)
+                live.append(system)
+            except peers.PeerError as e:
+                missing[system] = str(e)
+        for _ in range(args.reps):
+            for system in live:
+                r = runners[system]
+                try:
+                    got = (r.layer_times(args.iters) if isinstance(r, peers.PeerRunner)
+                           else [kv_request(r, w.plans) for _ in range(args.iters)])
+                except peers.PeerError as e:
+                    missing[system] = str(e)
+                    continue
+                reqs.setdefault(system, []).extend(got)
+    header.append(("Verified", "yes (first request of each system, destination zeroed before it)"))
+    rule = "-" * 90
+    out = [rule, *kv_lines(header), rule,
+           f" {'system':<14}{'total ms median [min-max]':>30}{'first layer ms':>16}{'layer ms':>10}{'GB/s':>8}"]
+    recs = []
+    for system in systems:
+        if system not in reqs:
+            out.append(f" {system:<14} NOT RUN: {missing.get(system, 'not run')}")
+            recs.append({"system": system, "model_shape": w.shape, "unavailable": missing.get(system, "not run")})
+            continue
+        k = kv_summary(w, reqs[system])
+        out.append(f" {system:<14}{k['total_us'] / 1e3:>12.2f} [{k['total_min_us'] / 1e3:.2f}-"
+                   f"{k['total_max_us'] / 1e3:.2f}]".ljust(45) + f"{k['first_layer_us'] / 1e3:>15.3f}"
+                   f"{np.median(k['per_layer_us']) / 1e3:>10.3f}{k['bw_gbps']:>8.2f}")
+        recs.append({"system": system, "model_shape": w.shape, "prompt_tokens": w.tokens, "kv_bytes": w.kv_bytes,
+                     "layers": len(w.plans), "entries": w.entries, **k})
+    out.append(rule)
+    print("\n".join(out), flush=True)
+    if args.json:
+        write_json(args.json, recs)
+    if args.plot:
+        plot.draw(args.plot, None, recs, socket.gethostname())
+    return 0
+
+
+def write_json(path: str, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- cuda
@@ -668,7 +967,7 @@ def child_cuda_zmq(nbytes: int, seed: int) -> int:
 
 
 def measure_cuda(system: str, runner, layout: Layout, dst, expected, warmup: int, iters: int, torch) -> Result:
-    """Like measure(), for a destination that is a CUDA tensor (or, for tcp-host, a numpy
+    """first_passes() and timed_passes(), for a destination that is a CUDA tensor (or, for tcp-host, a numpy
     array with its own expected bytes)."""
     runner.prepare(layout, dst)
     n = layout.pass_bytes
@@ -731,7 +1030,7 @@ def run_cuda(args: argparse.Namespace) -> int:
         if engine_systems:
             eng = stack.enter_context(Engine(tcp_connections=args.tcp_connections, shm_threads=args.shm_threads))
             local, _ = eng.register(dst)
-            peers = []
+            connected = []
         if any(s in ("shm", "tcp") for s in systems):
             _, info = start_child([sys.executable, me, "--child", "cuda-target", "--bytes", str(total), "--seed",
                                    str(args.seed)], "cuda target", stack)
@@ -739,7 +1038,7 @@ def run_cuda(args: argparse.Namespace) -> int:
             for name in (s for s in systems if s in ("shm", "tcp")):
                 peer = eng.connect(bytes.fromhex(info["engine"]), transport=name)
                 runners[name], dsts[name] = EngineRunner(peer, local, remote), dst
-                peers.append(f"{name} -> {peer.transport}")
+                connected.append(f"{name} -> {peer.transport}")
         if "tcp-host" in systems:
             _, hinfo = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
                                     str(args.seed)], "kvtransfer.target", stack)
@@ -748,9 +1047,9 @@ def run_cuda(args: argparse.Namespace) -> int:
             hremote = RegionDescriptor.from_bytes(bytes.fromhex(hinfo["region"]))
             peer = eng.connect(bytes.fromhex(hinfo["engine"]), transport="tcp")
             runners["tcp-host"], dsts["tcp-host"] = EngineRunner(peer, host_local, hremote), host_dst
-            peers.append(f"tcp-host -> {peer.transport}")
+            connected.append(f"tcp-host -> {peer.transport}")
         if engine_systems:
-            header.append(("Peer transports", ", ".join(peers)))
+            header.append(("Peer transports", ", ".join(connected)))
         if "d2d" in systems:
             runners["d2d"] = TorchRunner(torch, lambda lay: lambda: dst[:lay.pass_bytes].copy_(ref[:lay.pass_bytes]))
             dsts["d2d"] = dst
@@ -813,10 +1112,12 @@ def run_cuda(args: argparse.Namespace) -> int:
                   "verbs_qps": args.verbs_qps}, CUDA_RATIOS, CUDA_TITLES), flush=True)
     for system, size, e in failures:
         print(f" FAILED {system} {human(size)}: {type(e).__name__}: {e}", flush=True)
+    cuda_records = [dict(results[system, size].record(), device="cuda") for system in systems for size in sizes
+                    if (system, size) in results]
     if args.json:
-        records = [dict(results[system, size].record(), device="cuda") for system in systems for size in sizes
-                   if (system, size) in results]
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        write_json(args.json, cuda_records)
+    if args.plot:
+        plot.draw(args.plot, cuda_records, None, f"READ, CUDA memory, {props.name}")
     if failures:
         return 1 if all(isinstance(e, VerifyError) for _, _, e in failures) else 2
     return 0
@@ -829,13 +1130,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.child == "cuda-zmq":
         return child_cuda_zmq(args.bytes, args.seed)
     try:
+        if args.serve:
+            return remote.serve(args.total, args.seed, args.listen_host, args.port,
+                                {"tcp_connections": args.tcp_connections, "shm_threads": args.shm_threads,
+                                 "verbs_qps": args.verbs_qps}, args.serve_seconds)
+        if args.connect:  # the server's size and seed: the bytes we check are the ones it holds
+            args.hello = remote.hello(args.connect)
+            if any(s > args.hello["total"] for s in args.sizes):
+                raise BenchError(f"--sizes: the server holds {args.hello['total']} bytes")
+            args.total, args.seed = args.hello["total"], args.hello["seed"]
         if args.device == "cuda":
             return run_cuda(args)
+        if args.model_shape:
+            return run_kv(args)
         return run(args)
     except VerifyError as e:
         print(f"transfer_bw: VERIFY FAILED: {e}", file=sys.stderr)
         return 1
-    except (BenchError, KVTransferError, zmq.ZMQError) as e:
+    except (BenchError, KVTransferError, zmq.ZMQError, remote.RemoteError) as e:
         print(f"transfer_bw: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

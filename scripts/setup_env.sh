@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-APT_PACKAGES="build-essential libibverbs-dev"
+APT_PACKAGES="build-essential libibverbs-dev iproute2"  # iproute2: the two-host test's namespaces
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -39,7 +39,7 @@ stamp=.venv/.kvtransfer-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python dependencies"
   $PIP install -q --upgrade pip setuptools wheel
-  $PIP install -q -e ".[test,proxy]"
+  $PIP install -q -e ".[test,proxy,bench]"
   touch "$stamp"
 fi
 # Rebuild the extension in place when any C source is newer than the built module.

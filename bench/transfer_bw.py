@@ -5,7 +5,7 @@
     .venv/bin/python bench/transfer_bw.py --transports tcp,zmq --tcp-connections 8
     make bench BENCH_ARGS="--total 64M"
 
-A target process (``python -m kvtransfer.target``) registers ``--total`` seeded random
+A target process (``python -m kvtransfer.testing.target``) registers ``--total`` seeded random
 bytes; this process registers a destination of the same size (``alloc_host``: huge
 pages, pre-faulted) and reads the target's bytes with one-sided READs. The buffer is
 cut into blocks of each ``--sizes`` size, and blocks are read the way KV pages are: in a
@@ -99,10 +99,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kvtransfer  # noqa: E402
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host  # noqa: E402
-from kvtransfer import target  # noqa: E402
+from kvtransfer.testing import children  # noqa: E402
 from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
 from report import cpu_model, kv_lines
-from kvtransfer.target import parse_size, seeded_bytes
+from kvtransfer.testing.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
@@ -284,10 +284,10 @@ class ZmqRunner:
 def start_child(cmd: list[str], what: str, stack: contextlib.ExitStack) -> tuple[subprocess.Popen, dict]:
     """Starts ``cmd`` (stopped when ``stack`` unwinds) and parses the JSON line it prints."""
     try:
-        proc, hello = target.start_child(cmd, STARTUP_TIMEOUT_S, what)
-    except target.ChildError as e:
+        proc, hello = children.start_child(cmd, STARTUP_TIMEOUT_S, what)
+    except children.ChildError as e:
         raise BenchError(str(e)) from None
-    stack.callback(target.stop_child, proc, STOP_TIMEOUT_S)
+    stack.callback(children.stop_child, proc, STOP_TIMEOUT_S)
     return proc, hello
 
 
@@ -483,8 +483,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.ExitStack,
                    runners: dict, header: list[tuple[str, str]]) -> None:
     """Starts the target, registers ``dst`` and connects one peer per engine transport."""
-    _, info = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(args.total),
-                           "--seed", str(args.seed)], "kvtransfer.target", stack)
+    _, info = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(args.total),
+                           "--seed", str(args.seed)], "kvtransfer.testing.target", stack)
     remote = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
     if remote.nbytes < args.total:
         raise BenchError(f"target region is {remote.nbytes} bytes, expected {args.total}")
@@ -496,7 +496,7 @@ def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.
         peer = eng.connect(bytes.fromhex(info["engine"]), transport=name)
         runners[name] = EngineRunner(peer, local, remote)
         peers.append(f"{name} -> {peer.transport}")
-    header += [("Target", f"pid {info['pid']} (python -m kvtransfer.target), region {remote.nbytes} bytes"),
+    header += [("Target", f"pid {info['pid']} (python -m kvtransfer.testing.target), region {remote.nbytes} bytes"),
                ("Peer transports", ", ".join(peers)),
                ("Engine", f"kvtransfer {kvtransfer.__version__}, tcp_connections={args.tcp_connections}, "
                           f"shm_threads={args.shm_threads}, verbs_qps={args.verbs_qps}")]
@@ -741,8 +741,8 @@ def run_cuda(args: argparse.Namespace) -> int:
                 runners[name], dsts[name] = EngineRunner(peer, local, remote), dst
                 peers.append(f"{name} -> {peer.transport}")
         if "tcp-host" in systems:
-            _, hinfo = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
-                                    str(args.seed)], "kvtransfer.target", stack)
+            _, hinfo = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(total), "--seed",
+                                    str(args.seed)], "kvtransfer.testing.target", stack)
             host_dst = alloc_host(total)
             host_local, _ = eng.register(host_dst)
             hremote = RegionDescriptor.from_bytes(bytes.fromhex(hinfo["region"]))

@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 
-from .target import start_child, stop_child
+from .testing.children import start_child, stop_child
+from .testing.openai_client import OpenAIClient
 from .worker_cli import model_folder
 
 PROMPTS = [
@@ -53,8 +54,6 @@ class Progress:
 
 
 def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progress) -> list[dict]:
-    from decode_worker.client import stream
-
     results: list[dict] = [{} for _ in prompts]
     counts = [0] * len(prompts)
 
@@ -63,7 +62,7 @@ def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progre
         body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
         ids, text, first = [], "", None
         try:
-            for at, chunk in stream(url, body, timeout=120):
+            for at, chunk in OpenAIClient(url, timeout=120).events(**body):
                 c = chunk["choices"][0]
                 ids += c["token_ids"]
                 text += c["text"]

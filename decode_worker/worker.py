@@ -25,8 +25,7 @@ from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model, load_tokenizer
 from kvtransfer.model.generate import pick_token
 from kvtransfer.model.identity import model_identity
-
-from prefill_worker.protocol import PrefillPayload
+from kvtransfer.workers_protocol import PrefillPayload
 
 from .openai_api import BadRequest, CompletionRequest
 from .router import PrefillRouter, PullNotStopped

@@ -22,7 +22,7 @@ demo: setup
 
 # the engine alone: two processes, 256 MiB read over shm then tcp, bytes checked
 demo-transfer: setup
-	$(PY) -m kvtransfer.transfer_demo
+	$(PY) scripts/transfer_demo.py
 
 # everything: the suite on this machine, then the verbs tests in a soft-RoCE guest
 test: test-host test-rdma

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/control_overhead.py [--tokens 4096] [--iters 7] [--transport shm|tcp] [--json FILE]
 
-The prefill side is ``python -m kvtransfer.synthetic`` with the KV shape of Llama-3-8B
+The prefill side is ``python -m kvtransfer.testing.synthetic`` with the KV shape of Llama-3-8B
 (32 layers, 8 KV heads x 128 dims, bf16, 16-token blocks, vLLM's flash layout) and a
 shuffled free list, so a request's blocks are scattered, as in a pool that has served a
 while. A 4,096-token request is 256 blocks per layer: 512 MiB in 16,384 ranges of
@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kvtransfer import Engine, alloc_host  # noqa: E402
 from kvtransfer.control import ControlClient  # noqa: E402
 from kvtransfer.kv import BlockPool, CompatInfo, KVLayout, plan_reads  # noqa: E402
-from kvtransfer.synthetic import check_request  # noqa: E402
-from kvtransfer.target import start_child, stop_child  # noqa: E402
+from kvtransfer.testing.synthetic import check_request  # noqa: E402
+from kvtransfer.testing.children import start_child, stop_child  # noqa: E402
 
 MODEL = "llama-3-8b-shape"
 LLAMA3_8B = dict(kind="flash", num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -57,7 +57,7 @@ def pct(values: list[float], q: float) -> float:
 
 def start_prefill(layout: KVLayout) -> tuple[object, str]:
     fields = {f: getattr(layout, f) for f in layout.__struct_fields__}
-    cmd = [sys.executable, "-m", "kvtransfer.synthetic", "--layout", json.dumps(fields), "--model", MODEL,
+    cmd = [sys.executable, "-m", "kvtransfer.testing.synthetic", "--layout", json.dumps(fields), "--model", MODEL,
            "--scatter-seed", "1", "--lease", "30"]
     proc, hello = start_child(cmd, timeout=120, what="synthetic prefill")
     return proc, hello["endpoint"]

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from kvtransfer.target import parse_size
+from kvtransfer.testing.target import parse_size
 
 SRC = r"""
 struct kvt_copy { unsigned long long src, dst, len; };

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kvtransfer import Engine, EngineDescriptor, RegionDescriptor  # noqa: E402
-from kvtransfer.target import parse_size, seeded_bytes, start_child, stop_child  # noqa: E402
+from kvtransfer.testing.children import start_child, stop_child  # noqa: E402
+from kvtransfer.testing.target import parse_size, seeded_bytes  # noqa: E402
 
 SEED = 7  # the child's bytes: seeded_bytes(nbytes, SEED), which this process regenerates to check and copy
 

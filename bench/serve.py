@@ -14,7 +14,7 @@ One run starts two systems on the same model (``--model``: a folder, a .gguf fil
 * ``local``  one-process serving: ``python -m decode_worker --local-prefill`` computes the
              prompt's KV itself (no KV transfer).
 
-Each worker prints one JSON line when ready (read with ``kvtransfer.target.start_child``);
+Each worker prints one JSON line when ready (read with ``kvtransfer.testing.children.start_child``);
 its stderr goes to a log file (``--worker-logs DIR``, else a temporary folder that is
 removed after a clean run and kept, and named, otherwise). The workers are stopped by pid:
 SIGTERM, a bounded wait, then SIGKILL; one that needs SIGKILL or exits non-zero on SIGTERM
@@ -103,14 +103,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kvtransfer import target
+from kvtransfer.testing import children
+from kvtransfer.testing.openai_client import COMPLETIONS, OpenAIClient, sse_events
 from report import cpu_model, kv_lines
 
 SYSTEMS = ("pair", "local")
@@ -221,8 +221,8 @@ class Fleet:
         cmd = ["/bin/sh", "-c", 'exec "$@" 2>>"$0"', str(log), sys.executable, *args]
         print(f"[serve] starting {what}: python {' '.join(args)}", file=sys.stderr, flush=True)
         try:
-            proc, hello = target.start_child(cmd, STARTUP_TIMEOUT_S, what)
-        except target.ChildError as e:
+            proc, hello = children.start_child(cmd, STARTUP_TIMEOUT_S, what)
+        except children.ChildError as e:
             raise BenchError(f"{e}; last lines of {log}:\n{tail(log)}") from None
         worker = Worker(what, proc, hello, log)
         with self.lock:
@@ -240,7 +240,7 @@ class Fleet:
     def _stop(self, w: Worker) -> None:
         """SIGTERM by pid, a bounded wait, then SIGKILL; an unclean exit is a deviation."""
         running = w.proc.poll() is None  # one that died earlier is check_alive's to report
-        stopped = target.stop_child(w.proc, STOP_TIMEOUT_S, sig=signal.SIGTERM)
+        stopped = children.stop_child(w.proc, STOP_TIMEOUT_S, sig=signal.SIGTERM)
         if not running:
             return
         if not stopped:
@@ -293,22 +293,17 @@ def start_local(fleet: Fleet, args: argparse.Namespace) -> System:
 
 # --------------------------------------------------------------------------- HTTP
 
-def connection(url: str, timeout: float) -> http.client.HTTPConnection:
-    u = urllib.parse.urlsplit(url)
-    if u.scheme != "http" or not u.hostname or not u.port:
-        raise BenchError(f"worker URL {url!r} is not http://HOST:PORT")
-    return http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+def client(url: str, timeout: float) -> OpenAIClient:
+    try:
+        return OpenAIClient(url, timeout)
+    except ValueError as e:
+        raise BenchError(f"worker URL: {e}") from None
 
 
 def get(url: str, path: str) -> tuple[int, str, str]:
     """(status, content type, body) of GET ``path``."""
-    conn = connection(url, PROBE_TIMEOUT_S)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("Content-Type", ""), resp.read(1 << 20).decode(errors="replace")
-    finally:
-        conn.close()
+    r = client(url, PROBE_TIMEOUT_S).get(path)
+    return r.status, r.headers.get("content-type", ""), r.body[:1 << 20].decode(errors="replace")
 
 
 def probe(system: System) -> None:
@@ -335,19 +330,15 @@ def probe(system: System) -> None:
         raise BenchError(f"{system.name} at {system.url} did not answer: {type(e).__name__}: {e}") from None
 
 
-def body_of(system: System, prompt: str, max_tokens: int, stream: bool) -> bytes:
-    return json.dumps({"model": system.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                       "stream": stream}).encode()
+def body_of(system: System, prompt: str, max_tokens: int, stream: bool) -> dict:
+    return {"model": system.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
 
 
 def complete(system: System, prompt: str, max_tokens: int, timeout: float) -> dict:
     """A non-streaming greedy completion: its JSON (raises BenchError on any failure)."""
-    conn = connection(system.url, timeout)
     try:
-        conn.request("POST", "/v1/completions", body=body_of(system, prompt, max_tokens, False),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
+        resp = client(system.url, timeout).post(COMPLETIONS, body_of(system, prompt, max_tokens, False))
+        raw = resp.body
         if resp.status != 200:
             raise BenchError(f"{system.name}: POST /v1/completions (not streaming) answered HTTP {resp.status}: "
                              f"{raw[:300].decode(errors='replace')}")
@@ -365,13 +356,11 @@ def complete(system: System, prompt: str, max_tokens: int, timeout: float) -> di
         raise BenchError(f"{system.name}: POST /v1/completions failed: {type(e).__name__}: {e}") from None
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise BenchError(f"{system.name}: malformed non-streaming answer ({type(e).__name__}: {e})") from None
-    finally:
-        conn.close()
 
 
 @dataclass
 class Outcome:
-    """One streaming request as this client saw it (times from time.perf_counter())."""
+    """One streaming request as this client saw it (times from time.monotonic())."""
 
     index: int
     t_send: float = 0.0
@@ -379,6 +368,7 @@ class Outcome:
     token_times: list[float] = field(default_factory=list)  # one per token event
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    done: bool = False  # data: [DONE] came
     finish_reason: str | None = None
     usage: dict | None = None
     kv: dict | None = None
@@ -401,100 +391,76 @@ class StreamError(Exception):
     """A streaming request failed; the message is the reason (summarized in the report)."""
 
 
-def sse_events(resp: http.client.HTTPResponse, deadline: float):
-    """Yields (time, data) for each server-sent event (data lines joined, per the SSE spec)."""
-    data: list[bytes] = []
-    while True:
-        line = resp.readline(1 << 20)
-        now = time.perf_counter()
-        if now > deadline:
-            raise StreamError("deadline passed mid-stream")
-        if not line:
-            if data:
-                yield now, b"\n".join(data)
-            return
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield now, b"\n".join(data)
-                data = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-        # comments (":...") and other fields (event:, id:, retry:) carry no tokens
-
-
 def stream(system: System, prompt: str, max_tokens: int, timeout: float, index: int) -> Outcome:
     """One streaming greedy request; never raises (failures land in ``Outcome.error``)."""
     out = Outcome(index)
     dev = lambda msg: DEVIATIONS.add(system.name, msg)  # noqa: E731
-    conn = connection(system.url, timeout)
     try:
-        body = body_of(system, prompt, max_tokens, True)
-        out.t_send = time.perf_counter()
+        out.t_send = time.monotonic()
         deadline = out.t_send + timeout
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json",
-                                                                       "Accept": "text/event-stream"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise StreamError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}")
-        ctype = resp.getheader("Content-Type", "")
-        if not ctype.startswith("text/event-stream"):
-            dev(f"streaming answer has Content-Type {ctype!r}, not text/event-stream")
-        done = False
-        for t, data in sse_events(resp, deadline):
-            if done:
-                dev("events after data: [DONE]")
-                break
-            if data.strip() == b"[DONE]":
-                done = True
-                continue
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise StreamError(f"an event is not JSON: {data[:80]!r}") from None
-            if not isinstance(chunk, dict):
-                raise StreamError(f"an event is not a JSON object: {data[:80]!r}")
-            if "error" in chunk:
-                raise StreamError(f"error event: {json.dumps(chunk['error'])[:200]}")
-            if out.finish_reason is not None:
-                dev("chunks after the one with finish_reason")
-            try:
-                choice = chunk["choices"][0]
-                ids = choice["token_ids"]
-                if not isinstance(ids, list):
-                    raise TypeError
-            except (KeyError, IndexError, TypeError):
-                raise StreamError(f"a chunk has no choices[0].token_ids: {data[:120]!r}") from None
-            if ids:
-                if len(ids) > 1:
-                    dev("a chunk carries several tokens (ITL counts it as one gap)")
-                out.token_times.append(t)
-                out.token_ids.extend(int(i) for i in ids)
-            out.text += choice.get("text") or ""
-            if choice.get("finish_reason") is not None:
-                out.finish_reason = choice["finish_reason"]
-                out.usage, out.kv = chunk.get("usage"), chunk.get("kv_transfer")
-            elif "usage" in chunk and chunk["usage"] is not None:
-                dev("usage in a chunk whose finish_reason is null")
-        out.t_end = time.perf_counter()
+        fields = body_of(system, prompt, max_tokens, True)
+        with client(system.url, timeout).open_stream(COMPLETIONS, **fields) as resp:
+            read_stream(out, resp, deadline, dev)
+        out.t_end = time.monotonic()
         if out.finish_reason is None:
             raise StreamError("stream ended without a chunk with finish_reason" +
-                              ("" if done else " and without data: [DONE]"))
-        if not done:
+                              ("" if out.done else " and without data: [DONE]"))
+        if not out.done:
             dev("stream ended without data: [DONE]")
         check_final(out, max_tokens, dev)
     except StreamError as e:
         out.error = str(e)
-    except socket.timeout:
-        out.error = f"timeout (no byte in {timeout:.0f} s)"
+    except TimeoutError as e:  # a socket timeout or the deadline
+        out.error = f"timeout ({e or f'no byte in {timeout:.0f} s'})"
     except (OSError, http.client.HTTPException) as e:
         out.error = f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
     if not out.t_end:
-        out.t_end = time.perf_counter()
+        out.t_end = time.monotonic()
     return out
+
+
+def read_stream(out: Outcome, resp: http.client.HTTPResponse, deadline: float, dev) -> None:
+    """Reads a streamed answer into ``out``; StreamError when it cannot be measured."""
+    if resp.status != 200:
+        raise StreamError(f"HTTP {resp.status}: {resp.read(300).decode(errors='replace').strip()}")
+    ctype = resp.getheader("Content-Type", "")
+    if not ctype.startswith("text/event-stream"):
+        dev(f"streaming answer has Content-Type {ctype!r}, not text/event-stream")
+    for t, data in sse_events(resp, deadline):
+        if out.done:
+            dev("events after data: [DONE]")
+            break
+        if data.strip() == b"[DONE]":
+            out.done = True
+            continue
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise StreamError(f"an event is not JSON: {data[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise StreamError(f"an event is not a JSON object: {data[:80]!r}")
+        if "error" in chunk:
+            raise StreamError(f"error event: {json.dumps(chunk['error'])[:200]}")
+        if out.finish_reason is not None:
+            dev("chunks after the one with finish_reason")
+        try:
+            choice = chunk["choices"][0]
+            ids = choice["token_ids"]
+            if not isinstance(ids, list):
+                raise TypeError
+        except (KeyError, IndexError, TypeError):
+            raise StreamError(f"a chunk has no choices[0].token_ids: {data[:120]!r}") from None
+        if ids:
+            if len(ids) > 1:
+                dev("a chunk carries several tokens (ITL counts it as one gap)")
+            out.token_times.append(t)
+            out.token_ids.extend(int(i) for i in ids)
+        out.text += choice.get("text") or ""
+        if choice.get("finish_reason") is not None:
+            out.finish_reason = choice["finish_reason"]
+            out.usage, out.kv = chunk.get("usage"), chunk.get("kv_transfer")
+        elif "usage" in chunk and chunk["usage"] is not None:
+            dev("usage in a chunk whose finish_reason is null")
 
 
 def check_final(out: Outcome, max_tokens: int, dev) -> None:

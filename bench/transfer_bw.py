@@ -5,7 +5,7 @@
     .venv/bin/python bench/transfer_bw.py --transports tcp,zmq --tcp-connections 8
     make bench BENCH_ARGS="--total 64M"
 
-A target process (``python -m kvtransfer.target``) registers ``--total`` seeded random
+A target process (``python -m kvtransfer.testing.target``) registers ``--total`` seeded random
 bytes; this process registers a destination of the same size (``alloc_host``: huge
 pages, pre-faulted) and reads the target's bytes with one-sided READs. The buffer is
 cut into blocks of each ``--sizes`` size, and blocks are read the way KV pages are: in a
@@ -115,14 +115,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kvtransfer  # noqa: E402
 from kvtransfer import Engine, KVTransferError, Peer, Region, RegionDescriptor, alloc_host  # noqa: E402
-from kvtransfer import target  # noqa: E402
+from kvtransfer.testing import children  # noqa: E402
 from gather_sweep import descs as gather_descs  # bench/gather_sweep.py (no cupy at import)
 from report import cpu_model, kv_lines, out_path_problem
 import peers  # bench/peers.py: NIXL and Mooncake in the same run (--peers)
 import remote  # bench/remote.py: --serve and --connect, two hosts
 import kv_shapes  # bench/kv_shapes.py: --model-shape, one request's paged KV
 import plot  # bench/plot.py: --plot (matplotlib imported only when drawing)
-from kvtransfer.target import parse_size, seeded_bytes
+from kvtransfer.testing.target import parse_size, seeded_bytes
 
 ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
@@ -307,10 +307,10 @@ class ZmqRunner:
 def start_child(cmd: list[str], what: str, stack: contextlib.ExitStack) -> tuple[subprocess.Popen, dict]:
     """Starts ``cmd`` (stopped when ``stack`` unwinds) and parses the JSON line it prints."""
     try:
-        proc, hello = target.start_child(cmd, STARTUP_TIMEOUT_S, what)
-    except target.ChildError as e:
+        proc, hello = children.start_child(cmd, STARTUP_TIMEOUT_S, what)
+    except children.ChildError as e:
         raise BenchError(str(e)) from None
-    stack.callback(target.stop_child, proc, STOP_TIMEOUT_S)
+    stack.callback(children.stop_child, proc, STOP_TIMEOUT_S)
     return proc, hello
 
 
@@ -567,9 +567,9 @@ def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.
         info = args.hello
         where = f"{args.connect} (transfer_bw.py --serve)"
     else:
-        _, info = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(args.total),
-                               "--seed", str(args.seed)], "kvtransfer.target", stack)
-        where = f"pid {info['pid']} (python -m kvtransfer.target)"
+        _, info = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(args.total),
+                               "--seed", str(args.seed)], "kvtransfer.testing.target", stack)
+        where = f"pid {info['pid']} (python -m kvtransfer.testing.target)"
     region = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
     if region.nbytes < args.total:
         raise BenchError(f"target region is {region.nbytes} bytes, expected {args.total}")
@@ -1040,8 +1040,8 @@ def run_cuda(args: argparse.Namespace) -> int:
                 runners[name], dsts[name] = EngineRunner(peer, local, remote), dst
                 connected.append(f"{name} -> {peer.transport}")
         if "tcp-host" in systems:
-            _, hinfo = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
-                                    str(args.seed)], "kvtransfer.target", stack)
+            _, hinfo = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(total), "--seed",
+                                    str(args.seed)], "kvtransfer.testing.target", stack)
             host_dst = alloc_host(total)
             host_local, _ = eng.register(host_dst)
             hremote = RegionDescriptor.from_bytes(bytes.fromhex(hinfo["region"]))

@@ -2,7 +2,7 @@
 
     python bench/zmq_sender.py --bytes 256M --seed 0
 
-Holds the same seeded bytes a ``kvtransfer.target`` with that seed serves, binds a
+Holds the same seeded bytes a ``kvtransfer.testing.target`` with that seed serves, binds a
 PUSH socket (data) and a REP socket (control) on random loopback ports, and prints
 one JSON line ``{"data": ENDPOINT, "ctrl": ENDPOINT, "pid": N}``. Control requests
 (multipart), each answered before anything else happens:
@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from kvtransfer import alloc_host
-from kvtransfer.target import parse_size, seeded_bytes
+from kvtransfer.testing.target import parse_size, seeded_bytes
 
 #: Seconds a blocked send may wait for the reader before the sender gives up.
 SEND_TIMEOUT_S = 30.0

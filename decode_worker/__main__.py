@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 
 from kvtransfer.control import CurveClientKeys
 from kvtransfer.worker_cli import (add_common_args, fail, model_folder, print_ready, require_together,
                                    setup_logging, start_or_fail, wait_for_signal)
 
-from .http import make_server
+from .http import make_app
+from .server import Server, ServerLimits
 from .worker import DecodeWorker
 
 NAME = "decode_worker"
@@ -32,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for prefill workers")
     ap.add_argument("--prefill-timeout", type=float, default=5.0,
                     help="a prefill worker silent this long is lost: its requests go to another [%(default)s]")
+    ap.add_argument("--max-connections", type=int, default=ServerLimits.max_connections,
+                    help="open HTTP connections; requests beyond get 503 [%(default)s]")
+    ap.add_argument("--header-timeout", type=float, default=ServerLimits.header_timeout,
+                    help="seconds a client has to send a request's headers [%(default)s]")
+    ap.add_argument("--body-timeout", type=float, default=ServerLimits.body_timeout,
+                    help="seconds a client has to send a request's body after its headers [%(default)s]")
+    ap.add_argument("--keep-alive", type=float, default=ServerLimits.keep_alive,
+                    help="seconds an idle connection stays open between requests [%(default)s]")
     ap.add_argument("--curve-secret", help="CurveZMQ secret key file of this worker")
     ap.add_argument("--curve-server", help="the prefill workers' CurveZMQ public key file")
     args = ap.parse_args(argv)
@@ -43,18 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size, max_batch=args.max_batch, served_name=args.served_model_name,
         device=args.device, transport=args.transport, curve=curve, connect_timeout=args.connect_timeout,
         control_timeout=args.prefill_timeout))
+    limits = ServerLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keep_alive=args.keep_alive, max_connections=args.max_connections)
     try:
-        server = make_server(worker, args.host, args.port)
+        server = Server(make_app(worker), args.host, args.port, limits)
     except OSError as e:
         worker.close()
         fail(NAME, f"cannot listen on {args.host}:{args.port}: {e}")
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
+    host, port = server.address
     print_ready(url=f"http://{host}:{port}", model=worker.served_name, model_id=worker.model_id)
     wait_for_signal(NAME)
-    server.shutdown()
-    server.server_close()
+    server.close()
     worker.close()
     return 0
 

@@ -16,9 +16,8 @@ import time
 from typing import Callable
 
 from kvtransfer.control import ControlClient, ControlError, PeerLostError, Pull
+from kvtransfer import workers_protocol as protocol
 from kvtransfer.errors import KVTransferError, TransferError, TransferTimeoutError, TransportUnavailableError
-
-from prefill_worker import protocol
 
 log = logging.getLogger("decode_worker")
 

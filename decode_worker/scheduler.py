@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -23,6 +23,12 @@ from kvtransfer.model import Model
 from kvtransfer.model.generate import pick_token
 
 log = logging.getLogger("decode_worker")
+
+
+class EventSink(Protocol):
+    """Where a sequence's events go (a queue.Queue, or the HTTP server's loop)."""
+
+    def put(self, event: tuple) -> None: ...
 
 
 @dataclass
@@ -38,7 +44,7 @@ class Sequence:
     seed: int | None
     stop_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)
-    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    events: EventSink = field(default_factory=queue.Queue)
     cancelled: bool = False
 
     def cancel(self) -> None:

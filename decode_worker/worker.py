@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -23,14 +24,14 @@ from kvtransfer.control import ControlClient, CurveClientKeys
 from kvtransfer.errors import InvalidArgumentError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model, load_tokenizer
+from kvtransfer.model.chat import ChatTemplate
 from kvtransfer.model.generate import pick_token
 from kvtransfer.model.identity import model_identity
-
-from prefill_worker.protocol import PrefillPayload
+from kvtransfer.workers_protocol import PrefillPayload
 
 from .openai_api import BadRequest, CompletionRequest
 from .router import PrefillRouter, PullNotStopped
-from .scheduler import Scheduler, Sequence
+from .scheduler import EventSink, Scheduler, Sequence
 
 log = logging.getLogger("decode_worker")
 
@@ -39,6 +40,15 @@ REQUESTS = Counter("kvtransfer_completions", "Completion requests by HTTP status
 TTFT = Histogram("kvtransfer_ttft_seconds", "Request arrival to the first token", buckets=_BUCKETS)
 ITL = Histogram("kvtransfer_inter_token_seconds", "Between consecutive tokens of a request", buckets=_BUCKETS)
 RUNNING = Gauge("kvtransfer_running_sequences", "Sequences in the decode batch")
+
+
+def _chat_template(folder: str | Path) -> ChatTemplate | InvalidArgumentError:
+    """The folder's chat template, or the error that says why it has none (a chat
+    request is then refused with it)."""
+    try:
+        return ChatTemplate.from_folder(folder)
+    except InvalidArgumentError as e:
+        return e
 
 
 @dataclass
@@ -60,6 +70,7 @@ class DecodeWorker:
                                        op="decode_worker")
         self.model = load_model(model_dir, device=device)
         self.tokenizer = load_tokenizer(model_dir)
+        self.chat_template = _chat_template(model_dir)
         self.model_id = model_identity(model_dir)
         self.served_name = served_name or Path(model_dir).name
         self.max_context = self.model.config.max_position_embeddings
@@ -96,8 +107,9 @@ class DecodeWorker:
     def new_request_id(self) -> str:
         return f"cmpl-{time.time_ns():x}-{next(self._ids)}"
 
-    def start(self, req: CompletionRequest, request_id: str) -> Generation:
-        """Prompt KV in place and first token known; the sequence runs from here."""
+    def start(self, req: CompletionRequest, request_id: str, events: EventSink | None = None) -> Generation:
+        """Prompt KV in place and first token known; the sequence runs from here. Its
+        events go to ``events`` (default: a new queue.Queue), from the scheduler's thread."""
         arrived = time.monotonic()
         blocks = self._alloc(self.layout.blocks_for(len(req.prompt_ids) + req.max_tokens), request_id)
         try:
@@ -115,7 +127,7 @@ class DecodeWorker:
             raise
         stop = frozenset() if req.ignore_eos else self.tokenizer.eos_token_ids
         seq = Sequence(request_id, len(req.prompt_ids), blocks, req.max_tokens, req.temperature, req.top_p,
-                       req.seed, stop)
+                       req.seed, stop, events=events if events is not None else queue.Queue())
         kv["ttft_s"] = time.monotonic() - arrived
         TTFT.observe(kv["ttft_s"])
         self.scheduler.add(seq, first)

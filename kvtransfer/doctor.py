@@ -657,7 +657,7 @@ def _load_peer(args: argparse.Namespace) -> EngineDescriptor | None:
                 data = f.read()
         except OSError as e:
             raise _ArgError(f"--peer {args.peer}: {e.strerror or e}") from None
-        # a file may also hold the hex text (what `kvtransfer.target` prints)
+        # a file may also hold the hex text (what `kvtransfer.testing.target` prints)
         stripped = data.strip()
         if stripped and re.fullmatch(rb"[0-9a-fA-F]+", stripped) and len(stripped) % 2 == 0:
             data = bytes.fromhex(stripped.decode())

@@ -20,14 +20,13 @@ import msgspec
 import torch
 
 from kvtransfer import Engine
+from kvtransfer import workers_protocol as protocol
 from kvtransfer.control import ControlServer, CurveServerKeys, PrefillRequest
 from kvtransfer.errors import KVTransferError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model
 from kvtransfer.model.generate import pick_token
 from kvtransfer.model.identity import model_identity
-
-from . import protocol
 
 log = logging.getLogger("prefill_worker")
 

@@ -25,7 +25,8 @@ import time
 
 from kvtransfer.errors import InvalidArgumentError
 from kvtransfer.model.chat import ChatTemplate
-from kvtransfer.target import start_child, stop_child
+from kvtransfer.testing.children import start_child, stop_child
+from kvtransfer.testing.openai_client import OpenAIClient
 from kvtransfer.worker_cli import model_folder
 
 QUESTIONS = [
@@ -65,8 +66,6 @@ def chat_prompts(folder: str) -> list[str]:
 
 
 def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progress) -> list[dict]:
-    from decode_worker.client import stream
-
     results: list[dict] = [{} for _ in prompts]
     counts = [0] * len(prompts)
 
@@ -75,7 +74,7 @@ def run_requests(url: str, prompts: list[str], max_tokens: int, progress: Progre
         body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}
         ids, text, first = [], "", None
         try:
-            for at, chunk in stream(url, body, timeout=120):
+            for at, chunk in OpenAIClient(url, timeout=120).events(**body):
                 c = chunk["choices"][0]
                 ids += c["token_ids"]
                 text += c["text"]

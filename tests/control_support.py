@@ -1,6 +1,6 @@
 """Test support for the control plane: synthetic prefill processes and decode pools.
 
-A prefill is ``python -m kvtransfer.synthetic`` (its own process, engine and KV pool);
+A prefill is ``python -m kvtransfer.testing.synthetic`` (its own process, engine and KV pool);
 the decode side is usually this test process (:func:`decode_side`). Every wait has a
 deadline; processes are stopped by pid at teardown.
 """
@@ -24,7 +24,7 @@ import pytest
 from kvtransfer import Engine, alloc_host
 from kvtransfer.control import ControlClient
 from kvtransfer.kv import BlockPool, CompatInfo, KVLayout
-from kvtransfer.target import start_child, stop_child
+from kvtransfer.testing.children import start_child, stop_child
 from support import pump_lines
 
 MODEL = "synthetic-test-model"
@@ -83,7 +83,7 @@ class PrefillLauncher:
     def start(self, layout: KVLayout, *, lease: float = 5.0, model: str = MODEL, extra: tuple[str, ...] = ()
               ) -> Prefill:
         fields = {f: getattr(layout, f) for f in layout.__struct_fields__}
-        cmd = [sys.executable, "-m", "kvtransfer.synthetic", "--layout", json.dumps(fields), "--model", model,
+        cmd = [sys.executable, "-m", "kvtransfer.testing.synthetic", "--layout", json.dumps(fields), "--model", model,
                "--lease", str(lease), *extra]
         proc, hello = start_child(cmd, timeout=60, what="synthetic prefill")
         lines: "queue.Queue[str | None]" = queue.Queue()

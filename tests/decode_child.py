@@ -1,6 +1,6 @@
 """A decode worker that dies holding a lease: pulls one slow request, prints one JSON
 line, ``{"event": "pulling", "pid": N}``, once layer 0 is in place (read with
-:func:`kvtransfer.target.start_child`), then sleeps until the test SIGKILLs it.
+:func:`kvtransfer.testing.children.start_child`), then sleeps until the test SIGKILLs it.
 
     python decode_child.py ENDPOINT LAYOUT_JSON MODEL
 """

@@ -1,6 +1,6 @@
 """Test support: target processes, destinations, byte checks and deadlines.
 
-"The other process" is ``python -m kvtransfer.target`` (see kvtransfer/target.py): it
+"The other process" is ``python -m kvtransfer.testing.target`` (see kvtransfer/testing/target.py): it
 prints one JSON line with its engine and region descriptors, then serves reads from C
 threads while it takes commands on stdin. Every wait here has a deadline: the JSON
 line, command replies and process exits are read through a thread and a queue, and a
@@ -28,7 +28,8 @@ import pytest
 
 import kvtransfer
 from kvtransfer import Engine, EngineDescriptor, Region, RegionDescriptor
-from kvtransfer.target import seeded_bytes, stop_child
+from kvtransfer.testing.children import stop_child
+from kvtransfer.testing.target import seeded_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ def pump_lines(stream, q: "queue.Queue[str | None]") -> None:
 
 @dataclass
 class Target:
-    """A running ``kvtransfer.target`` process and what it serves."""
+    """A running ``kvtransfer.testing.target`` process and what it serves."""
 
     proc: subprocess.Popen
     lines: "queue.Queue[str | None]"
@@ -183,7 +184,8 @@ class TargetLauncher:
         fd, stderr_path = tempfile.mkstemp(prefix="kvt-target-", suffix=".stderr")
         with os.fdopen(fd, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kvtransfer.target", "--bytes", str(nbytes), "--seed", str(seed), *extra],
+                [sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(nbytes), "--seed", str(seed),
+                 *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: "queue.Queue[str | None]" = queue.Queue()

@@ -17,8 +17,8 @@ import pytest
 from kvtransfer.control import ControlError, LeaseExpiredError, PeerLostError, pull_sharded
 from kvtransfer.errors import InvalidArgumentError, KVTransferError, TransferError
 from kvtransfer.kv import KVLayout
-from kvtransfer.synthetic import check_request
-from kvtransfer.target import start_child, stop_child
+from kvtransfer.testing.synthetic import check_request
+from kvtransfer.testing.children import start_child, stop_child
 from control_support import BASE, MODEL, PrefillLauncher, decode_side, payload
 from support import ROOT, TRANSPORTS
 

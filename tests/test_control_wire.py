@@ -20,7 +20,7 @@ from kvtransfer.control import CurveClientKeys, PeerLostError, generate_keys
 from kvtransfer.control import messages as m
 from kvtransfer.control.security import is_loopback_endpoint, warn_if_exposed
 from kvtransfer.kv import CompatInfo, KVLayout
-from kvtransfer.synthetic import check_request
+from kvtransfer.testing.synthetic import check_request
 from control_support import BASE, MODEL, PrefillLauncher, decode_side, payload
 
 REPLY_MS = 5000

@@ -4,7 +4,7 @@ prints are the machine's, whatever the machine: on a host without RDMA or CUDA
 (CI) it must say "no device" and "unavailable" with the reasons; in the soft-RoCE
 guest (scripts/rxe/) it must list rxe0 and offer verbs.
 
-The peer checks use a live ``python -m kvtransfer.target`` (the ``start_target``
+The peer checks use a live ``python -m kvtransfer.testing.target`` (the ``start_target``
 fixture: its JSON line is read with a deadline, and it is stopped at teardown).
 """
 
@@ -261,7 +261,7 @@ def test_peer_file_and_transport_option(peer, here, tmp_path):
     p = sections(ok("--peer", str(f), "--transport", "tcp"))["Peer"]
     assert one(p, "pick") == "tcp" and one(p, "forced") == "tcp (by --transport)"
     assert "connect" not in dict(p)  # no --connect: nothing was tried
-    h = tmp_path / "peer.hex"  # the hex text kvtransfer.target prints works too
+    h = tmp_path / "peer.hex"  # the hex text kvtransfer.testing.target prints works too
     h.write_text(peer.engine.to_bytes().hex() + "\n")
     assert one(sections(ok("--peer", str(h)))["Peer"], "pick") == expected_pick(here)
 

@@ -27,7 +27,8 @@ import pytest
 
 from kvtransfer import (Engine, EngineDescriptor, InvalidArgumentError, RegionDescriptor, RemoteAccessError,
                         TransferError, alloc_host)
-from kvtransfer.target import seeded_bytes, serve_device_and_host, start_child, stop_child
+from kvtransfer.testing.children import start_child, stop_child
+from kvtransfer.testing.target import seeded_bytes, serve_device_and_host
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,

@@ -193,7 +193,7 @@ TARGET_STOP_S = 30.0  # its exit after end of stdin, then it is killed
 def child_target() -> int:
     """Serves a fake-device buffer (seed 1) and a host buffer (seed 2); stdin commands:
     ``deregister`` (the device region), end of stdin exits."""
-    from kvtransfer.target import seeded_bytes, serve_device_and_host
+    from kvtransfer.testing.target import seeded_bytes, serve_device_and_host
 
     gpu = FakeGPU()
     dev = gpu.alloc(TARGET_BYTES)
@@ -244,7 +244,7 @@ def reader(size: int, transport: str = "shm"):
     on the way out closes the engine, then ends the target's stdin and kills it if it
     has not exited within TARGET_STOP_S."""
     from kvtransfer import Engine, EngineDescriptor, RegionDescriptor
-    from kvtransfer.target import start_child, stop_child
+    from kvtransfer.testing.children import start_child, stop_child
 
     r = Reader()
     r.gpu = FakeGPU()
@@ -282,7 +282,7 @@ def check(got: np.ndarray, src: np.ndarray, lo, ro, lens, what: str) -> None:
 
 def child_read(transport: str) -> int:
     from kvtransfer import _C
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     rng = np.random.default_rng(5)
     lo, ro, lens = scatter_plan(6000, rng)  # several jobs, several launches each
@@ -317,7 +317,7 @@ def child_read(transport: str) -> int:
 
 def child_mixed(transport: str) -> int:
     from kvtransfer import alloc_host
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     rng = np.random.default_rng(9)
     lo, ro, lens = scatter_plan(1500, rng)
@@ -373,7 +373,7 @@ def child_register() -> int:
 
 def child_same_process() -> int:
     from kvtransfer import Engine
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     gpu = FakeGPU()
     src = gpu.alloc(1 << 20)
@@ -403,7 +403,7 @@ def child_same_process() -> int:
 
 def child_no_ipc() -> int:
     from kvtransfer import TransferError
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     with reader(1 << 20, "shm") as r:
         try:
@@ -464,7 +464,7 @@ def refuses_block(peer, local, ddesc, n: int, size: int, bad: int):
 
 def child_refusals() -> int:
     from kvtransfer import RegionDescriptor, RemoteAccessError
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
     import msgspec
 
     with reader(1 << 20, "shm") as r:
@@ -493,7 +493,7 @@ def child_refusals() -> int:
 
 def child_blocks() -> int:
     from kvtransfer import InvalidArgumentError
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     src, host_src = seeded_bytes(TARGET_BYTES, 1), seeded_bytes(TARGET_BYTES, 2)
     batch_mode = os.environ.get("KVTRANSFER_CUDA_COPY") == "batch"
@@ -542,7 +542,7 @@ def child_direct() -> int:
     import threading
 
     from kvtransfer import TransferError
-    from kvtransfer.target import seeded_bytes
+    from kvtransfer.testing.target import seeded_bytes
 
     src = seeded_bytes(TARGET_BYTES, 1)
     rng = np.random.default_rng(4)

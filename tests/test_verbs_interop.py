@@ -7,7 +7,7 @@ engine's tcp bootstrap from the wire format alone (csrc/wire.h):
 - pyverbs registers seeded bytes and serves queue pairs; our engine RDMA READs them
   (scattered blocks and the whole buffer), and a wrong rkey is refused by the NIC
   (RemoteAccessError, EACCES) without spoiling the next read on the same peer;
-- our engine (``python -m kvtransfer.target``) serves; pyverbs RDMA READs its region,
+- our engine (``python -m kvtransfer.testing.target``) serves; pyverbs RDMA READs its region,
   and a wrong rkey gets pyverbs a remote access error while the target lives on.
 
 Runs where this machine has an RDMA device the engine can open and pyverbs imports,
@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 
 from kvtransfer import EngineDescriptor, RegionDescriptor, RemoteAccessError
-from kvtransfer.target import stop_child
+from kvtransfer.testing.children import stop_child
 from support import (MiB, Target, TargetLauncher, alloc_dst, assert_bytes, close_within, make_engine, plan,
                      pump_lines, tail_file)
 
@@ -220,7 +220,7 @@ def test_engine_wrong_rkey_on_pyverbs_memory_then_recovers(reader_engine, pyverb
 
 @pytest.fixture(scope="module")
 def engine_target(rdma) -> Iterator[Target]:
-    """One ``kvtransfer.target`` for both tests below (its start is the slow part in
+    """One ``kvtransfer.testing.target`` for both tests below (its start is the slow part in
     the guest); stopped, then killed by pid if need be, at the end of the module."""
     launcher = TargetLauncher()
     try:

@@ -26,8 +26,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtransfer.model import load_tokenizer
+from kvtransfer.testing.openai_client import sse_events
 from worker_support import (BLOCK_SIZE, Decode, Fleet, Prefill, PrefillProbe, concurrently, hf_reference,
-                            model_folder, prompt_ids, reference, sse_events)
+                            model_folder, prompt_ids, reference)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -257,7 +258,7 @@ def test_client_leaving_mid_stream_frees_its_blocks(pair):
     sequence and every block goes back to its pool; the worker serves on."""
     d = pair.decodes["shm"]
     http = d.http
-    conn = http._conn()
+    conn = http.connection()
     resp = None
     try:
         conn.request("POST", "/v1/completions", body=json.dumps(
@@ -267,7 +268,7 @@ def test_client_leaving_mid_stream_frees_its_blocks(pair):
         assert resp.status == 200
         events = sse_events(resp, time.monotonic() + 60)
         for _ in range(3):
-            assert json.loads(next(events))["choices"][0]["token_ids"]
+            assert json.loads(next(events)[1])["choices"][0]["token_ids"]
         assert d.health()["free_blocks"] < KV_BLOCKS  # the sequence holds its blocks
     finally:
         if resp is not None:

@@ -1,10 +1,11 @@
-"""Test support for the standalone workers: model folders, worker processes, an HTTP
-client (JSON and server-sent events), a control-plane probe of a prefill worker's pool,
-and the one-process references the workers' tokens are compared with.
+"""Test support for the standalone workers: model folders, worker processes (each with
+an HTTP client, :class:`kvtransfer.testing.openai_client.OpenAIClient`), a control-plane
+probe of a prefill worker's pool, and the one-process references the workers' tokens are
+compared with.
 
 Workers are real processes: ``python -m prefill_worker --control tcp://127.0.0.1:0 ...``
 and ``python -m decode_worker --prefill EP --port 0 ...``. Each prints one JSON "ready"
-line on stdout (read with :func:`kvtransfer.target.start_child`, within a deadline); its
+line on stdout (read with :func:`kvtransfer.testing.children.start_child`, within a deadline); its
 stderr goes to a log file of its own, quoted when a test fails. They are stopped by pid:
 SIGTERM, a bounded wait, then SIGKILL. Every HTTP request has a socket timeout and, for
 streams, an overall deadline; every poll has a deadline.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
-import http.client
 import json
 import os
 import shutil
@@ -25,15 +25,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-from urllib.parse import urlsplit
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
 
-from kvtransfer.target import ChildError, start_child, stop_child
+from kvtransfer.testing.children import ChildError, start_child, stop_child
+from kvtransfer.testing.openai_client import OpenAIClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,8 +192,8 @@ class Decode(Worker):
         return self.hello["url"]
 
     @property
-    def http(self) -> "Http":
-        return Http(self.url)
+    def http(self) -> OpenAIClient:
+        return OpenAIClient(self.url, HTTP_S)
 
     def health(self) -> dict:
         r = self.http.get("/health")
@@ -306,133 +306,7 @@ def run_refused(module: str, *args: str, timeout: float = 90.0) -> tuple[int, st
     return r.returncode, r.stderr
 
 
-# --- HTTP ----------------------------------------------------------------------------------
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def error_message(self) -> str:
-        """The OpenAI error body's message (asserts there is one)."""
-        body = self.json()
-        assert isinstance(body.get("error"), dict), f"no error object in {body}"
-        msg = body["error"].get("message")
-        assert isinstance(msg, str) and msg.strip(), f"no error message in {body}"
-        return msg
-
-
-@dataclass
-class Stream:
-    """A streamed completion: its status, the chunks (decoded JSON events) and whether it
-    ended with ``data: [DONE]``."""
-    status: int
-    content_type: str
-    chunks: list[dict] = field(default_factory=list)
-    done: bool = False
-    body: bytes = b""  # a non-200 answer's body
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t for c in self.chunks if "choices" in c for t in c["choices"][0]["token_ids"]]
-
-    @property
-    def text(self) -> str:
-        return "".join(c["choices"][0]["text"] for c in self.chunks if "choices" in c)
-
-    @property
-    def final(self) -> dict:
-        """The last chunk, which must carry finish_reason, usage and kv_transfer."""
-        assert self.chunks, "no chunks"
-        return self.chunks[-1]
-
-    @property
-    def errors(self) -> list[dict]:
-        return [c for c in self.chunks if "error" in c]
-
-
-class Http:
-    """A small client for one server (a new connection per request, socket timeout)."""
-
-    def __init__(self, url: str, timeout: float = HTTP_S):
-        u = urlsplit(url)
-        self.host, self.port = u.hostname, u.port
-        self.timeout = timeout
-
-    def _conn(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Response:
-        conn = self._conn()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-        finally:
-            conn.close()
-
-    def get(self, path: str) -> Response:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: Any) -> Response:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return self.request("POST", path, data, {"Content-Type": "application/json"})
-
-    def complete(self, **fields: Any) -> dict:
-        """A non-streamed completion that must succeed."""
-        r = self.post("/v1/completions", fields)
-        assert r.status == 200, f"POST /v1/completions -> {r.status}: {r.body[:2000]!r}"
-        return r.json()
-
-    def stream(self, deadline_s: float = HTTP_S, **fields: Any) -> Stream:
-        """A streamed completion (``stream: true``), read event by event."""
-        deadline = time.monotonic() + deadline_s
-        conn = self._conn()
-        try:
-            conn.request("POST", "/v1/completions", body=json.dumps({**fields, "stream": True}).encode(),
-                         headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-            resp = conn.getresponse()
-            out = Stream(resp.status, resp.getheader("Content-Type", ""))
-            if resp.status != 200:
-                out.body = resp.read()
-                return out
-            for data in sse_events(resp, deadline):
-                if data == b"[DONE]":
-                    out.done = True
-                    break
-                out.chunks.append(json.loads(data))
-            return out
-        finally:
-            conn.close()
-
-
-def sse_events(resp: http.client.HTTPResponse, deadline: float) -> Iterator[bytes]:
-    """The data of each server-sent event (data lines joined), until end of stream.
-    Each read is bounded by the socket timeout, the whole stream by ``deadline``."""
-    data: list[bytes] = []
-    while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the event stream passed its deadline")
-        line = resp.readline(1 << 20)
-        if not line:
-            if data:
-                yield b"\n".join(data)
-            return
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield b"\n".join(data)
-                data = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-
+# --- HTTP ---------------------------------------------------------------------------------
 
 def concurrently(calls: Sequence[Callable[[], Any]], timeout: float = 2 * HTTP_S) -> list[Any]:
     """Runs every call in its own thread, all at once; their results in order (the first

@@ -1,6 +1,6 @@
 """The transfer demo (`make demo-transfer`): two processes, one registers, the other reads.
 
-A target process (``python -m kvtransfer.target``) registers 256 MiB of seeded random
+A target process (``python -m kvtransfer.testing.target``) registers 256 MiB of seeded random
 bytes and serves them from C threads. This process registers a destination, connects
 (the engine picks ``shm`` on one host; ``tcp`` is then forced for comparison), reads
 the target's blocks in a random order (like KV pages) with one batched call, checks
@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 
-from .descriptors import EngineDescriptor, RegionDescriptor
-from .engine import Engine
-from .memory import alloc_host
-from .target import parse_size, seeded_bytes, start_child, stop_child
+from kvtransfer import Engine, EngineDescriptor, RegionDescriptor, alloc_host
+from kvtransfer.testing.children import start_child, stop_child
+from kvtransfer.testing.target import parse_size, seeded_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     lead, end, close_line = ("\r", "", "\n") if tty else ("", "\n", "")
 
     print(f"[reader] starting a target process that registers {total >> 20} MiB of seeded random bytes ...")
-    proc, hello = start_child([sys.executable, "-m", "kvtransfer.target", "--bytes", str(total), "--seed",
+    proc, hello = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(total), "--seed",
                                str(args.seed)], timeout=60.0, what="target")
     try:
         remote_engine = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))

@@ -1,8 +1,8 @@
 """A synthetic prefill worker: a registered KV pool filled with a known pattern, served
 over the control plane layer by layer — "the other process" of the control plane's
-tests and benchmark, as :mod:`kvtransfer.target` is the engine's.
+tests and benchmark, as :mod:`kvtransfer.testing.target` is the engine's.
 
-    python -m kvtransfer.synthetic --layout '{"kind": "flash", "num_layers": 4, ...}' \\
+    python -m kvtransfer.testing.synthetic --layout '{"kind": "flash", "num_layers": 4, ...}' \\
         [--model NAME] [--endpoint tcp://127.0.0.1:0] [--lease 10] [--curve-secret F --curve-clients DIR]
 
 It prints one JSON line ``{"endpoint": ..., "pid": N}``, then serves until end of stdin.
@@ -33,11 +33,11 @@ import time
 
 import numpy as np
 
-from .control import ControlServer, CurveServerKeys, PrefillRequest
-from .engine import Engine
-from .errors import KVTransferError
-from .kv import BlockPool, CompatInfo, KVLayout
-from .memory import alloc_host
+from ..control import ControlServer, CurveServerKeys, PrefillRequest
+from ..engine import Engine
+from ..errors import KVTransferError
+from ..kv import BlockPool, CompatInfo, KVLayout
+from ..memory import alloc_host
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
@@ -172,7 +172,7 @@ class SyntheticPrefill:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvtransfer.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvtransfer.testing.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--layout", required=True, help="KVLayout fields as JSON")
     ap.add_argument("--model", default="synthetic")
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:0")

@@ -1,6 +1,6 @@
 """A standalone read target: registers a buffer of seeded random bytes and serves it.
 
-    python -m kvtransfer.target --bytes 64M --seed 7 [--listen-host 127.0.0.1]
+    python -m kvtransfer.testing.target --bytes 64M --seed 7 [--listen-host 127.0.0.1]
 
 It prints one JSON line, ``{"engine": HEX, "region": HEX, "pid": N}`` (the
 descriptors' bytes), then serves reads from C threads while it waits on stdin for
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import subprocess
 import sys
-import threading
 
 import numpy as np
 
-from .engine import Engine
-from .memory import alloc_host
+from ..engine import Engine
+from ..memory import alloc_host
 
 
 def parse_size(text: str) -> int:
@@ -40,62 +37,6 @@ def seeded_bytes(nbytes: int, seed: int, out: np.ndarray | None = None) -> np.nd
         return data.copy()
     out[:nbytes] = data
     return out
-
-
-class ChildError(RuntimeError):
-    """A child process did not start, or printed something other than its JSON line."""
-
-
-def start_child(cmd: list[str], timeout: float, what: str = "child",
-                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
-    """Starts ``cmd`` with stdin and stdout piped and returns it with the JSON line it
-    prints first (this module's hello, or any child speaking the same way), waiting at
-    most ``timeout`` seconds. A child that fails to start is killed. ``env``: variables
-    set for the child on top of this process's environment."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **env} if env else None)
-    box: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: box.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = box.get(timeout=timeout)
-        if not line:
-            raise ChildError(f"{what} exited (status {proc.wait(timeout=5)}) before printing its JSON line")
-        return proc, json.loads(line)
-    except queue.Empty:
-        proc.kill()
-        proc.wait(timeout=5)
-        raise ChildError(f"{what} printed nothing in {timeout} s") from None
-    except json.JSONDecodeError:
-        stop_child(proc)
-        raise ChildError(f"{what} printed {line.strip()!r}, not its JSON line") from None
-
-
-def stop_child(proc: subprocess.Popen, timeout: float = 10.0, sig: int | None = None) -> bool:
-    """End of stdin (this module's signal to exit) — or, with ``sig``, that signal by pid
-    (for children that do not read stdin) — then a bounded wait, then kill; the pipes
-    are closed either way. Returns False when the child had to be killed."""
-    if sig is None:
-        _close(proc.stdin)
-    elif proc.poll() is None:
-        proc.send_signal(sig)
-    stopped = True
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stopped = False
-        proc.kill()
-        proc.wait(timeout=timeout)
-    _close(proc.stdin)
-    _close(proc.stdout)
-    return stopped
-
-
-def _close(pipe) -> None:
-    try:
-        if pipe:
-            pipe.close()
-    except OSError:  # a flush into a child that is gone
-        pass
 
 
 def serve_device_and_host(dev, host) -> None:

@@ -1,6 +1,7 @@
 """What a decode worker asks a prefill worker, inside the control plane's Submit
 payload, and what it gets back in Finished (msgpack, validated like every control
-message: a malformed payload fails the request with ``bad_request``)."""
+message: a malformed payload fails the request with ``bad_request``). The library owns
+this schema so that the two workers meet only through it, never import each other."""
 
 from __future__ import annotations
 

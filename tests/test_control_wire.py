@@ -11,7 +11,6 @@ import time
 
 import msgspec
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,52 +20,13 @@ from kvtransfer.control import messages as m
 from kvtransfer.control.security import is_loopback_endpoint, warn_if_exposed
 from kvtransfer.kv import CompatInfo, KVLayout
 from kvtransfer.synthetic import check_request
-from control_support import BASE, MODEL, PrefillLauncher, decode_side, payload
-
-REPLY_MS = 5000
-
+from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
 
 @pytest.fixture(scope="module")
 def prefill():
     launcher = PrefillLauncher()
     yield launcher.start(KVLayout(**BASE), lease=0.5)
     launcher.close()
-
-
-class Raw:
-    """A bare DEALER socket speaking (or not) the protocol."""
-
-    def __init__(self, endpoint: str):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.connect(endpoint)
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def send_msg(self, msg) -> None:
-        self.sock.send_multipart(m.encode(msg))
-
-    def recv(self, timeout_ms: int = REPLY_MS):
-        if not self.sock.poll(timeout_ms):
-            pytest.fail(f"no reply within {timeout_ms} ms")
-        return m.decode_to_decode(self.sock.recv_multipart())
-
-    def hello(self, engine: Engine, layout: KVLayout) -> m.Welcome:
-        self.send_msg(m.Hello(engine=engine.descriptor.to_bytes(), layout=layout,
-                              compat=CompatInfo.of(layout, MODEL), name="raw"))
-        reply = self.recv()
-        assert isinstance(reply, m.Welcome), reply
-        return reply
-
-    def alive(self) -> None:
-        self.send_msg(m.Ping(nonce=7))
-        assert self.recv() == m.Pong(nonce=7)
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
 
 
 @pytest.fixture

@@ -282,6 +282,11 @@ class ControlClient:
                 if lost in self._pulls:
                     self._pulls[lost]._fail(LeaseExpiredError(
                         f"{lost!r}: the prefill side no longer holds the blocks (lease expired)", op="renew"))
+            for refused in msg.refused:
+                if refused in self._pulls:
+                    self._pulls[refused]._fail(ControlError(
+                        f"{refused!r}: the prefill side says it belongs to another session", code="not_owner",
+                        op="renew"))
             return
         # an answer without a request id goes to the oldest request waiting for it
         for waiter in self._waiters:

@@ -12,7 +12,14 @@ them to the pool when the application is done with them (``finish``/``fail``) **
 every reader released them or the lease expired. A lease starts at submit and at pin
 and is extended by the readers' renewals; a decode worker that dies stops renewing, so
 its blocks come back within ``lease_s``. A release that arrives after expiry is
-answered ``valid=False``: the reader must not trust what it read. All state lives on
+answered ``valid=False``: the reader must not trust what it read.
+
+A request belongs to the sessions that submitted or subscribed to it (its readers): a
+``Release``, ``Renew`` or ``Subscribe`` from any other session is refused with
+``not_owner``, so one decode side cannot retire another's request. A request submitted
+for several readers keeps its free reader slots open to any session that names its id
+(tensor-parallel decode ranks are separate sessions): such ids must be unguessable —
+:func:`~kvtransfer.control.messages.new_request_id` makes them so. All state lives on
 the socket's loop thread; :class:`PrefillRequest` methods are thread-safe and only
 queue work to it.
 """
@@ -36,6 +43,7 @@ from . import messages as m
 from .loop import SocketLoop
 from .metrics import metrics_for
 from .security import CurveServerKeys, warn_if_exposed
+from .sessions import Session, session_name
 
 log = logging.getLogger("kvtransfer.control")
 
@@ -171,8 +179,9 @@ class ControlServer:
         self._reqs: dict[str, _Req] = {}
         self._orphans: dict[str, _Req] = {}  # retired, but the application still holds the blocks
         self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._released_by: dict[str, frozenset[bytes]] = {}  # of retired requests, for repeated releases
-        self._sessions: dict[bytes, str] = {}
+        # of retired requests: (readers, those that released), for late and repeated releases
+        self._retired_by: dict[str, tuple[frozenset[bytes], frozenset[bytes]]] = {}
+        self._sessions: dict[bytes, Session] = {}
         self._expired = 0
         self._errors = 0
 
@@ -279,7 +288,8 @@ class ControlServer:
             names = ", ".join(f"{n} (ours {a!r}, yours {b!r})" for n, a, b in fields)
             return self._refuse(ident, "incompatible", f"KV caches do not match: {names}",
                                 fields=[(n, str(a), str(b)) for n, a, b in fields])
-        self._sessions[ident] = msg.name or ident.hex()
+        if ident not in self._sessions:  # a repeated Hello keeps the session and its requests
+            self._sessions[ident] = Session(ident, session_name(msg.name, ident))
         self._send(ident, m.Welcome(layout=self.layout, compat=self.compat, lease_s=self.lease_s, name=self.name,
                                     **self._welcome_parts))
 
@@ -292,10 +302,10 @@ class ControlServer:
             self._on_submit(handle)
         except Exception as e:  # the application said no: nothing was pinned yet
             log.warning("%s: request %r rejected: %s", self.name, msg.request_id, e)
-            req = self._reqs.pop(msg.request_id)
+            req = self._reqs[msg.request_id]
             req.outcome = m.Failed(request_id=msg.request_id, code="rejected", message=str(e)[:4000])
             self._send(ident, req.outcome)
-            self._remember(msg.request_id, "rejected")
+            self._retire(msg.request_id, "rejected")
 
     def _create(self, handle: PrefillRequest, subscriber: bytes | None = None) -> ControlError | None:
         rid = handle.request_id
@@ -306,6 +316,7 @@ class ControlServer:
         req = _Req(handle=handle, deadline=time.monotonic() + self.lease_s)
         if subscriber is not None:
             req.subscribers.append(subscriber)
+            self._sessions[subscriber].requests.add(rid)
         self._reqs[rid] = req
         return None
 
@@ -316,9 +327,11 @@ class ControlServer:
         if ident not in req.subscribers:
             if len(req.subscribers) >= req.handle.readers:
                 # one more reader than releases expected: the blocks could be freed under it
-                return self._refuse(ident, "too_many_readers", f"request {msg.request_id!r} was submitted for "
-                                    f"{req.handle.readers} reader(s), all taken", msg.request_id)
+                return self._refuse(ident, "not_owner", f"Subscribe: request {msg.request_id!r} belongs to "
+                                    f"{self._owners(req.subscribers)}: its {req.handle.readers} reader slot(s) are "
+                                    f"taken", msg.request_id)
             req.subscribers.append(ident)
+            self._sessions[ident].requests.add(msg.request_id)
         req.deadline = time.monotonic() + self.lease_s
         # replay what was published before this reader joined, then it gets the rest live
         if req.blocks is not None:
@@ -330,33 +343,46 @@ class ControlServer:
 
     def _renew(self, ident: bytes, msg: m.Renew) -> None:
         deadline = time.monotonic() + self.lease_s
-        lost = []
+        lost, refused = [], []
         for rid in msg.request_ids:
             req = self._reqs.get(rid)
             if req is None:
                 lost.append(rid)
+            elif ident not in req.subscribers:
+                refused.append(rid)
             else:
                 req.deadline = deadline
-        self._send(ident, m.Renewed(lease_s=self.lease_s, lost=lost))
+        if refused:
+            self._refused_metric("not_owner")
+            self._log_refusal(ident, "not_owner", f"Renew of {len(refused)} requests of other sessions, e.g. "
+                                                  f"{refused[0]!r}")
+        self._send(ident, m.Renewed(lease_s=self.lease_s, lost=lost, refused=refused))
 
     def _release(self, ident: bytes, msg: m.Release) -> None:
         rid = msg.request_id
         req = self._reqs.get(rid)
         if req is None:
             why = self._tombstones.get(rid)
+            readers, released_by = self._retired_by.get(rid, (frozenset(), frozenset()))
+            if why and ident not in readers:
+                return self._refuse(ident, "not_owner", f"Release: request {rid!r} belonged to other sessions",
+                                    rid)
             if why == "expired":
                 return self._send(ident, m.Released(
                     request_id=rid, valid=False,
                     message=f"the lease expired before this release (no renewal for {self.lease_s} s): the blocks "
                             f"may have been reused while read"))
-            if why == "released" and ident in self._released_by.get(rid, ()):  # a repeat: the first answer stands
+            if why == "released" and ident in released_by:  # a repeat: the first answer stands
                 return self._send(ident, m.Released(request_id=rid, valid=True, message="already released"))
             return self._refuse(ident, "unknown_request", f"Release of request {rid!r}, which is "
                                 f"{'already ' + why if why else 'unknown'}", rid)
+        if ident not in req.subscribers:
+            return self._refuse(ident, "not_owner", f"Release: request {rid!r} belongs to "
+                                f"{self._owners(req.subscribers)}", rid)
         req.released_by.add(ident)
         self._send(ident, m.Released(request_id=rid, valid=True))
         log.info("%s: request %r: %d bytes read by %s over %s", self.name, rid, msg.nbytes,
-                 self._sessions.get(ident, "?"), msg.transport or "?")
+                 self._sessions[ident].name, msg.transport or "?")
         if len(req.released_by) >= req.handle.readers:
             self._retire(rid, "released")
 
@@ -368,6 +394,10 @@ class ControlServer:
 
     _handlers = {m.Hello: _hello, m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
                  m.Release: _release, m.Ping: _ping, m.StatsQuery: _stats}
+
+    def _owners(self, idents: list[bytes]) -> str:
+        names = [s.name if (s := self._sessions.get(i)) else i.hex()[-8:] for i in idents]
+        return f"session{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "no session"
 
     def _live(self, ident: bytes, rid: str, what: str) -> _Req | None:
         req = self._reqs.get(rid)
@@ -432,7 +462,10 @@ class ControlServer:
         req = self._reqs.pop(rid)
         req.retired = True
         req.handle._cancelled.set()
-        self._remember(rid, why, req.released_by)
+        for ident in req.subscribers:
+            if (session := self._sessions.get(ident)) is not None:
+                session.requests.discard(rid)
+        self._remember(rid, why, req.subscribers, req.released_by)
         if req.app_done:
             self._free(req)
         else:
@@ -444,13 +477,14 @@ class ControlServer:
             self._metrics.pinned_blocks.dec(len(req.blocks))
             req.blocks = None
 
-    def _remember(self, rid: str, why: str, released_by: set[bytes] | None = None) -> None:
+    def _remember(self, rid: str, why: str, readers: list[bytes] = (), released_by: set[bytes] = frozenset()
+                  ) -> None:
         self._tombstones[rid] = why
-        if released_by:
-            self._released_by[rid] = frozenset(released_by)
+        if readers:
+            self._retired_by[rid] = (frozenset(readers), frozenset(released_by))
         while len(self._tombstones) > _TOMBSTONES:
             old, _ = self._tombstones.popitem(last=False)
-            self._released_by.pop(old, None)
+            self._retired_by.pop(old, None)
 
     def _shutdown(self) -> None:
         for rid in list(self._reqs):
@@ -470,9 +504,15 @@ class ControlServer:
 
     def _refuse(self, ident: bytes, code: str, message: str, request_id: str = "",
                 fields: list[tuple[str, str, str]] | None = None) -> None:
-        self._errors += 1
-        self._metrics.errors.labels("prefill", code).inc()
-        who = self._sessions.get(ident, ident.hex()[:10])
-        log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message)
+        self._refused_metric(code)
+        self._log_refusal(ident, code, message)
         self._send(ident, m.Error(code=code, message=message[:4000], request_id=request_id[:256],
                                   fields=fields or []))
+
+    def _refused_metric(self, code: str) -> None:
+        self._errors += 1
+        self._metrics.errors.labels("prefill", code).inc()
+
+    def _log_refusal(self, ident: bytes, code: str, message: str) -> None:
+        who = s.name if (s := self._sessions.get(ident)) else ident.hex()[-8:]
+        log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message)

@@ -93,7 +93,9 @@ class SyntheticPrefill:
     """The worker: one compute thread takes requests in order and writes their pattern."""
 
     def __init__(self, layout: KVLayout, model: str, endpoint: str, lease_s: float, curve=None,
-                 listen_host: str = "127.0.0.1", scatter_seed: int | None = None):
+                 listen_host: str = "127.0.0.1", scatter_seed: int | None = None,
+                 server_options: dict | None = None):
+        """``server_options``: more keyword arguments of the ControlServer (limits, registry)."""
         self.layout = layout
         self.buffers = [alloc_host(layout.region_nbytes(r)) for r in range(layout.num_regions)]
         self.pool = BlockPool(layout.num_blocks)
@@ -107,7 +109,8 @@ class SyntheticPrefill:
             self.regions = [self.engine.register(b)[0] for b in self.buffers]
             self.server = ControlServer(endpoint, engine=self.engine, regions=self.regions, layout=layout,
                                         compat=CompatInfo.of(layout, model), pool=self.pool, lease_s=lease_s,
-                                        on_submit=self._submitted, curve=curve, name="synthetic-prefill")
+                                        on_submit=self._submitted, curve=curve, name="synthetic-prefill",
+                                        **(server_options or {}))
         except BaseException:  # e.g. the endpoint is taken: no engine thread may outlive us
             self.engine.close()
             raise

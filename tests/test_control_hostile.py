@@ -6,16 +6,20 @@ Real ZeroMQ sockets on random loopback ports; every receive is timed."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from kvtransfer import Engine
-from kvtransfer.control import ControlError, new_request_id
+from kvtransfer.control import ControlError, LeaseExpiredError, Limits, new_request_id
 from kvtransfer.control import messages as m
+from kvtransfer.errors import InvalidArgumentError
 from kvtransfer.kv import KVLayout
-from kvtransfer.synthetic import check_request
-from control_support import BASE, PrefillLauncher, Raw, decode_side, payload
+from kvtransfer.synthetic import SyntheticPrefill, check_request
+from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
 
 WAIT = 20.0
 
@@ -25,6 +29,14 @@ def start_prefill():
     launcher = PrefillLauncher()
     yield launcher.start
     launcher.close()
+
+
+def wait_until(ok: Callable[[], bool], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > end:
+            pytest.fail(f"not so within {timeout} s")
+        time.sleep(0.05)
 
 
 def test_another_session_cannot_release_renew_or_subscribe_to_a_request(start_prefill):
@@ -67,3 +79,53 @@ def test_request_ids_made_by_the_library_are_not_guessable():
     for rid in ids:
         prefix, token = rid.split("-")
         assert prefix == "cmpl" and len(token) == 32 and int(token, 16) >= 0  # 128 random bits
+
+
+@contextlib.contextmanager
+def prefill_here(layout: KVLayout, lease: float = 5.0, **server_options) -> Iterator[SyntheticPrefill]:
+    """A synthetic prefill worker in this process: its server's options, state and
+    metrics are at hand. Its engine and control socket are real (loopback)."""
+    p = SyntheticPrefill(layout, MODEL, "tcp://127.0.0.1:0", lease, server_options=server_options)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_a_session_that_keeps_renewing_cannot_hold_the_pool(caplog):
+    """Weakness 7: a reader that renews for ever used to hold its blocks for ever, and
+    one session could pin the whole pool. Now its request ends at the maximum lease
+    (LeaseExpiredError), a Submit over its block quota is refused at once, another
+    session is served meanwhile, and both limits are counted in Prometheus."""
+    layout = KVLayout(**BASE)
+    registry = CollectorRegistry()
+    limits = Limits(session_blocks=4, max_lease_s=1.5)
+    with prefill_here(layout, lease=0.5, limits=limits, registry=registry) as prefill, decode_side(layout) as d, \
+            d.client(prefill.server.endpoint, name="greedy") as greedy, \
+            d.client(prefill.server.endpoint, name="fair") as fair:
+        t0 = time.monotonic()
+        hog = greedy.pull("hog", d.pool.alloc(4), payload=payload(60, 1, layer_delay=0.8))  # 3.2 s of compute
+        hog.wait_layer(0, timeout=WAIT)  # 4 blocks pinned: the greedy session's whole quota
+        with pytest.raises(ControlError) as e:
+            greedy.pull("more", d.pool.alloc(1), payload=payload(1, 2)).wait(WAIT)
+        assert e.value.code == "quota_exceeded" and "greedy" in str(e.value) and "quota is 4" in str(e.value)
+        dst = d.pool.alloc(2)
+        fair_pull = fair.pull("fair", dst, payload=payload(20, 3))
+        with pytest.raises(LeaseExpiredError, match="maximum lease of 1.5 s"):
+            hog.wait(WAIT)  # renewed every lease/3 all along
+        held = time.monotonic() - t0
+        assert 1.5 <= held < 1.5 + 2.0, held
+        fair_pull.wait(WAIT)
+        check_request(layout, d.buffers, dst, 20, 3)
+        wait_until(lambda: prefill.stats()["used_blocks"] == 0, WAIT)
+    sample = registry.get_sample_value
+    assert sample("kvtransfer_control_limit_refusals_total", {"limit": "session_blocks"}) == 1
+    assert sample("kvtransfer_control_limit_refusals_total", {"limit": "max_lease"}) == 1
+
+
+def test_limits_are_checked(tmp_path):
+    layout = KVLayout(**BASE)
+    for bad in (Limits(session_blocks=0), Limits(session_requests=0), Limits(max_lease_s=0.1)):
+        with pytest.raises(InvalidArgumentError):
+            with prefill_here(layout, lease=1.0, limits=bad):
+                pass

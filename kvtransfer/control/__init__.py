@@ -34,7 +34,8 @@ from .messages import new_request_id
 from .metrics import PullTimings, metrics_for
 from .security import CurveClientKeys, CurveServerKeys, generate_keys
 from .server import ControlServer, PrefillRequest
+from .sessions import Limits
 
-__all__ = ["ControlServer", "PrefillRequest", "ControlClient", "Pull", "pull_sharded", "new_request_id", "PullTimings",
+__all__ = ["ControlServer", "PrefillRequest", "Limits", "ControlClient", "Pull", "pull_sharded", "new_request_id", "PullTimings",
            "metrics_for", "CurveServerKeys", "CurveClientKeys", "generate_keys", "ControlError",
            "LeaseExpiredError", "PeerLostError"]

@@ -164,7 +164,8 @@ class Stats(_Msg, tag="stats"):
 class Error(_Msg, tag="error"):
     """A refused message: ``code`` (``malformed``, ``too_large``, ``unsupported_version``,
     ``no_handshake``, ``incompatible``, ``unknown_request``, ``duplicate_request``,
-    ``lease_expired``, ``not_owner`` (the request belongs to other sessions), ``out_of_order``), a message for people, and for
+    ``lease_expired``, ``not_owner`` (the request belongs to other sessions), ``quota_exceeded``,
+    ``out_of_order``), a message for people, and for
     ``incompatible`` the differing ``fields`` as (name, ours, theirs)."""
     code: ShortText
     message: ShortText

@@ -11,8 +11,12 @@ Block ownership: once pinned, a request's blocks belong to the server, which ret
 them to the pool when the application is done with them (``finish``/``fail``) **and**
 every reader released them or the lease expired. A lease starts at submit and at pin
 and is extended by the readers' renewals; a decode worker that dies stops renewing, so
-its blocks come back within ``lease_s``. A release that arrives after expiry is
-answered ``valid=False``: the reader must not trust what it read.
+its blocks come back within ``lease_s``, and no request stays pinned longer than
+``Limits.max_lease_s`` however often it is renewed. A release that arrives after expiry
+is answered ``valid=False``: the reader must not trust what it read. Per-session quotas
+(:class:`~kvtransfer.control.sessions.Limits`: pinned blocks, open requests) refuse a
+``Submit``/``Subscribe`` with ``quota_exceeded``, or fail a request whose pin would
+exceed them, so one client cannot hold the pool.
 
 A request belongs to the sessions that submitted or subscribed to it (its readers): a
 ``Release``, ``Renew`` or ``Subscribe`` from any other session is refused with
@@ -43,7 +47,7 @@ from . import messages as m
 from .loop import SocketLoop
 from .metrics import metrics_for
 from .security import CurveServerKeys, warn_if_exposed
-from .sessions import Session, session_name
+from .sessions import Limits, Session, session_name
 
 log = logging.getLogger("kvtransfer.control")
 
@@ -121,7 +125,8 @@ class PrefillRequest:
 class _Req:
     """The server's state of one request (loop thread only)."""
     handle: PrefillRequest
-    deadline: float
+    deadline: float       # of the lease (monotonic); renewals move it, never past max_deadline
+    max_deadline: float   # created + Limits.max_lease_s
     subscribers: list[bytes] = field(default_factory=list)
     released_by: set[bytes] = field(default_factory=set)
     blocks: list[int] | None = None
@@ -152,13 +157,14 @@ class ControlServer:
     says which). ``on_submit(req)`` runs on the loop thread for every Submit: it must
     only queue the request (raising rejects it). ``lease_s``: how long blocks stay
     pinned without a renewal. ``curve``: CurveZMQ keys; without them a server bound
-    beyond loopback warns.
+    beyond loopback warns. ``limits``: per-session quotas and the maximum lease
+    (:class:`~kvtransfer.control.sessions.Limits`; default ``Limits()``).
     """
 
     def __init__(self, endpoint: str, *, engine: Engine, regions: Sequence[Region], layout: KVLayout,
                  compat: CompatInfo, pool: BlockPool, on_submit: Callable[[PrefillRequest], None],
                  lease_s: float = 10.0, curve: CurveServerKeys | None = None, name: str = "prefill",
-                 registry=None):
+                 registry=None, limits: Limits | None = None):
         if not 0.05 <= lease_s <= 86400:
             raise InvalidArgumentError(f"lease_s must be in [0.05, 86400], got {lease_s}", op="control")
         if len(regions) != layout.num_regions:
@@ -167,6 +173,8 @@ class ControlServer:
         if pool.num_blocks != layout.num_blocks:
             raise InvalidArgumentError(f"pool of {pool.num_blocks} blocks for a layout of {layout.num_blocks}",
                                        op="control")
+        self.limits = limits or Limits()
+        self.limits.check(lease_s)
         self.layout = layout
         self.compat = compat
         self.pool = pool
@@ -294,6 +302,8 @@ class ControlServer:
                                     **self._welcome_parts))
 
     def _submit(self, ident: bytes, msg: m.Submit) -> None:
+        if (over := self._over_quota(self._sessions[ident], 0)) is not None:
+            return self._refuse_limit(ident, over, f"Submit of {msg.request_id!r}", msg.request_id)
         handle = PrefillRequest(self, msg.request_id, msg.payload, msg.readers)
         problem = self._create(handle, subscriber=ident)
         if problem is not None:
@@ -313,7 +323,8 @@ class ControlServer:
             return ControlError(f"request id {rid!r} is already in use", code="duplicate_request")
         if self._closed:
             return ControlError("the server is shutting down", code="shutting_down")
-        req = _Req(handle=handle, deadline=time.monotonic() + self.lease_s)
+        now = time.monotonic()
+        req = _Req(handle=handle, deadline=now + self.lease_s, max_deadline=now + self.limits.max_lease_s)
         if subscriber is not None:
             req.subscribers.append(subscriber)
             self._sessions[subscriber].requests.add(rid)
@@ -330,9 +341,11 @@ class ControlServer:
                 return self._refuse(ident, "not_owner", f"Subscribe: request {msg.request_id!r} belongs to "
                                     f"{self._owners(req.subscribers)}: its {req.handle.readers} reader slot(s) are "
                                     f"taken", msg.request_id)
+            if (over := self._over_quota(self._sessions[ident], len(req.blocks or ()))) is not None:
+                return self._refuse_limit(ident, over, f"Subscribe to {msg.request_id!r}", msg.request_id)
             req.subscribers.append(ident)
             self._sessions[ident].requests.add(msg.request_id)
-        req.deadline = time.monotonic() + self.lease_s
+        req.deadline = min(time.monotonic() + self.lease_s, req.max_deadline)
         # replay what was published before this reader joined, then it gets the rest live
         if req.blocks is not None:
             self._send(ident, m.Pinned(request_id=msg.request_id, blocks=req.blocks, num_tokens=req.num_tokens))
@@ -351,7 +364,7 @@ class ControlServer:
             elif ident not in req.subscribers:
                 refused.append(rid)
             else:
-                req.deadline = deadline
+                req.deadline = min(deadline, req.max_deadline)
         if refused:
             self._refused_metric("not_owner")
             self._log_refusal(ident, "not_owner", f"Renew of {len(refused)} requests of other sessions, e.g. "
@@ -395,6 +408,24 @@ class ControlServer:
     _handlers = {m.Hello: _hello, m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
                  m.Release: _release, m.Ping: _ping, m.StatsQuery: _stats}
 
+    def _pinned_by(self, session: Session) -> int:
+        return sum(len(r.blocks or ()) for rid in session.requests if (r := self._reqs.get(rid)) is not None)
+
+    def _over_quota(self, session: Session, more_blocks: int) -> tuple[str, str] | None:
+        """(limit, why) if ``session`` may not take one more request of ``more_blocks``."""
+        if len(session.requests) >= self.limits.session_requests:
+            return "session_requests", f"{session.name} has {len(session.requests)} open requests, the limit"
+        quota = self.limits.session_blocks
+        if quota is not None and (pinned := self._pinned_by(session)) + max(more_blocks, 1) > quota:
+            return "session_blocks", (f"{session.name} holds {pinned} pinned blocks{f' + {more_blocks}' if more_blocks else ''}"
+                                      f", its quota is {quota}")
+        return None
+
+    def _refuse_limit(self, ident: bytes, over: tuple[str, str], what: str, rid: str) -> None:
+        limit, why = over
+        self._metrics.limit_refusals.labels(limit).inc()
+        self._refuse(ident, "quota_exceeded", f"{what}: {why}", rid)
+
     def _owners(self, idents: list[bytes]) -> str:
         names = [s.name if (s := self._sessions.get(i)) else i.hex()[-8:] for i in idents]
         return f"session{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "no session"
@@ -418,11 +449,26 @@ class ControlServer:
             log.error("%s: pin for unknown request %r; freeing its blocks", self.name, rid)
             self.pool.free(blocks)
             return
+        over = None if req.retired else self._pin_over_quota(req, len(blocks))
         req.blocks, req.num_tokens = blocks, num_tokens
         self._metrics.pinned_blocks.inc(len(blocks))
-        if not req.retired:
-            req.deadline = time.monotonic() + self.lease_s
+        if over is not None:
+            self._metrics.limit_refusals.labels("session_blocks").inc()
+            log.warning("%s: request %r: %s; failing it", self.name, rid, over)
+            self._publish(req, m.Failed(request_id=rid, code="quota_exceeded", message=over))
+            self._retire(rid, "quota_exceeded")
+        elif not req.retired:
+            req.deadline = min(time.monotonic() + self.lease_s, req.max_deadline)
             self._publish(req, m.Pinned(request_id=rid, blocks=blocks, num_tokens=num_tokens))
+
+    def _pin_over_quota(self, req: _Req, nblocks: int) -> str | None:
+        """Why pinning ``nblocks`` for ``req`` would take one of its readers over quota."""
+        quota = self.limits.session_blocks
+        for ident in req.subscribers if quota is not None else ():
+            session = self._sessions.get(ident)
+            if session is not None and (pinned := self._pinned_by(session)) + nblocks > quota:
+                return f"{nblocks} blocks would take {session.name} to {pinned + nblocks}, over its quota of {quota}"
+        return None
 
     def _layers(self, rid: str, layers: list[int]) -> None:
         req = self._find(rid)
@@ -450,11 +496,15 @@ class ControlServer:
             req = self._reqs[rid]
             self._expired += 1
             self._metrics.leases_expired.inc()
-            log.warning("%s: lease of request %r expired (%d/%d readers released, no renewal for %.1f s); "
-                        "reclaiming %d blocks", self.name, rid, len(req.released_by), req.handle.readers,
-                        self.lease_s, len(req.blocks or ()))
+            if req.deadline >= req.max_deadline:
+                self._metrics.limit_refusals.labels("max_lease").inc()
+                why = f"held for the maximum lease of {self.limits.max_lease_s} s"
+            else:
+                why = f"no renewal for {self.lease_s} s"
+            log.warning("%s: lease of request %r expired (%d/%d readers released, %s); reclaiming %d blocks",
+                        self.name, rid, len(req.released_by), req.handle.readers, why, len(req.blocks or ()))
             self._publish(req, m.Failed(request_id=rid, code="lease_expired",
-                                        message=f"no renewal for {self.lease_s} s; the blocks are reclaimed"))
+                                        message=f"{why}; the blocks are reclaimed"))
             self._retire(rid, "expired")
 
     def _retire(self, rid: str, why: str) -> None:

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from .control import ControlServer, CurveServerKeys, PrefillRequest
+from .control import ControlServer, CurveServerKeys, Limits, PrefillRequest
 from .engine import Engine
 from .errors import KVTransferError
 from .kv import BlockPool, CompatInfo, KVLayout
@@ -165,7 +165,7 @@ class SyntheticPrefill:
     def stats(self) -> dict:
         s = self.server.stats()
         return {"free_blocks": s.free_blocks, "used_blocks": s.used_blocks, "pinned_requests": s.pinned_requests,
-                "leases_expired": s.leases_expired, "errors": s.errors}
+                "leases_expired": s.leases_expired, "errors": s.errors, "sessions": s.sessions}
 
     def close(self) -> None:
         self._work.put(None)
@@ -184,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scatter-seed", type=int, help="shuffle the pool's free list (scattered blocks)")
     ap.add_argument("--curve-secret", help="CURVE secret key file (enables CurveZMQ)")
     ap.add_argument("--curve-clients", help="folder of accepted clients' public keys")
+    ap.add_argument("--limits", default="{}", help="kvtransfer.control.Limits fields as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="synthetic-prefill %(levelname)s %(message)s")
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     worker = SyntheticPrefill(KVLayout(**json.loads(args.layout)), args.model, args.endpoint, args.lease, curve,
-                              args.listen_host, args.scatter_seed)
+                              args.listen_host, args.scatter_seed,
+                              server_options={"limits": Limits(**json.loads(args.limits))})
     print(json.dumps({"endpoint": worker.server.endpoint, "pid": os.getpid()}), flush=True)
     try:
         for line in sys.stdin:

@@ -103,8 +103,10 @@ class PrefillLauncher:
 class Raw:
     """A bare DEALER socket speaking (or not) the protocol."""
 
-    def __init__(self, endpoint: str):
-        self.ctx = zmq.Context()
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+        """``ctx``: a context to share (many sockets); default one of its own."""
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.connect(endpoint)
@@ -133,7 +135,8 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
 
 @dataclass

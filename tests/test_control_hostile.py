@@ -7,17 +7,20 @@ Real ZeroMQ sockets on random loopback ports; every receive is timed."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Callable, Iterator
 
+import msgspec
 import pytest
+import zmq
 from prometheus_client import CollectorRegistry
 
 from kvtransfer import Engine
 from kvtransfer.control import ControlError, LeaseExpiredError, Limits, new_request_id
 from kvtransfer.control import messages as m
 from kvtransfer.errors import InvalidArgumentError
-from kvtransfer.kv import KVLayout
+from kvtransfer.kv import CompatInfo, KVLayout
 from kvtransfer.synthetic import SyntheticPrefill, check_request
 from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
 
@@ -129,3 +132,45 @@ def test_limits_are_checked(tmp_path):
         with pytest.raises(InvalidArgumentError):
             with prefill_here(layout, lease=1.0, limits=bad):
                 pass
+
+
+def test_silent_sessions_are_dropped_and_refusals_are_logged_at_a_bounded_rate(caplog):
+    """Weakness 8: the session table grew with every Hello and was never pruned, and
+    every refused message logged a line. Now sessions silent for session_idle_s are
+    dropped (a live client's heartbeats keep its own), and a flood of refused messages
+    is answered in full but logged at most 20 lines per 10 s."""
+    layout = KVLayout(**BASE)
+    n = 300
+    hello = m.Hello(engine=b"", layout=layout, compat=CompatInfo.of(layout, MODEL), name="silent")
+    with prefill_here(layout, limits=Limits(session_idle_s=2.0)) as prefill, decode_side(layout) as d, \
+            d.client(prefill.server.endpoint, name="alive") as alive:
+        ctx = zmq.Context()
+        try:
+            raws = [Raw(prefill.server.endpoint, ctx) for _ in range(n)]
+            try:
+                hello = msgspec.structs.replace(hello, engine=d.engine.descriptor.to_bytes())
+                for r in raws:  # all at once, then the answers: well within session_idle_s
+                    r.send_msg(hello)
+                for r in raws:
+                    assert isinstance(r.recv(), m.Welcome)
+            finally:
+                for r in raws:
+                    r.close()
+            assert prefill.stats()["sessions"] == n + 1
+            wait_until(lambda: prefill.stats()["sessions"] == 1, 2.0 + 5.0)
+            errors_before = prefill.stats()["errors"]
+            flood = Raw(prefill.server.endpoint, ctx)
+            try:
+                with caplog.at_level(logging.WARNING, logger="kvtransfer.control"):
+                    for i in range(1000):
+                        flood.send(m.PROTOCOL, b"\xc1 not msgpack")
+                        assert flood.recv().code == "malformed"
+            finally:
+                flood.close()
+        finally:
+            ctx.term()
+        assert prefill.stats()["errors"] - errors_before == 1000
+        logged = [r for r in caplog.records if "refused a message" in r.getMessage()]
+        assert 1 <= len(logged) <= 20, len(logged)
+        assert alive.ping() < 1.0  # its heartbeats kept it
+

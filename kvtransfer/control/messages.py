@@ -154,17 +154,20 @@ class Pong(_Msg, tag="pong"):
 
 
 class Stats(_Msg, tag="stats"):
+    """The prefill side's pool, leases, refusals and sessions."""
     free_blocks: Count
     used_blocks: Count
     pinned_requests: Count
     leases_expired: Count
     errors: Count
+    sessions: Count = 0
 
 
 class Error(_Msg, tag="error"):
     """A refused message: ``code`` (``malformed``, ``too_large``, ``unsupported_version``,
     ``no_handshake``, ``incompatible``, ``unknown_request``, ``duplicate_request``,
     ``lease_expired``, ``not_owner`` (the request belongs to other sessions), ``quota_exceeded``,
+    ``too_many_sessions``,
     ``out_of_order``), a message for people, and for
     ``incompatible`` the differing ``fields`` as (name, ours, theirs)."""
     code: ShortText

@@ -16,7 +16,9 @@ its blocks come back within ``lease_s``, and no request stays pinned longer than
 is answered ``valid=False``: the reader must not trust what it read. Per-session quotas
 (:class:`~kvtransfer.control.sessions.Limits`: pinned blocks, open requests) refuse a
 ``Submit``/``Subscribe`` with ``quota_exceeded``, or fail a request whose pin would
-exceed them, so one client cannot hold the pool.
+exceed them, so one client cannot hold the pool. A session silent for
+``Limits.session_idle_s`` that holds no request is dropped (a decode side sends a
+heartbeat every second), and refusals are logged at most 20 lines per 10 s.
 
 A request belongs to the sessions that submitted or subscribed to it (its readers): a
 ``Release``, ``Renew`` or ``Subscribe`` from any other session is refused with
@@ -47,7 +49,7 @@ from . import messages as m
 from .loop import SocketLoop
 from .metrics import metrics_for
 from .security import CurveServerKeys, warn_if_exposed
-from .sessions import Limits, Session, session_name
+from .sessions import Limits, RateLimitedLog, Session, session_name
 
 log = logging.getLogger("kvtransfer.control")
 
@@ -192,6 +194,8 @@ class ControlServer:
         self._sessions: dict[bytes, Session] = {}
         self._expired = 0
         self._errors = 0
+        self._refusal_log = RateLimitedLog(log)
+        self._next_prune = 0.0
 
         self._ctx = zmq.Context()
         self._auth = None
@@ -243,7 +247,7 @@ class ControlServer:
         """A snapshot of the pool and the leases (taken without the loop: approximate)."""
         return m.Stats(free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
                        pinned_requests=len(self._reqs) + len(self._orphans), leases_expired=self._expired,
-                       errors=self._errors)
+                       errors=self._errors, sessions=len(self._sessions))
 
     def close(self, timeout: float = 5.0) -> None:
         """Tells subscribers the server is going away, cancels every request, stops."""
@@ -276,7 +280,9 @@ class ControlServer:
             msg = m.decode_to_prefill(body)
         except ControlError as e:
             return self._refuse(ident, e.code, str(e))
-        if not isinstance(msg, (m.Hello, m.Ping)) and ident not in self._sessions:
+        if (session := self._sessions.get(ident)) is not None:
+            session.last_heard = time.monotonic()
+        elif not isinstance(msg, (m.Hello, m.Ping)):
             return self._refuse(ident, "no_handshake", f"{type(msg).__name__} before the handshake (send Hello first)",
                                 getattr(msg, "request_id", ""))
         handler = self._handlers.get(type(msg))
@@ -297,7 +303,14 @@ class ControlServer:
             return self._refuse(ident, "incompatible", f"KV caches do not match: {names}",
                                 fields=[(n, str(a), str(b)) for n, a, b in fields])
         if ident not in self._sessions:  # a repeated Hello keeps the session and its requests
-            self._sessions[ident] = Session(ident, session_name(msg.name, ident))
+            if len(self._sessions) >= self.limits.max_sessions:
+                self._prune(time.monotonic())
+            if len(self._sessions) >= self.limits.max_sessions:
+                self._metrics.limit_refusals.labels("max_sessions").inc()
+                return self._refuse(ident, "too_many_sessions", f"{len(self._sessions)} sessions are open, "
+                                    f"the limit; try again later")
+            self._sessions[ident] = Session(ident, session_name(msg.name, ident), time.monotonic())
+            self._metrics.sessions.set(len(self._sessions))
         self._send(ident, m.Welcome(layout=self.layout, compat=self.compat, lease_s=self.lease_s, name=self.name,
                                     **self._welcome_parts))
 
@@ -492,6 +505,9 @@ class ControlServer:
     # --- the loop thread: lifetimes ----------------------------------------------------
 
     def _on_tick(self, now: float) -> None:
+        if now >= self._next_prune:
+            self._prune(now)
+            self._next_prune = now + min(1.0, self.limits.session_idle_s / 4)
         for rid in [rid for rid, r in self._reqs.items() if r.deadline < now]:
             req = self._reqs[rid]
             self._expired += 1
@@ -506,6 +522,19 @@ class ControlServer:
             self._publish(req, m.Failed(request_id=rid, code="lease_expired",
                                         message=f"{why}; the blocks are reclaimed"))
             self._retire(rid, "expired")
+
+    def _prune(self, now: float) -> None:
+        """Drops the sessions silent for ``session_idle_s`` that hold no request (the
+        leases of those that do run out first, since nobody renews them)."""
+        silent = [s for s in self._sessions.values()
+                  if now - s.last_heard > self.limits.session_idle_s and not s.requests]
+        for session in silent:
+            del self._sessions[session.ident]
+        if silent:
+            self._metrics.sessions_expired.inc(len(silent))
+            self._metrics.sessions.set(len(self._sessions))
+            log.info("%s: dropped %d sessions silent for %.0f s (e.g. %s); %d remain", self.name, len(silent),
+                     self.limits.session_idle_s, silent[0].name, len(self._sessions))
 
     def _retire(self, rid: str, why: str) -> None:
         """No reader needs the blocks anymore: free them now, or when the application is done."""
@@ -565,4 +594,4 @@ class ControlServer:
 
     def _log_refusal(self, ident: bytes, code: str, message: str) -> None:
         who = s.name if (s := self._sessions.get(ident)) else ident.hex()[-8:]
-        log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message)
+        self._refusal_log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message[:200])

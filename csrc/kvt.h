@@ -142,4 +142,30 @@ int kvt_cuda_export(uint64_t addr, uint64_t len, int device, kvt_cuda_alloc *out
  * "cuMemcpyBatchAsync", ...): 0 and a description, or -errno and why none can. */
 int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err);
 
+/* The tcp server's limits (tcp_server.c); a field left 0 keeps its current value.
+ * Defaults: idle 60 s, 1024 connections, 256 per peer address, 64 MiB per frame. */
+typedef struct kvt_tcp_limits {
+    int idle_timeout_ms;     /* a connection with no request for this long is dropped */
+    int max_conns;           /* connections (one thread each) in total */
+    int max_conns_per_peer;  /* connections from one peer address */
+    uint64_t max_frame_bytes; /* bytes one request may ask for (a connection's bytes in flight) */
+} kvt_tcp_limits;
+
+typedef struct kvt_tcp_stats {
+    uint64_t conns;             /* open now */
+    uint64_t threads;           /* server threads now: the acceptor and one per connection */
+    uint64_t accepted;          /* connections taken, since start */
+    uint64_t refused_busy;      /* refused at the total or per-address cap (-EBUSY) */
+    uint64_t refused_token;     /* refused for a missing, unknown or expired token (-EACCES) */
+    uint64_t dropped_idle;      /* no request within the idle timeout */
+    uint64_t dropped_deadline;  /* a hello or frame not done within the io timeout */
+    uint64_t dropped_revoked;   /* their token was revoked or expired */
+    uint64_t refused_frames;    /* requests over the bytes-per-frame limit (-EMSGSIZE) */
+    uint64_t accept_backoffs;   /* accept4 out of descriptors or memory: paused */
+} kvt_tcp_stats;
+
+int kvt_engine_set_tcp_limits(kvt_engine *eng, const kvt_tcp_limits *lim, kvt_err *err);
+void kvt_engine_tcp_limits(kvt_engine *eng, kvt_tcp_limits *lim);
+void kvt_engine_tcp_stats(kvt_engine *eng, kvt_tcp_stats *out);
+
 #endif

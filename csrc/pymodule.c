@@ -444,6 +444,37 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args)
     return (PyObject *)po;
 }
 
+/* set_tcp_limits(idle_ms, max_conns, max_conns_per_peer, max_frame_bytes): 0 keeps a value */
+static PyObject *Engine_set_tcp_limits(EngineObject *self, PyObject *args)
+{
+    kvt_tcp_limits l = {0};
+    unsigned long long frame;
+    if (!PyArg_ParseTuple(args, "iiiK", &l.idle_timeout_ms, &l.max_conns, &l.max_conns_per_peer, &frame) ||
+        !check_open(self))
+        return NULL;
+    l.max_frame_bytes = frame;
+    kvt_err e;
+    if (kvt_engine_set_tcp_limits(self->e, &l, &e) < 0)
+        return raise_err(&e, -1);
+    kvt_engine_tcp_limits(self->e, &l);
+    return Py_BuildValue("{s:i,s:i,s:i,s:K}", "idle_timeout_ms", l.idle_timeout_ms, "max_conns", l.max_conns,
+                         "max_conns_per_peer", l.max_conns_per_peer, "max_frame_bytes",
+                         (unsigned long long)l.max_frame_bytes);
+}
+
+static PyObject *Engine_tcp_stats(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    kvt_tcp_stats t;
+    kvt_engine_tcp_stats(self->e, &t);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "connections", t.conns, "threads",
+                         t.threads, "accepted", t.accepted, "refused_busy", t.refused_busy, "refused_token",
+                         t.refused_token, "dropped_idle", t.dropped_idle, "dropped_deadline", t.dropped_deadline,
+                         "dropped_revoked", t.dropped_revoked, "refused_frames", t.refused_frames,
+                         "accept_backoffs", t.accept_backoffs);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "stop serving and free the engine"},
     {"info", (PyCFunction)Engine_info, METH_NOARGS, "what a peer needs to reach this engine"},
@@ -451,6 +482,8 @@ static PyMethodDef Engine_methods[] = {
     {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
     {"region_cuda", (PyCFunction)Engine_region_cuda, METH_O, "region_cuda(region_id) -> dict of its CUDA allocation"},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
+    {"set_tcp_limits", (PyCFunction)Engine_set_tcp_limits, METH_VARARGS, "tcp server limits (0 keeps) -> dict"},
+    {"tcp_stats", (PyCFunction)Engine_tcp_stats, METH_NOARGS, "tcp server connections, threads, refusals"},
     {NULL}};
 
 static PyTypeObject EngineType = {

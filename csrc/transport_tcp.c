@@ -8,6 +8,7 @@
  * overlaps with the host->device copy of the previous one. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,10 +67,17 @@ int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_I
     kvt_wire_hello hi = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION};
     memcpy(hi.engine_id, id, sizeof hi.engine_id);
     int rc = kvt_sock_setup(fd, timeout_ms, err);
-    if (rc == 0)
-        rc = kvt_send_all(fd, &hi, sizeof hi, "hello", err);
-    if (rc == 0)
-        rc = kvt_recv_all(fd, &hi, sizeof hi, "hello", err);
+    kvt_err send_err;
+    /* a server refusing this connection may have answered and closed before our hello
+     * got there: its answer says more than our send's error */
+    int sent = rc == 0 ? kvt_send_all(fd, &hi, sizeof hi, "hello", &send_err) : rc;
+    if (rc == 0 && (rc = kvt_recv_all(fd, &hi, sizeof hi, "hello", err)) < 0 && sent < 0) {
+        *err = send_err;
+        rc = sent;
+    }
+    if (rc == 0 && hi.magic == KVT_HELLO_MAGIC && hi.status == -EBUSY)
+        rc = kvt_error(err, EBUSY, "connect", "%s:%d refused the connection: too many connections %s", host, port,
+                       hi.reserved == KVT_REFUSED_PEER ? "from this address" : "in total");
     if (rc == 0 && (hi.magic != KVT_HELLO_MAGIC || hi.version != KVT_WIRE_VERSION || hi.status != 0))
         rc = kvt_error(err, EPROTO, "connect", "%s:%d is not a kvtransfer v%d engine (magic 0x%x, version %u, status %d)",
                        host, port, KVT_WIRE_VERSION, hi.magic, hi.version, hi.status);
@@ -93,6 +101,13 @@ static void drop_fd(tcp_conn *c)
     pthread_mutex_unlock(&c->mu);
 }
 
+/* Whether the server ended this connection (nothing else arrives unasked). */
+static int closed_by_server(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    return poll(&pf, 1, 0) > 0;
+}
+
 static int send_request(tcp_conn *c, kvt_job *job, uint64_t seq, kvt_err *err)
 {
     for (size_t i = 0; i < job->n; i++) {
@@ -111,6 +126,7 @@ static const char *refusal(int st)
     case ENOENT: return "region not registered (deregistered?)";
     case ERANGE: return "range outside the region";
     case EOPNOTSUPP: return "not supported by the target";
+    case EMSGSIZE: return "the request asks for more bytes than the target sends per frame";
     default: return "refused";
     }
 }
@@ -181,6 +197,8 @@ static void *conn_main(void *arg)
         if (job) {
             kvt_job_materialize(job);
             int rc = 0;
+            if (c->fd >= 0 && nfl == 0 && closed_by_server(c->fd))
+                drop_fd(c); /* idle too long: the server dropped it; dial a new one */
             if (c->fd < 0) {
                 int fd = dial(c->tp, &err);
                 if (fd < 0)

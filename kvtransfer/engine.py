@@ -462,10 +462,20 @@ class Engine:
     ``shm_threads``: copy threads per shm peer. ``verbs_qps``: RC queue pairs per verbs
     peer. ``use_verbs=False`` leaves RDMA devices alone. ``verbs_unavailable`` says why
     this engine has no verbs (``None`` when it has).
+
+    The tcp server's limits: ``tcp_idle_timeout`` (seconds a connection may wait between
+    requests), ``tcp_max_connections`` in total and ``tcp_max_connections_per_peer``
+    (per peer address; a connection over either is refused with EBUSY), and
+    ``tcp_max_frame_bytes`` (what one request may ask for; more is refused with
+    EMSGSIZE). ``None`` keeps the C core's default (60 s, 1024, 256, 64 MiB). Each
+    hello and each request must also finish within ``io_timeout``, however slowly its
+    bytes trickle. :meth:`server_stats` counts connections and refusals.
     """
 
     def __init__(self, *, listen_host: str = "127.0.0.1", listen_port: int = 0, io_timeout: float = 10.0,
-                 tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True):
+                 tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True,
+                 tcp_idle_timeout: float | None = None, tcp_max_connections: int | None = None,
+                 tcp_max_connections_per_peer: int | None = None, tcp_max_frame_bytes: int | None = None):
         if not io_timeout >= 0.001:
             raise InvalidArgumentError(f"io_timeout must be at least 0.001 s, got {io_timeout}", op="engine")
         for name, value in (("tcp_connections", tcp_connections), ("shm_threads", shm_threads)):
@@ -475,6 +485,16 @@ class Engine:
             raise InvalidArgumentError(f"verbs_qps must be in [1, {_C.VERBS_MAX_QPS}], got {verbs_qps}", op="engine")
         self._c = _C.Engine(listen_host, listen_port, round(io_timeout * 1000), tcp_connections, shm_threads,
                             verbs_qps, use_verbs)
+        limits = {"tcp_idle_timeout": tcp_idle_timeout, "tcp_max_connections": tcp_max_connections,
+                  "tcp_max_connections_per_peer": tcp_max_connections_per_peer,
+                  "tcp_max_frame_bytes": tcp_max_frame_bytes}
+        for name, value in limits.items():
+            if value is not None and not value > 0:
+                self._c.close()
+                raise InvalidArgumentError(f"{name} must be positive, got {value}", op="engine")
+        self.tcp_limits: dict[str, int] = self._c.set_tcp_limits(
+            round((tcp_idle_timeout or 0) * 1000), tcp_max_connections or 0, tcp_max_connections_per_peer or 0,
+            tcp_max_frame_bytes or 0)
         info = self._c.info()
         self.descriptor = EngineDescriptor(
             engine_id=info["engine_id"], hostname=socket.gethostname(), boot_id=info["boot_id"],
@@ -490,6 +510,16 @@ class Engine:
     @property
     def id(self) -> str:
         return self.descriptor.engine_id.hex()
+
+    def server_stats(self) -> dict[str, int]:
+        """The tcp server now: ``connections`` open, ``threads`` (the acceptor and one
+        per connection), and counts since start: ``accepted``, ``refused_busy`` (over a
+        connection cap), ``refused_token``, ``dropped_idle``, ``dropped_deadline`` (a
+        hello or request slower than ``io_timeout``), ``dropped_revoked``,
+        ``refused_frames`` (over ``tcp_max_frame_bytes``), ``accept_backoffs`` (accept
+        paused: no descriptors or memory left)."""
+        self._require_open("server_stats")
+        return self._c.tcp_stats()
 
     def register(self, obj: Any) -> tuple[Region, RegionDescriptor]:
         """Registers ``obj``'s memory for remote reads (see :mod:`kvtransfer.memory` for

@@ -16,6 +16,7 @@
 #define KVT_ENGINE_ID_LEN 16
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
+#define KVT_TOKEN_LEN 32 /* a tcp server's access token (kvt_engine_allow_token) */
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
 enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
@@ -51,6 +52,9 @@ typedef struct kvt_engine_info {
     int32_t gid_index;
     uint8_t gid[16];
     char verbs_why[512]; /* why verbs is unavailable, when it is */
+    /* kvt_connect: the token this reader presents in its tcp hellos (tcp and verbs) */
+    int32_t has_token;
+    uint8_t token[KVT_TOKEN_LEN];
 } kvt_engine_info;
 
 /* One READ: len bytes at remote region+remote_off land at local region+local_off.
@@ -167,5 +171,14 @@ typedef struct kvt_tcp_stats {
 int kvt_engine_set_tcp_limits(kvt_engine *eng, const kvt_tcp_limits *lim, kvt_err *err);
 void kvt_engine_tcp_limits(kvt_engine *eng, kvt_tcp_limits *lim);
 void kvt_engine_tcp_stats(kvt_engine *eng, kvt_tcp_stats *out);
+
+/* Tokens (for the control plane, which hands one to each authenticated session).
+ * From require_tokens on, the tcp server (and so verbs setup) accepts a connection
+ * only if its hello carries an allowed, unexpired token; others get -EACCES. Allowing
+ * a token again sets its expiry anew (ttl_ms < 0: none). Revoking (or expiry) also
+ * drops the connections that presented it; revoke returns how many. */
+void kvt_engine_require_tokens(kvt_engine *eng);
+int kvt_engine_allow_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN], int64_t ttl_ms, kvt_err *err);
+int kvt_engine_revoke_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN]);
 
 #endif

@@ -9,7 +9,10 @@
  * hello the client reads (-EBUSY); a deadline per hello and per frame (the io
  * timeout, however the bytes trickle) and an idle timeout between frames, both kept
  * by the acceptor, which shuts a late connection down; bytes per frame. A frame's
- * deadline also bounds how long a deregistration waits for a slow reader. */
+ * deadline also bounds how long a deregistration waits for a slow reader.
+ *
+ * Tokens: once required, a hello must carry one the control plane allowed (and has
+ * not revoked, nor let expire); revoking one drops the connections that used it. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -37,6 +40,14 @@
 #define WATCH_MS 100    /* how often the acceptor checks deadlines */
 #define BACKOFF_MS 100  /* pause after accept4 ran out of descriptors or memory */
 #define NO_DEADLINE INT64_MAX
+#define MAX_TOKENS 65536 /* a session's worth each: bounds the table's memory */
+
+_Static_assert(KVT_TOKEN_LEN == KVT_WIRE_TOKEN_LEN, "one token length");
+
+typedef struct token {
+    uint8_t bytes[KVT_TOKEN_LEN];
+    int64_t expires; /* monotonic ms, or NO_DEADLINE */
+} token;
 
 enum { DROP_IDLE = 1, DROP_DEADLINE = 2 };
 
@@ -50,6 +61,8 @@ typedef struct srv_conn {
     _Atomic int64_t deadline; /* monotonic ms; the acceptor drops the connection after it */
     _Atomic int idle;         /* the deadline is the idle timeout, not a frame's */
     int dropped;              /* the acceptor shut it down (holds mu) */
+    int has_token;            /* the token its hello carried (set under mu) */
+    uint8_t token[KVT_TOKEN_LEN];
 } srv_conn;
 
 struct kvt_tcp_server {
@@ -64,6 +77,9 @@ struct kvt_tcp_server {
     int nconns;
     kvt_tcp_limits lim; /* holds mu to change; read without it */
     kvt_tcp_stats st;   /* holds mu */
+    int require_tokens; /* the rest hold mu */
+    token *tokens;
+    size_t ntokens, cap_tokens;
 };
 
 static int64_t now_ms(void)
@@ -189,6 +205,56 @@ static int serve_verbs(srv_conn *c, const kvt_wire_hdr *h, kvt_qpset **qs, kvt_e
     return kvt_send_iov(c->fd, v, 2, "verbs connect reply", err);
 }
 
+/* Compares in time independent of where they differ: no oracle for guessing. */
+static int same_token(const uint8_t *a, const uint8_t *b)
+{
+    uint8_t d = 0;
+    for (int i = 0; i < KVT_TOKEN_LEN; i++)
+        d |= a[i] ^ b[i];
+    return d == 0;
+}
+
+/* The token's index, or -1. Holds mu. */
+static long find_token(struct kvt_tcp_server *s, const uint8_t *t)
+{
+    for (size_t i = 0; i < s->ntokens; i++)
+        if (same_token(s->tokens[i].bytes, t))
+            return (long)i;
+    return -1;
+}
+
+/* Drops the token at i and every connection that presented it; returns how many. Holds mu. */
+static int remove_token(struct kvt_tcp_server *s, size_t i)
+{
+    int n = 0;
+    for (srv_conn *c = s->conns; c; c = c->next) {
+        if (!c->has_token || c->dropped || !same_token(c->token, s->tokens[i].bytes))
+            continue;
+        c->dropped = 1;
+        shutdown(c->fd, SHUT_RDWR);
+        n++;
+    }
+    s->st.dropped_revoked += (uint64_t)n;
+    s->tokens[i] = s->tokens[--s->ntokens];
+    return n;
+}
+
+/* Whether a hello with this token (NULL: none) may go on; remembers it on c. */
+static int admit(srv_conn *c, const uint8_t *t)
+{
+    struct kvt_tcp_server *s = c->srv;
+    pthread_mutex_lock(&s->mu);
+    long i = t ? find_token(s, t) : -1;
+    int ok = !s->require_tokens || (i >= 0 && now_ms() < s->tokens[i].expires);
+    if (ok && t) {
+        c->has_token = 1;
+        memcpy(c->token, t, KVT_TOKEN_LEN);
+    }
+    s->st.refused_token += !ok;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
 static void *conn_main(void *arg)
 {
     srv_conn *c = arg;
@@ -202,6 +268,11 @@ static void *conn_main(void *arg)
         kvt_recv_all(c->fd, &hi, sizeof hi, "hello", &err) < 0)
         goto out;
     int st = kvt_wire_check_hello(&hi, &token_follows);
+    uint8_t tok[KVT_TOKEN_LEN];
+    if (st == 0 && token_follows && kvt_recv_all(c->fd, tok, sizeof tok, "hello token", &err) < 0)
+        goto out;
+    if (st == 0 && !admit(c, token_follows ? tok : NULL))
+        st = -EACCES;
     kvt_wire_hello reply = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = st};
     memcpy(reply.engine_id, c->srv->table->shared->engine_id, sizeof reply.engine_id);
     if (kvt_send_all(c->fd, &reply, sizeof reply, "hello", &err) < 0 || st < 0)
@@ -279,6 +350,17 @@ static void enforce_deadlines(struct kvt_tcp_server *s)
     }
 }
 
+/* Tokens past their expiry go, with their connections. Holds mu. */
+static void expire_tokens(struct kvt_tcp_server *s)
+{
+    int64_t now = now_ms();
+    for (size_t i = 0; i < s->ntokens;)
+        if (now >= s->tokens[i].expires)
+            remove_token(s, i); /* moves the last token to i */
+        else
+            i++;
+}
+
 static int same_address(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
 {
     if (a->ss_family != b->ss_family)
@@ -330,6 +412,7 @@ static void *acceptor_main(void *arg)
         pthread_mutex_lock(&s->mu);
         reap(s, 0);
         enforce_deadlines(s);
+        expire_tokens(s);
         pthread_mutex_unlock(&s->mu);
         if (!(pf[0].revents & POLLIN))
             continue;
@@ -446,6 +529,7 @@ void kvt_tcp_server_stop(kvt_tcp_server *s)
     close(s->wake[0]);
     close(s->wake[1]);
     pthread_mutex_destroy(&s->mu);
+    free(s->tokens);
     free(s);
 }
 
@@ -483,4 +567,51 @@ void kvt_engine_tcp_stats(kvt_engine *e, kvt_tcp_stats *out)
     out->conns = (uint64_t)s->nconns;
     out->threads = 1 + (uint64_t)s->nconns;
     pthread_mutex_unlock(&s->mu);
+}
+
+void kvt_engine_require_tokens(kvt_engine *e)
+{
+    pthread_mutex_lock(&e->server->mu);
+    e->server->require_tokens = 1;
+    pthread_mutex_unlock(&e->server->mu);
+}
+
+int kvt_engine_allow_token(kvt_engine *e, const uint8_t t[KVT_TOKEN_LEN], int64_t ttl_ms, kvt_err *err)
+{
+    struct kvt_tcp_server *s = e->server;
+    int64_t expires = ttl_ms < 0 ? NO_DEADLINE : now_ms() + ttl_ms;
+    int rc = 0;
+    pthread_mutex_lock(&s->mu);
+    long i = find_token(s, t);
+    if (i < 0 && s->ntokens == s->cap_tokens) {
+        size_t cap = s->cap_tokens ? 2 * s->cap_tokens : 64;
+        token *grown = cap <= MAX_TOKENS ? realloc(s->tokens, cap * sizeof *grown) : NULL;
+        if (!grown)
+            rc = cap <= MAX_TOKENS ? kvt_syserr(err, ENOMEM, "realloc", "%zu tokens", cap)
+                                   : kvt_error(err, ENOSPC, "allow_token", "%d tokens allowed already; revoke some",
+                                               MAX_TOKENS);
+        else {
+            s->tokens = grown;
+            s->cap_tokens = cap;
+        }
+    }
+    if (rc == 0) {
+        if (i < 0) {
+            i = (long)s->ntokens++;
+            memcpy(s->tokens[i].bytes, t, KVT_TOKEN_LEN);
+        }
+        s->tokens[i].expires = expires;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int kvt_engine_revoke_token(kvt_engine *e, const uint8_t t[KVT_TOKEN_LEN])
+{
+    struct kvt_tcp_server *s = e->server;
+    pthread_mutex_lock(&s->mu);
+    long i = find_token(s, t);
+    int n = i < 0 ? 0 : remove_token(s, (size_t)i);
+    pthread_mutex_unlock(&s->mu);
+    return n;
 }

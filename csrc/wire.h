@@ -36,7 +36,7 @@
 #define KVT_WIRE_MAX_ENTRIES 1024
 #define KVT_VERBS_MAX_QPS 8
 #define KVT_HELLO_TOKEN 0x1u   /* hello flag: a token follows */
-#define KVT_TOKEN_LEN 32
+#define KVT_WIRE_TOKEN_LEN 32
 #define KVT_REFUSED_TOTAL 1    /* hello.reserved of an -EBUSY refusal */
 #define KVT_REFUSED_PEER 2
 

@@ -19,6 +19,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvtransfer import Engine
+from kvtransfer.engine_metrics import watch_engine
 from kvtransfer.control import ControlClient, CurveClientKeys
 from kvtransfer.errors import InvalidArgumentError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
@@ -72,6 +73,7 @@ class DecodeWorker:
         self._ids = itertools.count()
         self._freed = threading.Condition()
         self.engine = Engine()
+        watch_engine(self.engine)
         self.router: PrefillRouter | None = None
         try:
             self.region, _ = self.engine.register(self.kv)

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from kvtransfer import TransportUnavailableError
+from kvtransfer import Engine, TransportUnavailableError
 from support import ROOT, good_read
 from test_tcp_wire import (ENT, HDR, HELLO, HELLO_MAGIC, REQ_MAGIC, VERSION, assert_dropped, entry, recv_exact,
                            request, response, valid_hello)
@@ -276,3 +276,32 @@ def test_a_request_over_the_frame_limit_is_refused_whole(start_target):
         statuses, data = response(s, small, 2)
         assert statuses == [0] and data[0] == target.expected[5:1005].tobytes()
     assert stats(target)["refused_frames"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_metrics_and_doctor_show_connections_threads_and_refusals(capsys):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvtransfer import doctor
+    from kvtransfer.engine_metrics import watch_engine
+
+    registry = CollectorRegistry()
+    with Engine(use_verbs=False, tcp_max_connections_per_peer=1) as eng:
+        watch_engine(eng, registry)
+        port = eng.descriptor.tcp_port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as held, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as over:
+            held.sendall(HELLO.pack(HELLO_MAGIC, VERSION, 0, 0, 0, eng.descriptor.engine_id))
+            recv_exact(held, HELLO.size)
+            over.sendall(HELLO.pack(HELLO_MAGIC, VERSION, 0, 0, 0, eng.descriptor.engine_id))
+            assert HELLO.unpack(recv_exact(over, HELLO.size))[3] == -errno.EBUSY
+            text = generate_latest(registry).decode()
+            eid = eng.id[:16]
+            assert f'kvtransfer_tcp_connections{{engine="{eid}"}} 1.0' in text, text
+            assert f'kvtransfer_tcp_threads{{engine="{eid}"}} 2.0' in text
+            assert f'kvtransfer_tcp_refused_busy_total{{engine="{eid}"}} 1.0' in text
+            facts = doctor.collect_engine(eng)["tcp_server"]
+            assert facts["stats"]["connections"] == 1 and facts["stats"]["refused_busy"] == 1
+            assert facts["limits"]["max_conns_per_peer"] == 1
+    assert doctor.main(["--json"]) == 0
+    assert '"tcp_server"' in capsys.readouterr().out

@@ -18,6 +18,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvtransfer import Engine
+from kvtransfer.engine_metrics import watch_engine
 from kvtransfer.control import ControlClient, CurveClientKeys, new_request_id
 from kvtransfer.errors import InvalidArgumentError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
@@ -70,6 +71,7 @@ class DecodeWorker:
         self._model_lock = threading.Lock()  # local prefill and decode steps take turns on the model
         self._freed = threading.Condition()
         self.engine = Engine()
+        watch_engine(self.engine)
         self.router: PrefillRouter | None = None
         try:
             self.region, _ = self.engine.register(self.kv)

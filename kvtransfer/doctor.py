@@ -426,7 +426,8 @@ def collect_engine(eng: Engine) -> dict[str, Any]:
     return {"id": eng.id, "hostname": d.hostname, "pid": d.pid, "transports": transports,
             "verbs_unavailable": eng.verbs_unavailable,
             "shm_unavailable": None if shm_ok else "shm needs Linux and a boot id",
-            "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ}}
+            "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ},
+            "tcp_server": {"limits": eng.tcp_limits, "stats": eng.server_stats()}}
 
 
 def describe_peer(desc: EngineDescriptor) -> dict[str, Any]:
@@ -534,6 +535,14 @@ def _yn(b: bool) -> str:
     return "yes" if b else "no"
 
 
+def _tcp_server_lines(t: _Text, lim: dict[str, int], st: dict[str, int]) -> None:
+    t.kv("tcp limits", f"{lim['max_conns']} connections ({lim['max_conns_per_peer']} per address), "
+                       f"idle {lim['idle_timeout_ms'] / 1000:g} s, {lim['max_frame_bytes'] >> 20} MiB per request")
+    t.kv("tcp server", f"{st['connections']} connections, {st['threads']} threads; refused {st['refused_busy']} "
+                       f"busy, {st['refused_token']} token, {st['refused_frames']} requests; dropped "
+                       f"{st['dropped_idle']} idle, {st['dropped_deadline']} late, {st['dropped_revoked']} revoked")
+
+
 def render_text(facts: dict[str, Any]) -> str:
     t = _Text()
     b = facts["build"]
@@ -613,6 +622,8 @@ def render_text(facts: dict[str, Any]) -> str:
         t.kv("shm", f"no: {eng['shm_unavailable']}")
     t.kv("tcp", f"yes: listening on {offered['tcp']['listen']}")
     t.kv("offers", ", ".join(x["name"] for x in eng["transports"]))
+    if "tcp_server" in eng:
+        _tcp_server_lines(t, eng["tcp_server"]["limits"], eng["tcp_server"]["stats"])
     for k, v in eng["env"].items():
         t.kv(k, v)
 

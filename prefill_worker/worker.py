@@ -20,6 +20,7 @@ import msgspec
 import torch
 
 from kvtransfer import Engine
+from kvtransfer.engine_metrics import watch_engine
 from kvtransfer.control import ControlServer, CurveServerKeys, PrefillRequest
 from kvtransfer.errors import KVTransferError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
@@ -51,6 +52,7 @@ class PrefillWorker:
         self.layout = self.model.kv_layout(kv_blocks, block_size)
         self.kv = torch.zeros(self.layout.region_nbytes(), dtype=torch.uint8, device=self.model.device)
         self.engine = Engine(listen_host=listen_host)
+        watch_engine(self.engine)  # its tcp server's connections and refusals, in Prometheus
         try:
             self.region, _ = self.engine.register(self.kv)
             self.pool = BlockPool(kv_blocks)

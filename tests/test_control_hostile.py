@@ -7,7 +7,9 @@ Real ZeroMQ sockets on random loopback ports; every receive is timed."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import shutil
 import time
 from typing import Callable, Iterator
 
@@ -16,8 +18,9 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
-from kvtransfer import Engine
-from kvtransfer.control import ControlError, LeaseExpiredError, Limits, new_request_id
+from kvtransfer import Engine, TransportUnavailableError
+from kvtransfer.control import (ControlError, CurveClientKeys, CurveServerKeys, LeaseExpiredError, Limits,
+                                generate_keys, new_request_id)
 from kvtransfer.control import messages as m
 from kvtransfer.errors import InvalidArgumentError
 from kvtransfer.kv import CompatInfo, KVLayout
@@ -85,10 +88,11 @@ def test_request_ids_made_by_the_library_are_not_guessable():
 
 
 @contextlib.contextmanager
-def prefill_here(layout: KVLayout, lease: float = 5.0, **server_options) -> Iterator[SyntheticPrefill]:
+def prefill_here(layout: KVLayout, lease: float = 5.0, curve: CurveServerKeys | None = None, **server_options
+                 ) -> Iterator[SyntheticPrefill]:
     """A synthetic prefill worker in this process: its server's options, state and
     metrics are at hand. Its engine and control socket are real (loopback)."""
-    p = SyntheticPrefill(layout, MODEL, "tcp://127.0.0.1:0", lease, server_options=server_options)
+    p = SyntheticPrefill(layout, MODEL, "tcp://127.0.0.1:0", lease, curve, server_options=server_options)
     try:
         yield p
     finally:
@@ -173,4 +177,38 @@ def test_silent_sessions_are_dropped_and_refusals_are_logged_at_a_bounded_rate(c
         logged = [r for r in caplog.records if "refused a message" in r.getMessage()]
         assert 1 <= len(logged) <= 20, len(logged)
         assert alive.ping() < 1.0  # its heartbeats kept it
+
+
+def test_with_curve_the_pool_is_read_only_with_an_authenticated_sessions_token(tmp_path):
+    """Weakness 9: region descriptors were all a reader needed to read the pool over
+    tcp. With CURVE, the prefill engine's tcp server now admits only the token that an
+    authenticated session got in its Welcome: a client that has the descriptors (leaked,
+    or sniffed off the wire) but no token, or a made-up token, is refused with EACCES,
+    and a dropped session's token stops working."""
+    server_public, server_secret = generate_keys(tmp_path / "keys", "server")
+    client_public, client_secret = generate_keys(tmp_path / "keys", "client")
+    (tmp_path / "clients").mkdir()
+    shutil.copy(client_public, tmp_path / "clients")
+    curve = CurveServerKeys(server_secret, tmp_path / "clients")
+    layout = KVLayout(**BASE)
+    with prefill_here(layout, curve=curve, limits=Limits(session_idle_s=0.5)) as prefill, \
+            decode_side(layout) as d, Engine() as stranger:
+        c = d.client(prefill.server.endpoint, transport="tcp", curve=CurveClientKeys(client_secret, server_public))
+        try:
+            dst = d.pool.alloc(3)
+            c.pull("over-tcp", dst, payload=payload(40, 6)).wait(WAIT)
+            check_request(layout, d.buffers, dst, 40, 6)  # the authenticated client reads over tcp
+            engine_desc, region = prefill.engine.descriptor, c.remote_regions[0]
+            token = c.token
+            assert token is not None and len(token) == 32
+        finally:
+            c.close()
+        for bad in (None, bytes(32), token[:-1] + bytes([token[-1] ^ 1])):
+            with pytest.raises(TransportUnavailableError) as e:
+                stranger.connect(engine_desc, transport="tcp", token=bad)
+            assert e.value.errno == errno.EACCES, e.value
+        wait_until(lambda: prefill.stats()["sessions"] == 0, 5.0)  # the client's session went silent
+        with pytest.raises(TransportUnavailableError) as e:
+            stranger.connect(engine_desc, transport="tcp", token=token)
+        assert e.value.errno == errno.EACCES and region.nbytes > 0
 

@@ -115,10 +115,13 @@ class ControlClient:
         self.remote_layout: KVLayout = reply.layout
         self.remote_name = reply.name
         self.lease_s = reply.lease_s
+        #: with CURVE, the data plane token this session got: the prefill engine's tcp
+        #: server admits only connections that present it
+        self.token: bytes | None = reply.token or None
         check_compatible(self.remote_layout, self.layout)
         self.remote_regions = [RegionDescriptor.from_bytes(b) for b in reply.regions]
         remote_engine = EngineDescriptor.from_bytes(reply.engine)
-        self.peer = engine.connect(remote_engine, transport=self._forced_transport)
+        self.peer = engine.connect(remote_engine, transport=self._forced_transport, token=self.token)
         self.handshake_s = time.monotonic() - t0
         self._metrics.handshake.observe(self.handshake_s)
         log.info("%s: session with %s at %s, transport %s, lease %.1f s", self.name, self.remote_name,

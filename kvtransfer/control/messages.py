@@ -104,6 +104,9 @@ class Welcome(_Msg, tag="welcome"):
     compat: CompatInfo
     lease_s: Seconds
     name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    #: with CURVE, this session's data plane token: the prefill engine's tcp server
+    #: admits only connections that present it (Engine.connect(..., token=...))
+    token: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class Pinned(_Msg, tag="pinned"):

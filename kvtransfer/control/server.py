@@ -20,6 +20,14 @@ exceed them, so one client cannot hold the pool. A session silent for
 ``Limits.session_idle_s`` that holds no request is dropped (a decode side sends a
 heartbeat every second), and refusals are logged at most 20 lines per 10 s.
 
+The data plane: with CURVE, the server makes its engine's tcp server require tokens
+(:meth:`~kvtransfer.engine.Engine.require_tokens`) and mints one per authenticated
+session (an HMAC of the client's public key and routing id under a key of this server),
+allowed while the session lasts, sent in ``Welcome`` and revoked when the session is
+dropped or the server closes: only a client that passed the CURVE handshake can read
+the pool over tcp. Without CURVE anyone who reaches the control port gets the region
+keys in ``Welcome`` and can read registered memory (see :mod:`.security`).
+
 A request belongs to the sessions that submitted or subscribed to it (its readers): a
 ``Release``, ``Renew`` or ``Subscribe`` from any other session is refused with
 ``not_owner``, so one decode side cannot retire another's request. A request submitted
@@ -33,7 +41,10 @@ queue work to it.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +54,7 @@ import zmq
 
 from ..descriptors import EngineDescriptor
 from ..engine import Engine, Region
-from ..errors import ControlError, InvalidArgumentError, LayoutMismatchError
+from ..errors import ControlError, InvalidArgumentError, KVTransferError, LayoutMismatchError
 from ..kv import BlockPool, CompatInfo, KVLayout, check_compatible, compat_problems
 from . import messages as m
 from .loop import SocketLoop
@@ -184,6 +195,8 @@ class ControlServer:
         self.name = name
         self._on_submit = on_submit
         self._metrics = metrics_for(registry)
+        self._engine = engine
+        self._token_key = secrets.token_bytes(32) if curve else None  # tokens only with authenticated sessions
         self._welcome_parts = dict(engine=engine.descriptor.to_bytes(),
                                    regions=[r.descriptor.to_bytes() for r in regions])
         self._reqs: dict[str, _Req] = {}
@@ -214,8 +227,10 @@ class ControlServer:
             raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         warn_if_exposed(self.endpoint, curve)
+        if curve:
+            engine.require_tokens()
         self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
-                                tick_s=min(0.05, lease_s / 4))
+                                tick_s=min(0.05, lease_s / 4), user_ids=curve is not None)
         self._closed = False
         self._loop.start()
         log.info("%s: control plane on %s (lease %.1f s%s)", name, self.endpoint, lease_s,
@@ -274,7 +289,7 @@ class ControlServer:
 
     # --- the loop thread: messages from readers ---------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], user: str = "") -> None:
         ident, body = frames[0], frames[1:]
         try:
             msg = m.decode_to_prefill(body)
@@ -285,10 +300,12 @@ class ControlServer:
         elif not isinstance(msg, (m.Hello, m.Ping)):
             return self._refuse(ident, "no_handshake", f"{type(msg).__name__} before the handshake (send Hello first)",
                                 getattr(msg, "request_id", ""))
+        if isinstance(msg, m.Hello):
+            return self._hello(ident, msg, user)
         handler = self._handlers.get(type(msg))
         handler(self, ident, msg)
 
-    def _hello(self, ident: bytes, msg: m.Hello) -> None:
+    def _hello(self, ident: bytes, msg: m.Hello, user: str) -> None:
         fields = compat_problems(self.compat, msg.compat)
         try:
             EngineDescriptor.from_bytes(msg.engine)
@@ -309,10 +326,14 @@ class ControlServer:
                 self._metrics.limit_refusals.labels("max_sessions").inc()
                 return self._refuse(ident, "too_many_sessions", f"{len(self._sessions)} sessions are open, "
                                     f"the limit; try again later")
-            self._sessions[ident] = Session(ident, session_name(msg.name, ident), time.monotonic())
+            session = Session(ident, session_name(msg.name, ident), time.monotonic(), user=user)
+            if self._token_key is not None:
+                session.token = hmac.new(self._token_key, user.encode() + b"\0" + ident, hashlib.sha256).digest()
+                self._engine.allow_token(session.token)  # until the session is dropped
+            self._sessions[ident] = session
             self._metrics.sessions.set(len(self._sessions))
         self._send(ident, m.Welcome(layout=self.layout, compat=self.compat, lease_s=self.lease_s, name=self.name,
-                                    **self._welcome_parts))
+                                    token=self._sessions[ident].token or b"", **self._welcome_parts))
 
     def _submit(self, ident: bytes, msg: m.Submit) -> None:
         if (over := self._over_quota(self._sessions[ident], 0)) is not None:
@@ -418,7 +439,7 @@ class ControlServer:
     def _stats(self, ident: bytes, msg: m.StatsQuery) -> None:
         self._send(ident, self.stats())
 
-    _handlers = {m.Hello: _hello, m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
+    _handlers = {m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
                  m.Release: _release, m.Ping: _ping, m.StatsQuery: _stats}
 
     def _pinned_by(self, session: Session) -> int:
@@ -530,11 +551,23 @@ class ControlServer:
                   if now - s.last_heard > self.limits.session_idle_s and not s.requests]
         for session in silent:
             del self._sessions[session.ident]
+            self._revoke(session)
         if silent:
             self._metrics.sessions_expired.inc(len(silent))
             self._metrics.sessions.set(len(self._sessions))
             log.info("%s: dropped %d sessions silent for %.0f s (e.g. %s); %d remain", self.name, len(silent),
                      self.limits.session_idle_s, silent[0].name, len(self._sessions))
+
+    def _revoke(self, session: Session) -> None:
+        if session.token is None:
+            return
+        try:
+            dropped = self._engine.revoke_token(session.token)
+        except KVTransferError as e:  # the engine closed first: its server and tokens are gone anyway
+            log.info("%s: token of %s not revoked: %s", self.name, session.name, e)
+            return
+        if dropped:
+            log.info("%s: %s's token revoked; %d data connections dropped", self.name, session.name, dropped)
 
     def _retire(self, rid: str, why: str) -> None:
         """No reader needs the blocks anymore: free them now, or when the application is done."""
@@ -570,6 +603,8 @@ class ControlServer:
             self._publish(self._reqs[rid], m.Failed(request_id=rid, code="shutting_down",
                                                     message=f"{self.name} is shutting down"))
             self._retire(rid, "shutting_down")
+        for session in self._sessions.values():
+            self._revoke(session)
 
     # --- the loop thread: sending --------------------------------------------------------
 

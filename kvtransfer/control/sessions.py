@@ -56,6 +56,8 @@ class Session:
     ident: bytes   # the ZeroMQ routing id of its DEALER socket
     name: str      # what its Hello said (not authenticated) and the routing id, for logs and errors
     last_heard: float  # time.monotonic() of its last message
+    user: str = ""     # with CURVE, its public key (Z85) as the ZAP handler authenticated it
+    token: bytes | None = None  # with CURVE, the data plane token minted for it
     requests: set[str] = field(default_factory=set)  # open requests it submitted or subscribed to
 
 

@@ -23,6 +23,9 @@ Sections, printed like perftest's header (aligned ``key : value`` lines):
   the ordered candidates from the engine's own choice (``Engine._candidates``: forced
   by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else verbs, shm, tcp), the pick and why;
   with ``--connect`` the transport ``Engine.connect`` really got, or its error.
+- **Exposure**: the kvtransfer processes of this host that listen on TCP beyond loopback,
+  each with a warning unless its command line configures CurveZMQ keys (without them
+  anyone who reaches those ports can read registered memory).
 
 Exit status: 0 (whatever the machine lacks is reported, not an error), 2 for a wrong
 argument (unknown option, unreadable or malformed peer descriptor).
@@ -41,6 +44,7 @@ import sys
 from typing import Any, Callable
 
 from . import __version__, _C
+from .control.security import exposed_listeners
 from .descriptors import EngineDescriptor
 from .engine import TRANSPORTS, Engine
 from .errors import KVTransferError
@@ -626,6 +630,7 @@ def render_text(facts: dict[str, Any]) -> str:
         _tcp_server_lines(t, eng["tcp_server"]["limits"], eng["tcp_server"]["stats"])
     for k, v in eng["env"].items():
         t.kv(k, v)
+    _exposure_lines(t, facts.get("exposure", []))
 
     p = facts.get("peer")
     if p is not None:
@@ -651,6 +656,18 @@ def render_text(facts: dict[str, Any]) -> str:
             for m in cn["log"]:
                 t.kv("log", m, 2)
     return t.render()
+
+
+def _exposure_lines(t: _Text, rows: list[dict[str, Any]]) -> None:
+    """Which kvtransfer processes listen beyond loopback, and whether CURVE guards them."""
+    t.section("Exposure", "kvtransfer processes listening beyond loopback")
+    t.kv("checked", "this host's processes that loaded kvtransfer (those this user may read)")
+    if not rows:
+        t.kv("listening", "none beyond loopback")
+    for r in rows:
+        t.kv(f"pid {r['pid']}", f"{r['address']}:{r['port']} ({r['command']}) " +
+             ("with CurveZMQ keys" if r["curve"] else
+              "WARNING: WITHOUT CurveZMQ keys: anyone who reaches it can read registered memory"))
 
 
 # --- entry points ----------------------------------------------------------------------------
@@ -707,6 +724,7 @@ def collect(args: argparse.Namespace, peer: EngineDescriptor | None) -> dict[str
                                  "cuda": collect_cuda(), "engine": collect_engine(eng)}
         if peer is not None:
             facts["peer"] = collect_peer(eng, peer, args.transport, args.connect)
+    facts["exposure"] = exposed_listeners()
     return facts
 
 

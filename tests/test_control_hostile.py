@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import json
 import shutil
+import subprocess
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -24,7 +27,9 @@ from kvtransfer.control import (ControlError, CurveClientKeys, CurveServerKeys, 
 from kvtransfer.control import messages as m
 from kvtransfer.errors import InvalidArgumentError
 from kvtransfer.kv import CompatInfo, KVLayout
+from kvtransfer.control.security import exposed_listeners
 from kvtransfer.synthetic import SyntheticPrefill, check_request
+from kvtransfer.target import start_child, stop_child
 from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
 
 WAIT = 20.0
@@ -211,4 +216,36 @@ def test_with_curve_the_pool_is_read_only_with_an_authenticated_sessions_token(t
         with pytest.raises(TransportUnavailableError) as e:
             stranger.connect(engine_desc, transport="tcp", token=token)
         assert e.value.errno == errno.EACCES and region.nbytes > 0
+
+
+def test_doctor_names_ports_beyond_loopback_without_curve(tmp_path):
+    """Without CURVE anyone who reaches the ports can read registered memory: doctor
+    lists a kvtransfer process listening beyond loopback and warns unless it has keys.
+    The processes bind 0.0.0.0 inside network namespaces of their own (only a down
+    loopback there): nothing is reachable from outside."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a network namespace here: {probe.stderr.strip()}")
+    server_public, server_secret = generate_keys(tmp_path, "server")
+    layout = KVLayout(**BASE)
+    base = ["unshare", "-n", sys.executable, "-m", "kvtransfer.synthetic", "--model", MODEL, "--endpoint",
+            "tcp://0.0.0.0:0", "--listen-host", "0.0.0.0", "--layout",
+            json.dumps({f: getattr(layout, f) for f in layout.__struct_fields__})]
+    children = []
+    try:
+        for extra in ([], ["--curve-secret", str(server_secret), "--curve-clients", str(tmp_path)]):
+            children.append(start_child(base + extra, timeout=60, what="synthetic prefill in a netns")[0])
+        bare, keyed = (c.pid for c in children)
+        rows = exposed_listeners()
+        for pid, curve in ((bare, False), (keyed, True)):
+            mine = [r for r in rows if r["pid"] == pid]
+            assert len(mine) == 2, rows  # the control port and the engine's tcp port
+            assert {(r["address"], r["curve"]) for r in mine} == {("0.0.0.0", curve)}
+        out = subprocess.run([sys.executable, "-m", "kvtransfer", "doctor"], capture_output=True, text=True,
+                             timeout=120).stdout
+        assert out.count(f"pid {bare} ") == 2 and out.count(f"pid {keyed} ") == 2, out
+        assert out.count("WITHOUT CurveZMQ") >= 2 and out.count("with CurveZMQ keys") >= 2
+    finally:
+        for c in children:
+            stop_child(c, timeout=10)
 

@@ -35,13 +35,6 @@ from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payl
 WAIT = 20.0
 
 
-@pytest.fixture
-def start_prefill():
-    launcher = PrefillLauncher()
-    yield launcher.start
-    launcher.close()
-
-
 def wait_until(ok: Callable[[], bool], timeout: float) -> None:
     end = time.monotonic() + timeout
     while not ok():
@@ -50,12 +43,13 @@ def wait_until(ok: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def test_another_session_cannot_release_renew_or_subscribe_to_a_request(start_prefill):
+def test_another_session_cannot_release_renew_or_subscribe_to_a_request():
     """Weakness 6: a stranger who knows a request id used to retire it with a Release
     (the owner then failed with LeaseExpiredError); now each of its messages is refused
     with not_owner naming the owner, and the owner's pull lands its bytes."""
     layout = KVLayout(**BASE)
-    prefill = start_prefill(layout)
+    launcher = PrefillLauncher()  # its own process: the stranger and the owner are both remote to it
+    prefill = launcher.start(layout)
     stranger = Raw(prefill.endpoint)
     try:
         with decode_side(layout) as d, d.client(prefill, name="owner") as c, Engine() as eng:
@@ -82,6 +76,7 @@ def test_another_session_cannot_release_renew_or_subscribe_to_a_request(start_pr
         prefill.wait_pool_idle(WAIT)
     finally:
         stranger.close()
+        launcher.close()
 
 
 def test_request_ids_made_by_the_library_are_not_guessable():

@@ -36,6 +36,6 @@ from .security import CurveClientKeys, CurveServerKeys, generate_keys
 from .server import ControlServer, PrefillRequest
 from .sessions import Limits
 
-__all__ = ["ControlServer", "PrefillRequest", "Limits", "ControlClient", "Pull", "pull_sharded", "new_request_id", "PullTimings",
-           "metrics_for", "CurveServerKeys", "CurveClientKeys", "generate_keys", "ControlError",
+__all__ = ["ControlServer", "PrefillRequest", "Limits", "ControlClient", "Pull", "pull_sharded", "new_request_id",
+           "PullTimings", "metrics_for", "CurveServerKeys", "CurveClientKeys", "generate_keys", "ControlError",
            "LeaseExpiredError", "PeerLostError"]

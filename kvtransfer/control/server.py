@@ -451,8 +451,8 @@ class ControlServer:
             return "session_requests", f"{session.name} has {len(session.requests)} open requests, the limit"
         quota = self.limits.session_blocks
         if quota is not None and (pinned := self._pinned_by(session)) + max(more_blocks, 1) > quota:
-            return "session_blocks", (f"{session.name} holds {pinned} pinned blocks{f' + {more_blocks}' if more_blocks else ''}"
-                                      f", its quota is {quota}")
+            more = f" + {more_blocks}" if more_blocks else ""
+            return "session_blocks", f"{session.name} holds {pinned} pinned blocks{more}, its quota is {quota}"
         return None
 
     def _refuse_limit(self, ident: bytes, over: tuple[str, str], what: str, rid: str) -> None:

@@ -120,15 +120,15 @@ class SocketLoop:
 
     def _receive(self) -> None:
         for _ in range(_RECV_BATCH):
-            try:
-                if not self._user_ids:
-                    frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
-                    self._guard(lambda: self._on_frames(frames))
-                    continue
-                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            try:  # zero-copy frames only where their metadata is wanted
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=not self._user_ids)
             except zmq.Again:
                 return
-            self._guard(lambda: self._on_frames([p.bytes for p in parts], _user_id(parts[-1])))
+            if self._user_ids:
+                frames, user = [p.bytes for p in parts], _user_id(parts[-1])
+                self._guard(lambda: self._on_frames(frames, user))
+            else:
+                self._guard(lambda: self._on_frames(parts))
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

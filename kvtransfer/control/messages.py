@@ -170,9 +170,8 @@ class Error(_Msg, tag="error"):
     """A refused message: ``code`` (``malformed``, ``too_large``, ``unsupported_version``,
     ``no_handshake``, ``incompatible``, ``unknown_request``, ``duplicate_request``,
     ``lease_expired``, ``not_owner`` (the request belongs to other sessions), ``quota_exceeded``,
-    ``too_many_sessions``,
-    ``out_of_order``), a message for people, and for
-    ``incompatible`` the differing ``fields`` as (name, ours, theirs)."""
+    ``too_many_sessions``, ``out_of_order``), a message for people, and for ``incompatible``
+    the differing ``fields`` as (name, ours, theirs)."""
     code: ShortText
     message: ShortText
     request_id: Annotated[str, msgspec.Meta(max_length=256)] = ""

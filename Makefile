@@ -24,14 +24,23 @@ demo: setup
 demo-transfer: setup
 	$(PY) scripts/transfer_demo.py
 
-# everything: the suite on this machine, then the verbs tests in a soft-RoCE guest
-test: test-host test-rdma
+# everything: the suite on this machine, the wire fuzzer, then the verbs tests in a soft-RoCE guest
+test: test-host test-fuzz test-rdma
 
 test-host: setup setup-vllm
 	$(PY) -m pytest -q tests
 
 test-rdma: setup setup-rxe
 	$(RXE) scripts/rxe/guest_tests.sh
+
+# the tcp server's wire checks under libFuzzer + ASan + UBSan (clang: scripts/setup_fuzz.sh)
+FUZZ_SECONDS ?= 600
+.PHONY: test-fuzz fuzz
+test-fuzz:
+	scripts/fuzz_wire.sh 45
+
+fuzz:
+	scripts/fuzz_wire.sh $(FUZZ_SECONDS)
 
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)

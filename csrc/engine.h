@@ -48,9 +48,10 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
 int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
 int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
 
-/* A tcp connection to engine `id` at host:port, hello exchanged; returns the fd. */
-int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], int timeout_ms,
-                       kvt_err *err);
+/* A tcp connection to engine `id` at host:port, hello exchanged (with `token` unless
+ * NULL); returns the fd. */
+int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], const uint8_t *token,
+                       int timeout_ms, kvt_err *err);
 
 /* The target side of tcp reads and of verbs queue-pair setup (verbs may be NULL). */
 int kvt_tcp_server_start(kvt_region_table *table, kvt_verbs *verbs, const char *host, int port,

@@ -16,6 +16,7 @@
 #define KVT_ENGINE_ID_LEN 16
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
+#define KVT_TOKEN_LEN 32 /* a tcp server's access token (kvt_engine_allow_token) */
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
 enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
@@ -51,6 +52,9 @@ typedef struct kvt_engine_info {
     int32_t gid_index;
     uint8_t gid[16];
     char verbs_why[512]; /* why verbs is unavailable, when it is */
+    /* kvt_connect: the token this reader presents in its tcp hellos (tcp and verbs) */
+    int32_t has_token;
+    uint8_t token[KVT_TOKEN_LEN];
 } kvt_engine_info;
 
 /* One READ: len bytes at remote region+remote_off land at local region+local_off.
@@ -141,5 +145,40 @@ int kvt_cuda_export(uint64_t addr, uint64_t len, int device, kvt_cuda_alloc *out
 /* How batched device copies run in this process ("kernel (NVRTC 13.0 ...)",
  * "cuMemcpyBatchAsync", ...): 0 and a description, or -errno and why none can. */
 int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err);
+
+/* The tcp server's limits (tcp_server.c); a field left 0 keeps its current value.
+ * Defaults: idle 60 s, 1024 connections, 256 per peer address, 64 MiB per frame. */
+typedef struct kvt_tcp_limits {
+    int idle_timeout_ms;     /* a connection with no request for this long is dropped */
+    int max_conns;           /* connections (one thread each) in total */
+    int max_conns_per_peer;  /* connections from one peer address */
+    uint64_t max_frame_bytes; /* bytes one request may ask for (a connection's bytes in flight) */
+} kvt_tcp_limits;
+
+typedef struct kvt_tcp_stats {
+    uint64_t conns;             /* open now */
+    uint64_t threads;           /* server threads now: the acceptor and one per connection */
+    uint64_t accepted;          /* connections taken, since start */
+    uint64_t refused_busy;      /* refused at the total or per-address cap (-EBUSY) */
+    uint64_t refused_token;     /* refused for a missing, unknown or expired token (-EACCES) */
+    uint64_t dropped_idle;      /* no request within the idle timeout */
+    uint64_t dropped_deadline;  /* a hello or frame not done within the io timeout */
+    uint64_t dropped_revoked;   /* their token was revoked or expired */
+    uint64_t refused_frames;    /* requests over the bytes-per-frame limit (-EMSGSIZE) */
+    uint64_t accept_backoffs;   /* accept4 out of descriptors or memory: paused */
+} kvt_tcp_stats;
+
+int kvt_engine_set_tcp_limits(kvt_engine *eng, const kvt_tcp_limits *lim, kvt_err *err);
+void kvt_engine_tcp_limits(kvt_engine *eng, kvt_tcp_limits *lim);
+void kvt_engine_tcp_stats(kvt_engine *eng, kvt_tcp_stats *out);
+
+/* Tokens (for the control plane, which hands one to each authenticated session).
+ * From require_tokens on, the tcp server (and so verbs setup) accepts a connection
+ * only if its hello carries an allowed, unexpired token; others get -EACCES. Allowing
+ * a token again sets its expiry anew (ttl_ms < 0: none). Revoking (or expiry) also
+ * drops the connections that presented it; revoke returns how many. */
+void kvt_engine_require_tokens(kvt_engine *eng);
+int kvt_engine_allow_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN], int64_t ttl_ms, kvt_err *err);
+int kvt_engine_revoke_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN]);
 
 #endif

@@ -406,21 +406,25 @@ static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port, verbs) -> Peer */
+/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port, verbs[, token]) -> Peer */
 static PyObject *Engine_connect(EngineObject *self, PyObject *args)
 {
     kvt_engine_info in = {0};
-    const char *id, *host;
-    Py_ssize_t idlen;
+    const char *id, *host, *token = NULL;
+    Py_ssize_t idlen, toklen = 0;
     int transport;
     unsigned long long table_addr;
-    if (!PyArg_ParseTuple(args, "iy#iiKsip", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
-                          &in.tcp_port, &in.verbs) ||
+    if (!PyArg_ParseTuple(args, "iy#iiKsip|z#", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
+                          &in.tcp_port, &in.verbs, &token, &toklen) ||
         !check_open(self))
         return NULL;
-    if (idlen != KVT_ENGINE_ID_LEN) {
-        PyErr_SetString(PyExc_ValueError, "engine_id must be 16 bytes");
+    if (idlen != KVT_ENGINE_ID_LEN || (token && toklen != KVT_TOKEN_LEN)) {
+        PyErr_SetString(PyExc_ValueError, "engine_id must be 16 bytes, a token 32");
         return NULL;
+    }
+    if (token) {
+        in.has_token = 1;
+        memcpy(in.token, token, KVT_TOKEN_LEN);
     }
     memcpy(in.id, id, sizeof in.id);
     in.table_addr = table_addr;
@@ -444,6 +448,77 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args)
     return (PyObject *)po;
 }
 
+/* set_tcp_limits(idle_ms, max_conns, max_conns_per_peer, max_frame_bytes): 0 keeps a value */
+static PyObject *Engine_set_tcp_limits(EngineObject *self, PyObject *args)
+{
+    kvt_tcp_limits l = {0};
+    unsigned long long frame;
+    if (!PyArg_ParseTuple(args, "iiiK", &l.idle_timeout_ms, &l.max_conns, &l.max_conns_per_peer, &frame) ||
+        !check_open(self))
+        return NULL;
+    l.max_frame_bytes = frame;
+    kvt_err e;
+    if (kvt_engine_set_tcp_limits(self->e, &l, &e) < 0)
+        return raise_err(&e, -1);
+    kvt_engine_tcp_limits(self->e, &l);
+    return Py_BuildValue("{s:i,s:i,s:i,s:K}", "idle_timeout_ms", l.idle_timeout_ms, "max_conns", l.max_conns,
+                         "max_conns_per_peer", l.max_conns_per_peer, "max_frame_bytes",
+                         (unsigned long long)l.max_frame_bytes);
+}
+
+static PyObject *Engine_tcp_stats(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    kvt_tcp_stats t;
+    kvt_engine_tcp_stats(self->e, &t);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "connections", t.conns, "threads",
+                         t.threads, "accepted", t.accepted, "refused_busy", t.refused_busy, "refused_token",
+                         t.refused_token, "dropped_idle", t.dropped_idle, "dropped_deadline", t.dropped_deadline,
+                         "dropped_revoked", t.dropped_revoked, "refused_frames", t.refused_frames,
+                         "accept_backoffs", t.accept_backoffs);
+}
+
+static PyObject *Engine_require_tokens(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    kvt_engine_require_tokens(self->e);
+    Py_RETURN_NONE;
+}
+
+/* allow_token(token: 32 bytes, ttl_ms: int, < 0 for none) */
+static PyObject *Engine_allow_token(EngineObject *self, PyObject *args)
+{
+    const char *t;
+    Py_ssize_t n;
+    long long ttl_ms;
+    if (!PyArg_ParseTuple(args, "y#L", &t, &n, &ttl_ms) || !check_open(self))
+        return NULL;
+    if (n != KVT_TOKEN_LEN) {
+        PyErr_SetString(PyExc_ValueError, "a token is 32 bytes");
+        return NULL;
+    }
+    kvt_err e;
+    if (kvt_engine_allow_token(self->e, (const uint8_t *)t, ttl_ms, &e) < 0)
+        return raise_err(&e, -1);
+    Py_RETURN_NONE;
+}
+
+/* revoke_token(token) -> connections dropped */
+static PyObject *Engine_revoke_token(EngineObject *self, PyObject *args)
+{
+    const char *t;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y#", &t, &n) || !check_open(self))
+        return NULL;
+    if (n != KVT_TOKEN_LEN) {
+        PyErr_SetString(PyExc_ValueError, "a token is 32 bytes");
+        return NULL;
+    }
+    return PyLong_FromLong(kvt_engine_revoke_token(self->e, (const uint8_t *)t));
+}
+
 static PyMethodDef Engine_methods[] = {
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "stop serving and free the engine"},
     {"info", (PyCFunction)Engine_info, METH_NOARGS, "what a peer needs to reach this engine"},
@@ -451,6 +526,11 @@ static PyMethodDef Engine_methods[] = {
     {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
     {"region_cuda", (PyCFunction)Engine_region_cuda, METH_O, "region_cuda(region_id) -> dict of its CUDA allocation"},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
+    {"set_tcp_limits", (PyCFunction)Engine_set_tcp_limits, METH_VARARGS, "tcp server limits (0 keeps) -> dict"},
+    {"tcp_stats", (PyCFunction)Engine_tcp_stats, METH_NOARGS, "tcp server connections, threads, refusals"},
+    {"require_tokens", (PyCFunction)Engine_require_tokens, METH_NOARGS, "tcp server: admit allowed tokens only"},
+    {"allow_token", (PyCFunction)Engine_allow_token, METH_VARARGS, "allow_token(token, ttl_ms or -1)"},
+    {"revoke_token", (PyCFunction)Engine_revoke_token, METH_VARARGS, "revoke_token(token) -> connections dropped"},
     {NULL}};
 
 static PyTypeObject EngineType = {

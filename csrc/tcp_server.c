@@ -3,7 +3,16 @@
  * GIL). Every entry is checked against the region table (id, key, bounds) and holds a
  * reference on its region while its bytes are sent, so a deregistration waits for it.
  * CUDA regions are served through pinned staging buffers (tcp_stage.c): device->host
- * copies of the next chunk overlap with sending the previous one. */
+ * copies of the next chunk overlap with sending the previous one.
+ *
+ * Limits (kvt_tcp_limits): connections in total and per peer address, refused with a
+ * hello the client reads (-EBUSY); a deadline per hello and per frame (the io
+ * timeout, however the bytes trickle) and an idle timeout between frames, both kept
+ * by the acceptor, which shuts a late connection down; bytes per frame. A frame's
+ * deadline also bounds how long a deregistration waits for a slow reader.
+ *
+ * Tokens: once required, a hello must carry one the control plane allowed (and has
+ * not revoked, nor let expire); revoking one drops the connections that used it. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -18,6 +27,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -27,14 +37,32 @@
 #include "verbs.h"
 #include "wire.h"
 
-#define MAX_CONNS 1024
+#define WATCH_MS 100    /* how often the acceptor checks deadlines */
+#define BACKOFF_MS 100  /* pause after accept4 ran out of descriptors or memory */
+#define NO_DEADLINE INT64_MAX
+#define MAX_TOKENS 65536 /* a session's worth each: bounds the table's memory */
+
+_Static_assert(KVT_TOKEN_LEN == KVT_WIRE_TOKEN_LEN, "one token length");
+
+typedef struct token {
+    uint8_t bytes[KVT_TOKEN_LEN];
+    int64_t expires; /* monotonic ms, or NO_DEADLINE */
+} token;
+
+enum { DROP_IDLE = 1, DROP_DEADLINE = 2 };
 
 typedef struct srv_conn {
     struct srv_conn *next;
     struct kvt_tcp_server *srv;
     int fd;
+    struct sockaddr_storage peer;
     pthread_t thread;
     _Atomic int finished;
+    _Atomic int64_t deadline; /* monotonic ms; the acceptor drops the connection after it */
+    _Atomic int idle;         /* the deadline is the idle timeout, not a frame's */
+    int dropped;              /* the acceptor shut it down (holds mu) */
+    int has_token;            /* the token its hello carried (set under mu) */
+    uint8_t token[KVT_TOKEN_LEN];
 } srv_conn;
 
 struct kvt_tcp_server {
@@ -47,7 +75,32 @@ struct kvt_tcp_server {
     pthread_mutex_t mu;
     srv_conn *conns;
     int nconns;
+    kvt_tcp_limits lim; /* holds mu to change; read without it */
+    kvt_tcp_stats st;   /* holds mu */
+    int require_tokens; /* the rest hold mu */
+    token *tokens;
+    size_t ntokens, cap_tokens;
 };
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void set_deadline(srv_conn *c, int64_t ms_from_now, int idle)
+{
+    atomic_store(&c->idle, idle);
+    atomic_store(&c->deadline, ms_from_now == NO_DEADLINE ? NO_DEADLINE : now_ms() + ms_from_now);
+}
+
+static void count(struct kvt_tcp_server *s, uint64_t *field)
+{
+    pthread_mutex_lock(&s->mu);
+    (*field)++;
+    pthread_mutex_unlock(&s->mu);
+}
 
 /* Per-connection scratch, sized for the largest frame. */
 typedef struct frame {
@@ -82,7 +135,14 @@ static int serve_frame(srv_conn *c, const kvt_wire_hdr *h, frame *f, kvt_stage *
         return rc;
     size_t nd = 0;
     int cuda = 0, memo[2] = {-1, 0};
+    int too_big = kvt_wire_check_entries(f->ents, h->n, c->srv->lim.max_frame_bytes);
+    if (too_big < 0)
+        count(c->srv, &c->srv->st.refused_frames);
     for (uint32_t i = 0; i < h->n; i++) {
+        if (too_big < 0) {
+            f->status[i] = too_big;
+            continue;
+        }
         const kvt_wire_entry *e = &f->ents[i];
         kvt_region_view v;
         kvt_err ignored;
@@ -145,6 +205,56 @@ static int serve_verbs(srv_conn *c, const kvt_wire_hdr *h, kvt_qpset **qs, kvt_e
     return kvt_send_iov(c->fd, v, 2, "verbs connect reply", err);
 }
 
+/* Compares in time independent of where they differ: no oracle for guessing. */
+static int same_token(const uint8_t *a, const uint8_t *b)
+{
+    uint8_t d = 0;
+    for (int i = 0; i < KVT_TOKEN_LEN; i++)
+        d |= a[i] ^ b[i];
+    return d == 0;
+}
+
+/* The token's index, or -1. Holds mu. */
+static long find_token(struct kvt_tcp_server *s, const uint8_t *t)
+{
+    for (size_t i = 0; i < s->ntokens; i++)
+        if (same_token(s->tokens[i].bytes, t))
+            return (long)i;
+    return -1;
+}
+
+/* Drops the token at i and every connection that presented it; returns how many. Holds mu. */
+static int remove_token(struct kvt_tcp_server *s, size_t i)
+{
+    int n = 0;
+    for (srv_conn *c = s->conns; c; c = c->next) {
+        if (!c->has_token || c->dropped || !same_token(c->token, s->tokens[i].bytes))
+            continue;
+        c->dropped = 1;
+        shutdown(c->fd, SHUT_RDWR);
+        n++;
+    }
+    s->st.dropped_revoked += (uint64_t)n;
+    s->tokens[i] = s->tokens[--s->ntokens];
+    return n;
+}
+
+/* Whether a hello with this token (NULL: none) may go on; remembers it on c. */
+static int admit(srv_conn *c, const uint8_t *t)
+{
+    struct kvt_tcp_server *s = c->srv;
+    pthread_mutex_lock(&s->mu);
+    long i = t ? find_token(s, t) : -1;
+    int ok = !s->require_tokens || (i >= 0 && now_ms() < s->tokens[i].expires);
+    if (ok && t) {
+        c->has_token = 1;
+        memcpy(c->token, t, KVT_TOKEN_LEN);
+    }
+    s->st.refused_token += !ok;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
 static void *conn_main(void *arg)
 {
     srv_conn *c = arg;
@@ -153,29 +263,40 @@ static void *conn_main(void *arg)
     kvt_stage *stage = NULL; /* made when this connection first serves CUDA memory */
     frame *f = malloc(sizeof *f);
     kvt_wire_hello hi;
+    int token_follows = 0;
     if (!f || kvt_sock_setup(c->fd, c->srv->io_timeout_ms, &err) < 0 ||
         kvt_recv_all(c->fd, &hi, sizeof hi, "hello", &err) < 0)
         goto out;
-    int ok = hi.magic == KVT_HELLO_MAGIC && hi.version == KVT_WIRE_VERSION;
-    kvt_wire_hello reply = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = ok ? 0 : -EPROTO};
+    int st = kvt_wire_check_hello(&hi, &token_follows);
+    uint8_t tok[KVT_TOKEN_LEN];
+    if (st == 0 && token_follows && kvt_recv_all(c->fd, tok, sizeof tok, "hello token", &err) < 0)
+        goto out;
+    if (st == 0 && !admit(c, token_follows ? tok : NULL))
+        st = -EACCES;
+    kvt_wire_hello reply = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = st};
     memcpy(reply.engine_id, c->srv->table->shared->engine_id, sizeof reply.engine_id);
-    if (kvt_send_all(c->fd, &reply, sizeof reply, "hello", &err) < 0 || !ok)
+    if (kvt_send_all(c->fd, &reply, sizeof reply, "hello", &err) < 0 || st < 0)
         goto out;
     for (;;) {
-        /* Idle connections wait without a deadline; once a frame starts, the socket
-         * timeout bounds every read. Server shutdown wakes this with shutdown(2). */
+        /* Between frames the idle timeout holds (none while queue pairs live on this
+         * connection: their traffic does not pass here); a frame has the io timeout
+         * from its first byte to its last. The acceptor enforces both with shutdown(2),
+         * which also wakes this at server stop. */
+        set_deadline(c, qs ? NO_DEADLINE : c->srv->lim.idle_timeout_ms, 1);
         struct pollfd pf = {.fd = c->fd, .events = POLLIN};
         if (poll(&pf, 1, -1) < 0 && errno != EINTR)
             break;
+        set_deadline(c, c->srv->io_timeout_ms, 0);
         kvt_wire_hdr h;
         if (kvt_recv_all(c->fd, &h, sizeof h, "request header", &err) < 0)
             break;
-        if (h.magic == KVT_VERBS_MAGIC) {
+        int kind = kvt_wire_check_header(&h);
+        if (kind == KVT_FRAME_VERBS) {
             if (serve_verbs(c, &h, &qs, &err) < 0)
                 break;
             continue;
         }
-        if (h.magic != KVT_REQ_MAGIC || h.n == 0 || h.n > KVT_WIRE_MAX_ENTRIES)
+        if (kind < 0)
             break; /* malformed: drop this connection, keep serving the others */
         if (serve_frame(c, &h, f, &stage, &err) < 0)
             break;
@@ -211,32 +332,117 @@ static void reap(struct kvt_tcp_server *s, int all)
     }
 }
 
+/* Shuts down connections past their deadline (their threads see the end and finish).
+ * Holds mu. */
+static void enforce_deadlines(struct kvt_tcp_server *s)
+{
+    int64_t now = now_ms();
+    for (srv_conn *c = s->conns; c; c = c->next) {
+        if (c->dropped || atomic_load(&c->finished) || now < atomic_load(&c->deadline))
+            continue;
+        c->dropped = 1;
+        /* read before the shutdown: the woken thread starts a new deadline */
+        if (atomic_load(&c->idle))
+            s->st.dropped_idle++;
+        else
+            s->st.dropped_deadline++;
+        shutdown(c->fd, SHUT_RDWR);
+    }
+}
+
+/* Tokens past their expiry go, with their connections. Holds mu. */
+static void expire_tokens(struct kvt_tcp_server *s)
+{
+    int64_t now = now_ms();
+    for (size_t i = 0; i < s->ntokens;)
+        if (now >= s->tokens[i].expires)
+            remove_token(s, i); /* moves the last token to i */
+        else
+            i++;
+}
+
+static int same_address(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return 0;
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr == ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+    if (a->ss_family == AF_INET6)
+        return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr, &((const struct sockaddr_in6 *)b)->sin6_addr,
+                      sizeof(struct in6_addr)) == 0;
+    return 1;
+}
+
+/* 0, or which cap a new connection from `peer` would pass (KVT_REFUSED_*). Holds mu. */
+static int over_cap(struct kvt_tcp_server *s, const struct sockaddr_storage *peer)
+{
+    if (s->nconns >= s->lim.max_conns)
+        return KVT_REFUSED_TOTAL;
+    int same = 0;
+    for (srv_conn *c = s->conns; c; c = c->next)
+        same += same_address(&c->peer, peer);
+    return same >= s->lim.max_conns_per_peer ? KVT_REFUSED_PEER : 0;
+}
+
+/* Answers a connection over a cap with a hello saying so, without a thread: the reply
+ * fits any socket buffer. The client's own hello may be unread: drain what came. */
+static void refuse(int fd, int16_t reserved_why, const uint8_t *engine_id)
+{
+    kvt_wire_hello r = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = -EBUSY,
+                        .reserved = (uint32_t)reserved_why};
+    memcpy(r.engine_id, engine_id, sizeof r.engine_id);
+    ssize_t w = send(fd, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL);
+    (void)w;
+    shutdown(fd, SHUT_WR);
+    char junk[256];
+    while (recv(fd, junk, sizeof junk, MSG_DONTWAIT) > 0) {
+    }
+    close(fd);
+}
+
 static void *acceptor_main(void *arg)
 {
     struct kvt_tcp_server *s = arg;
     for (;;) {
         struct pollfd pf[2] = {{.fd = s->lfd, .events = POLLIN}, {.fd = s->wake[0], .events = POLLIN}};
-        if (poll(pf, 2, 1000) < 0 && errno != EINTR)
+        if (poll(pf, 2, WATCH_MS) < 0 && errno != EINTR)
             break;
         if (pf[1].revents)
             break;
         pthread_mutex_lock(&s->mu);
         reap(s, 0);
+        enforce_deadlines(s);
+        expire_tokens(s);
         pthread_mutex_unlock(&s->mu);
         if (!(pf[0].revents & POLLIN))
             continue;
-        int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0)
+        struct sockaddr_storage peer;
+        socklen_t pl = sizeof peer;
+        int fd = accept4(s->lfd, (struct sockaddr *)&peer, &pl, SOCK_CLOEXEC);
+        if (fd < 0) {
+            /* Out of descriptors or memory: the connection stays queued, and polling
+             * again at once would spin. Pause (a server stop still wakes us). */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                count(s, &s->st.accept_backoffs);
+                struct pollfd w = {.fd = s->wake[0], .events = POLLIN};
+                if (poll(&w, 1, BACKOFF_MS) > 0)
+                    break;
+            }
             continue;
+        }
         pthread_mutex_lock(&s->mu);
-        srv_conn *c = s->nconns < MAX_CONNS ? calloc(1, sizeof *c) : NULL;
+        int why = over_cap(s, &peer);
+        srv_conn *c = why ? NULL : calloc(1, sizeof *c);
         if (!c) {
+            s->st.refused_busy += why != 0;
             pthread_mutex_unlock(&s->mu);
-            close(fd);
+            refuse(fd, (int16_t)(why ? why : KVT_REFUSED_TOTAL), s->table->shared->engine_id);
             continue;
         }
         c->srv = s;
         c->fd = fd;
+        c->peer = peer;
+        set_deadline(c, s->io_timeout_ms, 0); /* for the hello */
         if (pthread_create(&c->thread, NULL, conn_main, c) != 0) {
             pthread_mutex_unlock(&s->mu);
             close(fd);
@@ -246,6 +452,7 @@ static void *acceptor_main(void *arg)
         c->next = s->conns;
         s->conns = c;
         s->nconns++;
+        s->st.accepted++;
         pthread_mutex_unlock(&s->mu);
     }
     return NULL;
@@ -292,6 +499,8 @@ int kvt_tcp_server_start(kvt_region_table *table, kvt_verbs *verbs, const char *
     s->table = table;
     s->verbs = verbs;
     s->io_timeout_ms = io_timeout_ms;
+    s->lim = (kvt_tcp_limits){.idle_timeout_ms = 60000, .max_conns = 1024, .max_conns_per_peer = 256,
+                              .max_frame_bytes = 64u << 20};
     pthread_mutex_init(&s->mu, NULL);
     int e = pthread_create(&s->acceptor, NULL, acceptor_main, s);
     if (e != 0) {
@@ -320,5 +529,89 @@ void kvt_tcp_server_stop(kvt_tcp_server *s)
     close(s->wake[0]);
     close(s->wake[1]);
     pthread_mutex_destroy(&s->mu);
+    free(s->tokens);
     free(s);
+}
+
+int kvt_engine_set_tcp_limits(kvt_engine *e, const kvt_tcp_limits *l, kvt_err *err)
+{
+    if (l->idle_timeout_ms < 0 || l->max_conns < 0 || l->max_conns_per_peer < 0)
+        return kvt_error(err, EINVAL, "tcp limits", "idle_timeout_ms=%d, max_conns=%d, max_conns_per_peer=%d must be >= 0",
+                         l->idle_timeout_ms, l->max_conns, l->max_conns_per_peer);
+    struct kvt_tcp_server *s = e->server;
+    pthread_mutex_lock(&s->mu);
+    if (l->idle_timeout_ms)
+        s->lim.idle_timeout_ms = l->idle_timeout_ms;
+    if (l->max_conns)
+        s->lim.max_conns = l->max_conns;
+    if (l->max_conns_per_peer)
+        s->lim.max_conns_per_peer = l->max_conns_per_peer;
+    if (l->max_frame_bytes)
+        s->lim.max_frame_bytes = l->max_frame_bytes;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+void kvt_engine_tcp_limits(kvt_engine *e, kvt_tcp_limits *l)
+{
+    pthread_mutex_lock(&e->server->mu);
+    *l = e->server->lim;
+    pthread_mutex_unlock(&e->server->mu);
+}
+
+void kvt_engine_tcp_stats(kvt_engine *e, kvt_tcp_stats *out)
+{
+    struct kvt_tcp_server *s = e->server;
+    pthread_mutex_lock(&s->mu);
+    *out = s->st;
+    out->conns = (uint64_t)s->nconns;
+    out->threads = 1 + (uint64_t)s->nconns;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void kvt_engine_require_tokens(kvt_engine *e)
+{
+    pthread_mutex_lock(&e->server->mu);
+    e->server->require_tokens = 1;
+    pthread_mutex_unlock(&e->server->mu);
+}
+
+int kvt_engine_allow_token(kvt_engine *e, const uint8_t t[KVT_TOKEN_LEN], int64_t ttl_ms, kvt_err *err)
+{
+    struct kvt_tcp_server *s = e->server;
+    int64_t expires = ttl_ms < 0 ? NO_DEADLINE : now_ms() + ttl_ms;
+    int rc = 0;
+    pthread_mutex_lock(&s->mu);
+    long i = find_token(s, t);
+    if (i < 0 && s->ntokens == s->cap_tokens) {
+        size_t cap = s->cap_tokens ? 2 * s->cap_tokens : 64;
+        token *grown = cap <= MAX_TOKENS ? realloc(s->tokens, cap * sizeof *grown) : NULL;
+        if (!grown)
+            rc = cap <= MAX_TOKENS ? kvt_syserr(err, ENOMEM, "realloc", "%zu tokens", cap)
+                                   : kvt_error(err, ENOSPC, "allow_token", "%d tokens allowed already; revoke some",
+                                               MAX_TOKENS);
+        else {
+            s->tokens = grown;
+            s->cap_tokens = cap;
+        }
+    }
+    if (rc == 0) {
+        if (i < 0) {
+            i = (long)s->ntokens++;
+            memcpy(s->tokens[i].bytes, t, KVT_TOKEN_LEN);
+        }
+        s->tokens[i].expires = expires;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int kvt_engine_revoke_token(kvt_engine *e, const uint8_t t[KVT_TOKEN_LEN])
+{
+    struct kvt_tcp_server *s = e->server;
+    pthread_mutex_lock(&s->mu);
+    long i = find_token(s, t);
+    int n = i < 0 ? 0 : remove_token(s, (size_t)i);
+    pthread_mutex_unlock(&s->mu);
+    return n;
 }

@@ -8,6 +8,7 @@
  * overlaps with the host->device copy of the previous one. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,24 +53,37 @@ struct tcp_peer {
     char host[64];
     int port;
     uint8_t id[KVT_ENGINE_ID_LEN];
+    int has_token;
+    uint8_t token[KVT_TOKEN_LEN];
     int timeout_ms;
     int nconns;
     tcp_conn *conns;
 };
 
-int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], int timeout_ms,
-                       kvt_err *err)
+int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], const uint8_t *token,
+                       int timeout_ms, kvt_err *err)
 {
     int fd = kvt_tcp_dial(host, port, timeout_ms, err);
     if (fd < 0)
         return fd;
-    kvt_wire_hello hi = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION};
+    kvt_wire_hello hi = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .flags = token ? KVT_HELLO_TOKEN : 0};
     memcpy(hi.engine_id, id, sizeof hi.engine_id);
+    struct iovec out[2] = {{&hi, sizeof hi}, {(void *)token, token ? KVT_WIRE_TOKEN_LEN : 0}};
     int rc = kvt_sock_setup(fd, timeout_ms, err);
-    if (rc == 0)
-        rc = kvt_send_all(fd, &hi, sizeof hi, "hello", err);
-    if (rc == 0)
-        rc = kvt_recv_all(fd, &hi, sizeof hi, "hello", err);
+    kvt_err send_err;
+    /* a server refusing this connection may have answered and closed before our hello
+     * got there: its answer says more than our send's error */
+    int sent = rc == 0 ? kvt_send_iov(fd, out, token ? 2 : 1, "hello", &send_err) : rc;
+    if (rc == 0 && (rc = kvt_recv_all(fd, &hi, sizeof hi, "hello", err)) < 0 && sent < 0) {
+        *err = send_err;
+        rc = sent;
+    }
+    if (rc == 0 && hi.magic == KVT_HELLO_MAGIC && hi.status == -EBUSY)
+        rc = kvt_error(err, EBUSY, "connect", "%s:%d refused the connection: too many connections %s", host, port,
+                       hi.reserved == KVT_REFUSED_PEER ? "from this address" : "in total");
+    if (rc == 0 && hi.magic == KVT_HELLO_MAGIC && hi.status == -EACCES)
+        rc = kvt_error(err, EACCES, "connect", "%s:%d refused the connection: token refused (%s)", host, port,
+                       token ? "not allowed, expired or revoked" : "the server requires one");
     if (rc == 0 && (hi.magic != KVT_HELLO_MAGIC || hi.version != KVT_WIRE_VERSION || hi.status != 0))
         rc = kvt_error(err, EPROTO, "connect", "%s:%d is not a kvtransfer v%d engine (magic 0x%x, version %u, status %d)",
                        host, port, KVT_WIRE_VERSION, hi.magic, hi.version, hi.status);
@@ -82,7 +96,10 @@ int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_I
     return fd;
 }
 
-static int dial(tcp_peer *tp, kvt_err *err) { return kvt_bootstrap_dial(tp->host, tp->port, tp->id, tp->timeout_ms, err); }
+static int dial(tcp_peer *tp, kvt_err *err)
+{
+    return kvt_bootstrap_dial(tp->host, tp->port, tp->id, tp->has_token ? tp->token : NULL, tp->timeout_ms, err);
+}
 
 static void drop_fd(tcp_conn *c)
 {
@@ -91,6 +108,13 @@ static void drop_fd(tcp_conn *c)
         close(c->fd);
     c->fd = -1;
     pthread_mutex_unlock(&c->mu);
+}
+
+/* Whether the server ended this connection (nothing else arrives unasked). */
+static int closed_by_server(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    return poll(&pf, 1, 0) > 0;
 }
 
 static int send_request(tcp_conn *c, kvt_job *job, uint64_t seq, kvt_err *err)
@@ -111,6 +135,7 @@ static const char *refusal(int st)
     case ENOENT: return "region not registered (deregistered?)";
     case ERANGE: return "range outside the region";
     case EOPNOTSUPP: return "not supported by the target";
+    case EMSGSIZE: return "the request asks for more bytes than the target sends per frame";
     default: return "refused";
     }
 }
@@ -181,6 +206,8 @@ static void *conn_main(void *arg)
         if (job) {
             kvt_job_materialize(job);
             int rc = 0;
+            if (c->fd >= 0 && nfl == 0 && closed_by_server(c->fd))
+                drop_fd(c); /* idle too long: the server dropped it; dial a new one */
             if (c->fd < 0) {
                 int fd = dial(c->tp, &err);
                 if (fd < 0)
@@ -257,6 +284,8 @@ int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     snprintf(tp->host, sizeof tp->host, "%s", peer->tcp_host);
     tp->port = peer->tcp_port;
     memcpy(tp->id, peer->id, sizeof tp->id);
+    tp->has_token = peer->has_token;
+    memcpy(tp->token, peer->token, sizeof tp->token);
     tp->timeout_ms = p->eng->opts.io_timeout_ms;
     int rc = 0;
     /* Dial every connection now, so a wrong address or engine fails connect(). */

@@ -42,6 +42,8 @@ typedef struct verbs_peer {
     char host[64];
     int port;
     uint8_t id[KVT_ENGINE_ID_LEN];
+    int has_token;
+    uint8_t token[KVT_TOKEN_LEN];
     int timeout_ms;
     int nqp;
     int wake_fd;
@@ -123,7 +125,7 @@ static void abort_all(verbs_peer *vp, int errnum, const char *why)
 
 static int establish(verbs_peer *vp, kvt_err *err)
 {
-    int fd = kvt_bootstrap_dial(vp->host, vp->port, vp->id, vp->timeout_ms, err);
+    int fd = kvt_bootstrap_dial(vp->host, vp->port, vp->id, vp->has_token ? vp->token : NULL, vp->timeout_ms, err);
     if (fd < 0)
         return fd;
     kvt_qpset *qs = NULL;
@@ -354,6 +356,8 @@ int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     snprintf(vp->host, sizeof vp->host, "%s", peer->tcp_host);
     vp->port = peer->tcp_port;
     memcpy(vp->id, peer->id, sizeof vp->id);
+    vp->has_token = peer->has_token;
+    memcpy(vp->token, peer->token, sizeof vp->token);
     vp->timeout_ms = p->eng->opts.io_timeout_ms;
     vp->nqp = p->eng->opts.verbs_qps;
     vp->boot_fd = -1;

@@ -1,7 +1,10 @@
 /* The tcp transport's wire format (version 1). All integers little-endian.
  *
  *   client -> server  hello     {magic "KVTH", version, flags, status=0, engine id wanted}
+ *                               then, when flags has KVT_HELLO_TOKEN, a 32-byte token
  *   server -> client  hello     {magic "KVTH", version, flags, status, engine id served}
+ *                               status -EACCES: token refused; -EBUSY: too many
+ *                               connections (reserved: 1 in total, 2 from this address)
  *   client -> server  request   {magic "KVTR", n, seq} then n x {region, key, offset, length}
  *   server -> client  response  {magic "KVTA", n, seq} then n x int32 status (0 or -errno),
  *                               then the bytes of every entry whose status is 0, in order
@@ -13,7 +16,9 @@
  * A connection carries requests one after another; the server answers in order. A
  * frame with a bad magic, n outside [1, KVT_WIRE_MAX_ENTRIES] or a short read closes
  * the connection; a refused entry (bad key, out of bounds, unknown region) only gets
- * its status, and the server goes on. */
+ * its status, and the server goes on. A request asking for more than the server's
+ * bytes per frame gets -EMSGSIZE for every entry and no bytes. The checks are the pure
+ * functions at the end, shared by the server and the fuzz harness (tests/fuzz/). */
 #ifndef KVT_WIRE_H
 #define KVT_WIRE_H
 
@@ -30,6 +35,10 @@
 #define KVT_VERBS_MAGIC 0x5654564bu /* "KVTV" */
 #define KVT_WIRE_MAX_ENTRIES 1024
 #define KVT_VERBS_MAX_QPS 8
+#define KVT_HELLO_TOKEN 0x1u   /* hello flag: a token follows */
+#define KVT_WIRE_TOKEN_LEN 32
+#define KVT_REFUSED_TOTAL 1    /* hello.reserved of an -EBUSY refusal */
+#define KVT_REFUSED_PEER 2
 
 typedef struct kvt_wire_hello {
     uint32_t magic;
@@ -72,5 +81,18 @@ _Static_assert(sizeof(kvt_wire_verbs) == 92, "verbs endpoint is 92 bytes");
 _Static_assert(sizeof(kvt_wire_hello) == 32, "hello is 32 bytes");
 _Static_assert(sizeof(kvt_wire_hdr) == 16, "header is 16 bytes");
 _Static_assert(sizeof(kvt_wire_entry) == 32, "entry is 32 bytes");
+
+/* What the server makes of a frame's fixed part, before reading anything else. */
+enum kvt_wire_kind { KVT_FRAME_READ = 1, KVT_FRAME_VERBS = 2 };
+
+/* A client's hello: 0, or -EPROTO (not kvtransfer v1). *token_follows: 1 when 32
+ * token bytes come next. */
+int kvt_wire_check_hello(const kvt_wire_hello *h, int *token_follows);
+/* A frame header: KVT_FRAME_READ (n entries follow), KVT_FRAME_VERBS (a
+ * kvt_wire_verbs follows), or -EPROTO (drop the connection). */
+int kvt_wire_check_header(const kvt_wire_hdr *h);
+/* A read request's entries: 0, or -EMSGSIZE when together they ask for more than
+ * max_bytes (sums that overflow 64 bits included). */
+int kvt_wire_check_entries(const kvt_wire_entry *e, uint32_t n, uint64_t max_bytes);
 
 #endif

@@ -8,7 +8,6 @@ sequence in the running batch.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -20,7 +19,8 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from kvtransfer import Engine
-from kvtransfer.control import ControlClient, CurveClientKeys
+from kvtransfer.engine_metrics import watch_engine
+from kvtransfer.control import ControlClient, CurveClientKeys, new_request_id
 from kvtransfer.errors import InvalidArgumentError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model, load_tokenizer
@@ -80,9 +80,9 @@ class DecodeWorker:
         self.pool = BlockPool(kv_blocks)
         self.pull_timeout = pull_timeout
         self._model_lock = threading.Lock()  # local prefill and decode steps take turns on the model
-        self._ids = itertools.count()
         self._freed = threading.Condition()
         self.engine = Engine()
+        watch_engine(self.engine)
         self.router: PrefillRouter | None = None
         try:
             self.region, _ = self.engine.register(self.kv)
@@ -105,7 +105,7 @@ class DecodeWorker:
                  "local prefill" if local_prefill else f"prefill workers {self.router.sessions()}")
 
     def new_request_id(self) -> str:
-        return f"cmpl-{time.time_ns():x}-{next(self._ids)}"
+        return new_request_id("cmpl")
 
     def start(self, req: CompletionRequest, request_id: str, events: EventSink | None = None) -> Generation:
         """Prompt KV in place and first token known; the sequence runs from here. Its

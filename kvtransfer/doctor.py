@@ -23,6 +23,9 @@ Sections, printed like perftest's header (aligned ``key : value`` lines):
   the ordered candidates from the engine's own choice (``Engine._candidates``: forced
   by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else verbs, shm, tcp), the pick and why;
   with ``--connect`` the transport ``Engine.connect`` really got, or its error.
+- **Exposure**: the kvtransfer processes of this host that listen on TCP beyond loopback,
+  each with a warning unless its command line configures CurveZMQ keys (without them
+  anyone who reaches those ports can read registered memory).
 
 Exit status: 0 (whatever the machine lacks is reported, not an error), 2 for a wrong
 argument (unknown option, unreadable or malformed peer descriptor).
@@ -41,6 +44,7 @@ import sys
 from typing import Any, Callable
 
 from . import __version__, _C
+from .control.security import exposed_listeners
 from .descriptors import EngineDescriptor
 from .engine import TRANSPORTS, Engine
 from .errors import KVTransferError
@@ -426,7 +430,8 @@ def collect_engine(eng: Engine) -> dict[str, Any]:
     return {"id": eng.id, "hostname": d.hostname, "pid": d.pid, "transports": transports,
             "verbs_unavailable": eng.verbs_unavailable,
             "shm_unavailable": None if shm_ok else "shm needs Linux and a boot id",
-            "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ}}
+            "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ},
+            "tcp_server": {"limits": eng.tcp_limits, "stats": eng.server_stats()}}
 
 
 def describe_peer(desc: EngineDescriptor) -> dict[str, Any]:
@@ -534,6 +539,14 @@ def _yn(b: bool) -> str:
     return "yes" if b else "no"
 
 
+def _tcp_server_lines(t: _Text, lim: dict[str, int], st: dict[str, int]) -> None:
+    t.kv("tcp limits", f"{lim['max_conns']} connections ({lim['max_conns_per_peer']} per address), "
+                       f"idle {lim['idle_timeout_ms'] / 1000:g} s, {lim['max_frame_bytes'] >> 20} MiB per request")
+    t.kv("tcp server", f"{st['connections']} connections, {st['threads']} threads; refused {st['refused_busy']} "
+                       f"busy, {st['refused_token']} token, {st['refused_frames']} requests; dropped "
+                       f"{st['dropped_idle']} idle, {st['dropped_deadline']} late, {st['dropped_revoked']} revoked")
+
+
 def render_text(facts: dict[str, Any]) -> str:
     t = _Text()
     b = facts["build"]
@@ -613,8 +626,11 @@ def render_text(facts: dict[str, Any]) -> str:
         t.kv("shm", f"no: {eng['shm_unavailable']}")
     t.kv("tcp", f"yes: listening on {offered['tcp']['listen']}")
     t.kv("offers", ", ".join(x["name"] for x in eng["transports"]))
+    if "tcp_server" in eng:
+        _tcp_server_lines(t, eng["tcp_server"]["limits"], eng["tcp_server"]["stats"])
     for k, v in eng["env"].items():
         t.kv(k, v)
+    _exposure_lines(t, facts.get("exposure", []))
 
     p = facts.get("peer")
     if p is not None:
@@ -640,6 +656,18 @@ def render_text(facts: dict[str, Any]) -> str:
             for m in cn["log"]:
                 t.kv("log", m, 2)
     return t.render()
+
+
+def _exposure_lines(t: _Text, rows: list[dict[str, Any]]) -> None:
+    """Which kvtransfer processes listen beyond loopback, and whether CURVE guards them."""
+    t.section("Exposure", "kvtransfer processes listening beyond loopback")
+    t.kv("checked", "this host's processes that loaded kvtransfer (those this user may read)")
+    if not rows:
+        t.kv("listening", "none beyond loopback")
+    for r in rows:
+        t.kv(f"pid {r['pid']}", f"{r['address']}:{r['port']} ({r['command']}) " +
+             ("with CurveZMQ keys" if r["curve"] else
+              "WARNING: WITHOUT CurveZMQ keys: anyone who reaches it can read registered memory"))
 
 
 # --- entry points ----------------------------------------------------------------------------
@@ -696,6 +724,7 @@ def collect(args: argparse.Namespace, peer: EngineDescriptor | None) -> dict[str
                                  "cuda": collect_cuda(), "engine": collect_engine(eng)}
         if peer is not None:
             facts["peer"] = collect_peer(eng, peer, args.transport, args.connect)
+    facts["exposure"] = exposed_listeners()
     return facts
 
 

@@ -453,6 +453,15 @@ def _offsets(values: Any, what: str, check_negative: bool = True) -> np.ndarray:
     return a
 
 
+#: Length of a tcp server access token (see :meth:`Engine.require_tokens`).
+TOKEN_BYTES = 32
+
+
+def _check_token(token: Any, op: str) -> None:
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        raise InvalidArgumentError(f"a token is {TOKEN_BYTES} bytes, got {token!r:.80}", op=op)
+
+
 class Engine:
     """A transfer engine: a region table, a tcp server thread, and peers.
 
@@ -462,10 +471,20 @@ class Engine:
     ``shm_threads``: copy threads per shm peer. ``verbs_qps``: RC queue pairs per verbs
     peer. ``use_verbs=False`` leaves RDMA devices alone. ``verbs_unavailable`` says why
     this engine has no verbs (``None`` when it has).
+
+    The tcp server's limits: ``tcp_idle_timeout`` (seconds a connection may wait between
+    requests), ``tcp_max_connections`` in total and ``tcp_max_connections_per_peer``
+    (per peer address; a connection over either is refused with EBUSY), and
+    ``tcp_max_frame_bytes`` (what one request may ask for; more is refused with
+    EMSGSIZE). ``None`` keeps the C core's default (60 s, 1024, 256, 64 MiB). Each
+    hello and each request must also finish within ``io_timeout``, however slowly its
+    bytes trickle. :meth:`server_stats` counts connections and refusals.
     """
 
     def __init__(self, *, listen_host: str = "127.0.0.1", listen_port: int = 0, io_timeout: float = 10.0,
-                 tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True):
+                 tcp_connections: int = 4, shm_threads: int = 2, verbs_qps: int = 2, use_verbs: bool = True,
+                 tcp_idle_timeout: float | None = None, tcp_max_connections: int | None = None,
+                 tcp_max_connections_per_peer: int | None = None, tcp_max_frame_bytes: int | None = None):
         if not io_timeout >= 0.001:
             raise InvalidArgumentError(f"io_timeout must be at least 0.001 s, got {io_timeout}", op="engine")
         for name, value in (("tcp_connections", tcp_connections), ("shm_threads", shm_threads)):
@@ -475,6 +494,16 @@ class Engine:
             raise InvalidArgumentError(f"verbs_qps must be in [1, {_C.VERBS_MAX_QPS}], got {verbs_qps}", op="engine")
         self._c = _C.Engine(listen_host, listen_port, round(io_timeout * 1000), tcp_connections, shm_threads,
                             verbs_qps, use_verbs)
+        limits = {"tcp_idle_timeout": tcp_idle_timeout, "tcp_max_connections": tcp_max_connections,
+                  "tcp_max_connections_per_peer": tcp_max_connections_per_peer,
+                  "tcp_max_frame_bytes": tcp_max_frame_bytes}
+        for name, value in limits.items():
+            if value is not None and not value > 0:
+                self._c.close()
+                raise InvalidArgumentError(f"{name} must be positive, got {value}", op="engine")
+        self.tcp_limits: dict[str, int] = self._c.set_tcp_limits(
+            round((tcp_idle_timeout or 0) * 1000), tcp_max_connections or 0, tcp_max_connections_per_peer or 0,
+            tcp_max_frame_bytes or 0)
         info = self._c.info()
         self.descriptor = EngineDescriptor(
             engine_id=info["engine_id"], hostname=socket.gethostname(), boot_id=info["boot_id"],
@@ -490,6 +519,40 @@ class Engine:
     @property
     def id(self) -> str:
         return self.descriptor.engine_id.hex()
+
+    def require_tokens(self) -> None:
+        """From now on the tcp server (tcp reads and verbs setup) admits a connection
+        only if its hello carries a token allowed with :meth:`allow_token`; others are
+        refused with EACCES ("token refused"). Connections already open stay."""
+        self._require_open("require_tokens")
+        self._c.require_tokens()
+
+    def allow_token(self, token: bytes, ttl_s: float | None = None) -> None:
+        """Admits connections presenting ``token`` (32 bytes) for ``ttl_s`` seconds
+        (``None``: until revoked). Allowing it again sets its expiry anew; at expiry it
+        is revoked."""
+        self._require_open("allow_token")
+        _check_token(token, "allow_token")
+        if ttl_s is not None and not ttl_s > 0:
+            raise InvalidArgumentError(f"ttl_s must be positive or None, got {ttl_s}", op="allow_token")
+        self._c.allow_token(token, -1 if ttl_s is None else max(1, round(ttl_s * 1000)))
+
+    def revoke_token(self, token: bytes) -> int:
+        """Refuses ``token`` from now on and drops the connections that presented it;
+        returns how many were dropped (0 for a token not allowed)."""
+        self._require_open("revoke_token")
+        _check_token(token, "revoke_token")
+        return self._c.revoke_token(token)
+
+    def server_stats(self) -> dict[str, int]:
+        """The tcp server now: ``connections`` open, ``threads`` (the acceptor and one
+        per connection), and counts since start: ``accepted``, ``refused_busy`` (over a
+        connection cap), ``refused_token``, ``dropped_idle``, ``dropped_deadline`` (a
+        hello or request slower than ``io_timeout``), ``dropped_revoked``,
+        ``refused_frames`` (over ``tcp_max_frame_bytes``), ``accept_backoffs`` (accept
+        paused: no descriptors or memory left)."""
+        self._require_open("server_stats")
+        return self._c.tcp_stats()
 
     def register(self, obj: Any) -> tuple[Region, RegionDescriptor]:
         """Registers ``obj``'s memory for remote reads (see :mod:`kvtransfer.memory` for
@@ -527,21 +590,29 @@ class Engine:
         if self._c is not None:
             self._c.deregister(region.id)
 
-    def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> Peer:
-        """Connects to another engine, choosing the transport (see module docs)."""
+    def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None,
+                token: bytes | None = None) -> Peer:
+        """Connects to another engine, choosing the transport (see module docs).
+        ``token`` (32 bytes): presented in every tcp hello (tcp reads, verbs setup), for
+        a peer that requires tokens (:meth:`require_tokens`); one it refuses raises
+        with errno EACCES. shm reads do not pass the tcp server and need none."""
         self._require_open("connect")
+        if token is not None:
+            _check_token(token, "connect")
         desc = EngineDescriptor.from_bytes(peer) if isinstance(peer, (bytes, bytearray, memoryview)) else peer
         if not isinstance(desc, EngineDescriptor):
             raise InvalidArgumentError(f"connect needs an EngineDescriptor, got {type(peer).__name__}", op="connect")
         forced = transport or os.environ.get("KVTRANSFER_TRANSPORT") or None
         candidates = self._candidates(desc, forced)
-        failures = []
+        failures: list[str] = []
+        codes: set[int] = set()
         for name in candidates:
             try:
                 c = self._c.connect(_TRANSPORT_CODES[name], desc.engine_id, desc.pid, desc.table_fd,
-                                    desc.table_addr, desc.tcp_host, desc.tcp_port, desc.verbs)
+                                    desc.table_addr, desc.tcp_host, desc.tcp_port, desc.verbs, token)
             except KVTransferError as e:
                 failures.append(f"{name}: {e}")
+                codes.add(e.errno)
                 if forced:
                     raise TransportUnavailableError(
                         f"forced transport {name} cannot reach engine {desc.engine_id.hex()}: {e}",
@@ -554,8 +625,10 @@ class Engine:
             log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], name,
                      " (forced)" if forced else "")
             return p
+        # one cause for every failure (a token refused, a server full) is the errno to see
         raise TransportUnavailableError(f"no transport reaches engine {desc.engine_id.hex()}: "
-                                        + "; ".join(failures), errno=_errno.EHOSTUNREACH, op="connect")
+                                        + "; ".join(failures),
+                                        errno=codes.pop() if len(codes) == 1 else _errno.EHOSTUNREACH, op="connect")
 
     def _candidates(self, desc: EngineDescriptor, forced: str | None) -> list[str]:
         """The one place transports are chosen: forced, or verbs when both ends have RDMA,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvtransfer.control import CurveServerKeys
+from kvtransfer.control import CurveServerKeys, Limits
 from kvtransfer.worker_cli import (add_common_args, model_folder, print_ready, require_together, setup_logging,
                                    start_or_fail, wait_for_signal)
 
@@ -25,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="prefill", help="this worker's name in logs and results")
     ap.add_argument("--curve-secret", help="CurveZMQ secret key file (enables authentication and encryption)")
     ap.add_argument("--curve-clients", help="folder of the decode workers' public keys")
+    ap.add_argument("--session-blocks", type=int, help="pinned blocks one decode session may hold [the whole pool]")
+    ap.add_argument("--max-lease", type=float, default=600.0,
+                    help="seconds a request's blocks stay pinned at most, renewed or not [%(default)s]")
     args = ap.parse_args(argv)
     setup_logging(NAME, args.log_level)
     require_together(NAME, args, "--curve-secret", "--curve-clients")
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     worker = start_or_fail(NAME, lambda: PrefillWorker(
         model_folder(args.model), args.control, kv_blocks=args.kv_blocks, block_size=args.block_size,
-        lease_s=args.lease, listen_host=args.listen_host, device=args.device, curve=curve, name=args.name))
+        lease_s=args.lease, listen_host=args.listen_host, device=args.device, curve=curve, name=args.name,
+        limits=Limits(session_blocks=args.session_blocks, max_lease_s=args.max_lease)))
     with worker:
         print_ready(control=worker.endpoint, model=worker.model_name, model_id=worker.model_id)
         wait_for_signal(NAME)

@@ -21,7 +21,8 @@ import torch
 
 from kvtransfer import Engine
 from kvtransfer import workers_protocol as protocol
-from kvtransfer.control import ControlServer, CurveServerKeys, PrefillRequest
+from kvtransfer.engine_metrics import watch_engine
+from kvtransfer.control import ControlServer, CurveServerKeys, Limits, PrefillRequest
 from kvtransfer.errors import KVTransferError, PoolExhaustedError
 from kvtransfer.kv import BlockPool, CompatInfo
 from kvtransfer.model import load_model
@@ -38,11 +39,12 @@ class _Cancelled(Exception):
 class PrefillWorker:
     """``model_dir``: a Hugging Face-style folder. ``control``: where the control plane
     binds. ``kv_blocks``/``block_size``: the pool (tokens per block). ``listen_host``:
-    the transfer engine's tcp address (what decode workers on other hosts reach)."""
+    the transfer engine's tcp address (what decode workers on other hosts reach).
+    ``limits``: what one decode session may hold (:class:`kvtransfer.control.Limits`)."""
 
     def __init__(self, model_dir: str | Path, control: str, *, kv_blocks: int = 1024, block_size: int = 16,
                  lease_s: float = 10.0, listen_host: str = "127.0.0.1", device: str = "cpu",
-                 curve: CurveServerKeys | None = None, name: str = "prefill"):
+                 curve: CurveServerKeys | None = None, name: str = "prefill", limits: Limits | None = None):
         self.name = name
         self.model = load_model(model_dir, device=device)
         self.model_id = model_identity(model_dir)
@@ -50,13 +52,15 @@ class PrefillWorker:
         self.layout = self.model.kv_layout(kv_blocks, block_size)
         self.kv = torch.zeros(self.layout.region_nbytes(), dtype=torch.uint8, device=self.model.device)
         self.engine = Engine(listen_host=listen_host)
+        watch_engine(self.engine)  # its tcp server's connections and refusals, in Prometheus
         try:
             self.region, _ = self.engine.register(self.kv)
             self.pool = BlockPool(kv_blocks)
             self._work: "queue.Queue[PrefillRequest | None]" = queue.Queue()
             self.server = ControlServer(control, engine=self.engine, regions=[self.region], layout=self.layout,
                                         compat=CompatInfo.of(self.layout, self.model_id), pool=self.pool,
-                                        on_submit=self._work.put, lease_s=lease_s, curve=curve, name=name)
+                                        on_submit=self._work.put, lease_s=lease_s, curve=curve, name=name,
+                                        limits=limits)
         except BaseException:
             self.engine.close()
             raise

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
+import zmq
 
 from kvtransfer import Engine, alloc_host
 from kvtransfer.control import ControlClient
+from kvtransfer.control import messages as m
 from kvtransfer.kv import BlockPool, CompatInfo, KVLayout
 from kvtransfer.testing.children import start_child, stop_child
 from support import pump_lines
@@ -96,6 +98,45 @@ class PrefillLauncher:
         for p in self.procs:
             if p.proc.poll() is None:
                 stop_child(p.proc, timeout=10)
+
+
+class Raw:
+    """A bare DEALER socket speaking (or not) the protocol."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+        """``ctx``: a context to share (many sockets); default one of its own."""
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(endpoint)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def send_msg(self, msg) -> None:
+        self.sock.send_multipart(m.encode(msg))
+
+    def recv(self, timeout_ms: int = int(REPLY_S * 1000)):
+        if not self.sock.poll(timeout_ms):
+            pytest.fail(f"no reply within {timeout_ms} ms")
+        return m.decode_to_decode(self.sock.recv_multipart())
+
+    def hello(self, engine: Engine, layout: KVLayout) -> m.Welcome:
+        self.send_msg(m.Hello(engine=engine.descriptor.to_bytes(), layout=layout,
+                              compat=CompatInfo.of(layout, MODEL), name="raw"))
+        reply = self.recv()
+        assert isinstance(reply, m.Welcome), reply
+        return reply
+
+    def alive(self) -> None:
+        self.send_msg(m.Ping(nonce=7))
+        assert self.recv() == m.Pong(nonce=7)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
 
 
 @dataclass

@@ -11,62 +11,22 @@ import time
 
 import msgspec
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtransfer import Engine
-from kvtransfer.control import CurveClientKeys, PeerLostError, generate_keys
+from kvtransfer.control import ControlError, CurveClientKeys, PeerLostError, generate_keys
 from kvtransfer.control import messages as m
 from kvtransfer.control.security import is_loopback_endpoint, warn_if_exposed
 from kvtransfer.kv import CompatInfo, KVLayout
 from kvtransfer.testing.synthetic import check_request
-from control_support import BASE, MODEL, PrefillLauncher, decode_side, payload
-
-REPLY_MS = 5000
-
+from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
 
 @pytest.fixture(scope="module")
 def prefill():
     launcher = PrefillLauncher()
     yield launcher.start(KVLayout(**BASE), lease=0.5)
     launcher.close()
-
-
-class Raw:
-    """A bare DEALER socket speaking (or not) the protocol."""
-
-    def __init__(self, endpoint: str):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.connect(endpoint)
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def send_msg(self, msg) -> None:
-        self.sock.send_multipart(m.encode(msg))
-
-    def recv(self, timeout_ms: int = REPLY_MS):
-        if not self.sock.poll(timeout_ms):
-            pytest.fail(f"no reply within {timeout_ms} ms")
-        return m.decode_to_decode(self.sock.recv_multipart())
-
-    def hello(self, engine: Engine, layout: KVLayout) -> m.Welcome:
-        self.send_msg(m.Hello(engine=engine.descriptor.to_bytes(), layout=layout,
-                              compat=CompatInfo.of(layout, MODEL), name="raw"))
-        reply = self.recv()
-        assert isinstance(reply, m.Welcome), reply
-        return reply
-
-    def alive(self) -> None:
-        self.send_msg(m.Ping(nonce=7))
-        assert self.recv() == m.Pong(nonce=7)
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -157,7 +117,8 @@ _values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1
                                                                                    max_size=5),
                        max_leaves=20)
 _fields = st.dictionaries(st.sampled_from(["request_id", "payload", "readers", "request_ids", "nonce", "engine",
-                                           "layout", "compat", "name", "blocks", "layers", "x"]), _values,
+                                           "layout", "compat", "name", "blocks", "layers", "token", "refused",
+                                           "x"]), _values,
                           max_size=5)
 _tags = st.sampled_from(["hello", "submit", "subscribe", "renew", "release", "ping", "stats_query", "manifest",
                          "welcome", "error", ""])
@@ -209,3 +170,22 @@ def test_listening_beyond_loopback_without_keys_warns(caplog):
         assert not caplog.records
         warn_if_exposed("tcp://0.0.0.0:5555", None)
     assert "WITHOUT CurveZMQ" in caplog.text
+
+
+@settings(max_examples=100, deadline=None)
+@given(lost=st.lists(st.text(min_size=1, max_size=20), max_size=5),
+       refused=st.lists(st.text(min_size=1, max_size=20), max_size=5), token=st.binary(max_size=80))
+def test_answers_that_name_owners_and_tokens_round_trip_or_are_refused(lost, refused, token):
+    """The decode side's decoder keeps Renewed.refused and Welcome.token within their
+    bounds: what fits round-trips, a token over 64 bytes is malformed."""
+    renewed = m.Renewed(lease_s=1.0, lost=lost, refused=refused)
+    assert m.decode_to_decode(m.encode(renewed)) == renewed
+    layout = KVLayout(**BASE)
+    welcome = m.Welcome(engine=b"e", regions=[], layout=layout, compat=CompatInfo.of(layout, MODEL), lease_s=1.0,
+                        token=token)
+    if len(token) <= 64:
+        assert m.decode_to_decode(m.encode(welcome)) == welcome
+    else:
+        with pytest.raises(ControlError) as e:
+            m.decode_to_decode(m.encode(welcome))
+        assert e.value.code == "malformed"

@@ -24,7 +24,7 @@ from kvtransfer.doctor import RULE, decode_rate, gid_text, parse_verbs_devices, 
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 120.0  # one doctor run takes ~0.5 s here; the rxe guest under TCG is far slower
-SECTIONS = ("Build", "RDMA", "CUDA", "Engine")
+SECTIONS = ("Build", "RDMA", "CUDA", "Engine", "Exposure")
 
 
 def run(*args: str, env: dict[str, str] | None = None, module: str = "kvtransfer",

@@ -20,7 +20,9 @@ the topic. Nothing depends on timing.
 
 Lifetimes: prefill pins a request's blocks until every reader released them or the
 lease expires (decode renews while it works, every lease/3); a release after expiry is
-answered ``valid=False`` and the pull fails with :class:`LeaseExpiredError`. Silence
+answered ``valid=False`` and the pull fails with :class:`LeaseExpiredError`. A request
+belongs to the sessions that submitted or subscribed to it: another session's
+``Release``, ``Renew`` or ``Subscribe`` is refused (``not_owner``). Silence
 from the prefill side for ``timeout`` seconds fails the pulls with
 :class:`PeerLostError`. Security: CurveZMQ keys by configuration
 (:mod:`kvtransfer.control.security`). Metrics: :mod:`kvtransfer.control.metrics`.
@@ -28,10 +30,12 @@ from the prefill side for ``timeout`` seconds fails the pulls with
 
 from ..errors import ControlError, LeaseExpiredError, PeerLostError
 from .client import ControlClient, Pull, pull_sharded
+from .messages import new_request_id
 from .metrics import PullTimings, metrics_for
 from .security import CurveClientKeys, CurveServerKeys, generate_keys
 from .server import ControlServer, PrefillRequest
+from .sessions import Limits
 
-__all__ = ["ControlServer", "PrefillRequest", "ControlClient", "Pull", "pull_sharded", "PullTimings",
-           "metrics_for", "CurveServerKeys", "CurveClientKeys", "generate_keys", "ControlError",
+__all__ = ["ControlServer", "PrefillRequest", "Limits", "ControlClient", "Pull", "pull_sharded", "new_request_id",
+           "PullTimings", "metrics_for", "CurveServerKeys", "CurveClientKeys", "generate_keys", "ControlError",
            "LeaseExpiredError", "PeerLostError"]

@@ -30,13 +30,12 @@ import zmq
 
 from ..descriptors import EngineDescriptor, RegionDescriptor
 from ..engine import Engine, Region
-from ..errors import (ControlError, InvalidArgumentError, KVTransferError, LeaseExpiredError, PeerLostError,
-                      TransferTimeoutError)
+from ..errors import ControlError, InvalidArgumentError, LeaseExpiredError, PeerLostError, TransferTimeoutError
 from ..kv import CompatInfo, KVLayout, assign_heads, check_compatible
 from . import messages as m
 from .loop import SocketLoop
 from .metrics import metrics_for
-from .pull import Pull
+from .pull import Pull, PullContext
 from .security import CurveClientKeys
 
 log = logging.getLogger("kvtransfer.control")
@@ -115,11 +114,19 @@ class ControlClient:
         self.remote_layout: KVLayout = reply.layout
         self.remote_name = reply.name
         self.lease_s = reply.lease_s
+        #: with CURVE, the data plane token this session got: the prefill engine's tcp
+        #: server admits only connections that present it
+        self.token: bytes | None = reply.token or None
         check_compatible(self.remote_layout, self.layout)
         self.remote_regions = [RegionDescriptor.from_bytes(b) for b in reply.regions]
         remote_engine = EngineDescriptor.from_bytes(reply.engine)
-        self.peer = engine.connect(remote_engine, transport=self._forced_transport)
+        self.peer = engine.connect(remote_engine, transport=self._forced_transport, token=self.token)
         self.handshake_s = time.monotonic() - t0
+        self._pull_ctx = PullContext(
+            name=self.name, layout=self.layout, remote_layout=self.remote_layout, regions=self.regions,
+            remote_regions=self.remote_regions, peer=self.peer, transfer_fd=self._transfer_fd,
+            handshake_s=self.handshake_s, call=self._loop.call, send=self._send, lost=lambda: self._lost,
+            ended=self._pull_ended)
         self._metrics.handshake.observe(self.handshake_s)
         log.info("%s: session with %s at %s, transport %s, lease %.1f s", self.name, self.remote_name,
                  self.endpoint, self.peer.transport, self.lease_s)
@@ -154,7 +161,7 @@ class ControlClient:
         deadline = time.monotonic() + timeout if timeout is not None else None
         if skip_blocks < 0:
             raise InvalidArgumentError(f"pull {request_id!r}: skip_blocks must be >= 0, got {skip_blocks}", op="pull")
-        p = Pull(self, request_id, dst, heads, deadline, skip_blocks)
+        p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
                else m.Subscribe(request_id=request_id))
         frames = m.encode(msg)  # once: checked here, sent by the loop
@@ -171,7 +178,7 @@ class ControlClient:
             self._pulls[request_id] = p
 
         def send() -> None:
-            p._sent = True
+            p.sent = True
             self._send_frames(frames)
 
         self._loop.call(send)
@@ -197,7 +204,7 @@ class ControlClient:
 
         def abandon() -> None:
             for p in list(self._pulls.values()):
-                p._fail(ControlError(f"{self.name} closed during the pull", code="closed", op="close"))
+                p.fail(ControlError(f"{self.name} closed during the pull", code="closed", op="close"))
 
         self._loop.call(abandon)
         deadline = time.monotonic() + min(self.timeout, 5.0)
@@ -272,20 +279,22 @@ class ControlClient:
         rid = getattr(msg, "request_id", "")
         pull = self._pulls.get(rid) if rid else None
         if isinstance(msg, m.Error) and pull is not None:
-            # the prefill side refused this pull's Submit/Subscribe/Release: it holds
-            # nothing for us (and a duplicate id is someone else's request: never release it)
-            pull._release_sent = pull._nothing_to_release = True
-            return pull._fail(_pull_error(rid, msg.code, msg.message, "refused"))
+            return pull.on_refused(msg.code, msg.message)
         if rid and not isinstance(msg, m.Error):
             if pull is None:
                 log.info("%s: %s for request %r that is not pulled here; ignored", self.name, type(msg).__name__, rid)
                 return
-            return self._dispatch_pull(pull, msg)
+            return pull.on_message(msg)
         if isinstance(msg, m.Renewed):
             for lost in msg.lost:
                 if lost in self._pulls:
-                    self._pulls[lost]._fail(LeaseExpiredError(
+                    self._pulls[lost].fail(LeaseExpiredError(
                         f"{lost!r}: the prefill side no longer holds the blocks (lease expired)", op="renew"))
+            for refused in msg.refused:
+                if refused in self._pulls:
+                    self._pulls[refused].fail(ControlError(
+                        f"{refused!r}: the prefill side says it belongs to another session", code="not_owner",
+                        op="renew"))
             return
         # an answer without a request id goes to the oldest request waiting for it
         for waiter in self._waiters:
@@ -296,26 +305,14 @@ class ControlClient:
         if isinstance(msg, m.Error):
             log.warning("%s: error from %s: %s: %s", self.name, self.endpoint, msg.code, msg.message)
 
-    def _dispatch_pull(self, pull: Pull, msg) -> None:
-        if isinstance(msg, m.Failed):
-            return pull._fail(_pull_error(pull.request_id, msg.code, msg.message, "failed on the prefill side"))
-        handler = {m.Pinned: pull._on_pinned, m.Manifest: pull._on_manifest, m.Finished: pull._on_finished,
-                   m.Released: pull._on_released}.get(type(msg))
-        if handler is None:
-            return log.info("%s: %s is not for a decode side; ignored", self.name, type(msg).__name__)
-        try:
-            handler(msg)
-        except KVTransferError as e:  # e.g. a manifest whose blocks we cannot map or read
-            pull._fail(e)
-
     def _on_transfers(self) -> None:
         try:
             os.eventfd_read(self._transfer_fd)
         except BlockingIOError:
             pass
         for p in list(self._pulls.values()):
-            if p._inflight:
-                p._check_transfers()
+            if p.reading:
+                p.check_transfers()
 
     def _on_tick(self, now: float) -> None:
         if self._lost:
@@ -327,18 +324,18 @@ class ControlClient:
             err = PeerLostError(f"{self.endpoint} silent for {now - self._last_heard:.1f} s (timeout {self.timeout} s)")
             log.warning("%s: %s", self.name, err)
             for p in pulls:
-                p._fail(err)
+                p.fail(err)
             return
         for p in list(self._pulls.values()):
-            if p._deadline is not None and now > p._deadline and p._error is None:
-                p._fail(TransferTimeoutError(f"pull of {p.request_id!r} not done within its timeout", op="pull"))
+            if p.deadline is not None and now > p.deadline and p.error is None:
+                p.fail(TransferTimeoutError(f"pull of {p.request_id!r} not done within its timeout", op="pull"))
         if self.peer is None:
             return  # heartbeats and renewals start after the handshake
         lease = self.lease_s
         # only requests the prefill side was told about: a pull registered by pull() whose
         # Submit is still queued for this thread would come back "lost" in Renewed
         with self._pulls_lock:
-            renew = [rid for rid, p in self._pulls.items() if p._sent]
+            renew = [rid for rid, p in self._pulls.items() if p.sent]
         if renew and now - self._last_renew > lease / 3:
             self._last_renew = now
             for i in range(0, len(renew), _RENEW_BATCH):
@@ -349,7 +346,8 @@ class ControlClient:
     def _pull_ended(self, pull: Pull) -> None:
         with self._pulls_lock:
             self._pulls.pop(pull.request_id, None)
-        outcome = "ok" if pull._error is None else getattr(pull._error, "code", type(pull._error).__name__)
+        err = pull.error
+        outcome = "ok" if err is None else getattr(err, "code", type(err).__name__)
         self._metrics.pull_finished(pull.timings, outcome)
 
 
@@ -368,14 +366,6 @@ class _Waiter:
     def answer(self, msg) -> None:
         self.got = msg
         self.ready.set()
-
-
-def _pull_error(request_id: str, code: str, message: str, what: str) -> ControlError:
-    """The error of a pull the prefill side refused or failed: LeaseExpiredError when the
-    blocks were reclaimed (a read may have overlapped their reuse), else ControlError."""
-    if code == "lease_expired":
-        return LeaseExpiredError(f"{request_id!r}: {message}")
-    return ControlError(f"{request_id!r} {what}: {code}: {message}", code=code, op="pull")
 
 
 def pull_sharded(clients: Sequence[ControlClient], request_id: str, dst_blocks: Sequence[int], *,

@@ -5,7 +5,9 @@ to a :class:`SocketLoop` thread; other threads hand it work with :meth:`call`, w
 queues a function and wakes the loop through an eventfd. The loop also watches extra
 file descriptors (the decode side's transfer-completion eventfd) and runs a tick
 function at least every ``tick_s`` (leases, heartbeats, deadlines). An exception in a
-handler is logged and the loop goes on: one bad message never stops a worker.
+handler is logged and the loop goes on: one bad message never stops a worker. With
+``user_ids``, ``on_frames`` also gets the ZAP User-Id of the connection a message came
+on (with CURVE: the client's public key, Z85; "" without ZAP).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ _RECV_BATCH = 256
 
 
 class SocketLoop:
-    def __init__(self, sock: zmq.Socket, name: str, on_frames: Callable[[list[bytes]], None],
-                 on_tick: Callable[[float], None], tick_s: float):
+    def __init__(self, sock: zmq.Socket, name: str, on_frames: Callable[..., None],
+                 on_tick: Callable[[float], None], tick_s: float, user_ids: bool = False):
         self._sock = sock
+        self._user_ids = user_ids
         self._name = name
         self._on_frames = on_frames
         self._on_tick = on_tick
@@ -117,14 +120,25 @@ class SocketLoop:
 
     def _receive(self) -> None:
         for _ in range(_RECV_BATCH):
-            try:
-                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+            try:  # zero-copy frames only where their metadata is wanted
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=not self._user_ids)
             except zmq.Again:
                 return
-            self._guard(lambda: self._on_frames(frames))
+            if self._user_ids:
+                frames, user = [p.bytes for p in parts], _user_id(parts[-1])
+                self._guard(lambda: self._on_frames(frames, user))
+            else:
+                self._guard(lambda: self._on_frames(parts))
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:
             fn()
         except Exception:
             log.exception("%s: handler failed; going on", self._name)
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("User-Id") or ""
+    except zmq.ZMQError:  # no ZAP handler on this connection
+        return ""

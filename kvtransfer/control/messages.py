@@ -15,6 +15,7 @@ Pong, Stats, Error.
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Union
 
 import msgspec
@@ -30,6 +31,12 @@ MAX_MESSAGE_BYTES = 4 << 20
 HARD_MAX_BYTES = 64 << 20
 
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+def new_request_id(prefix: str = "req") -> str:
+    """A request id nobody can guess (128 random bits): where free reader slots are
+    open to whoever names the id, the id is what keeps strangers out."""
+    return f"{prefix}-{secrets.token_hex(16)}"
 BlockId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Layer = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -97,6 +104,9 @@ class Welcome(_Msg, tag="welcome"):
     compat: CompatInfo
     lease_s: Seconds
     name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    #: with CURVE, this session's data plane token: the prefill engine's tcp server
+    #: admits only connections that present it (Engine.connect(..., token=...))
+    token: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class Pinned(_Msg, tag="pinned"):
@@ -126,9 +136,11 @@ class Failed(_Msg, tag="failed"):
 
 
 class Renewed(_Msg, tag="renewed"):
-    """Leases extended; ``lost`` are the ids this server no longer holds (expired or unknown)."""
+    """Leases extended; ``lost`` are the ids this server no longer holds (expired or
+    unknown), ``refused`` those that belong to other sessions (not extended)."""
     lease_s: Seconds
     lost: Annotated[list[RequestId], msgspec.Meta(max_length=4096)] = []
+    refused: Annotated[list[RequestId], msgspec.Meta(max_length=4096)] = []
 
 
 class Released(_Msg, tag="released"):
@@ -145,18 +157,21 @@ class Pong(_Msg, tag="pong"):
 
 
 class Stats(_Msg, tag="stats"):
+    """The prefill side's pool, leases, refusals and sessions."""
     free_blocks: Count
     used_blocks: Count
     pinned_requests: Count
     leases_expired: Count
     errors: Count
+    sessions: Count = 0
 
 
 class Error(_Msg, tag="error"):
     """A refused message: ``code`` (``malformed``, ``too_large``, ``unsupported_version``,
     ``no_handshake``, ``incompatible``, ``unknown_request``, ``duplicate_request``,
-    ``lease_expired``, ``too_many_readers``, ``out_of_order``), a message for people, and for
-    ``incompatible`` the differing ``fields`` as (name, ours, theirs)."""
+    ``lease_expired``, ``not_owner`` (the request belongs to other sessions), ``quota_exceeded``,
+    ``too_many_sessions``, ``out_of_order``), a message for people, and for ``incompatible``
+    the differing ``fields`` as (name, ours, theirs)."""
     code: ShortText
     message: ShortText
     request_id: Annotated[str, msgspec.Meta(max_length=256)] = ""

@@ -76,6 +76,13 @@ class ControlMetrics:
                                    registry=registry)
         self.leases_expired = Counter("kvtransfer_leases_expired", "Leases that expired (prefill side)",
                                       registry=registry)
+        self.limit_refusals = Counter("kvtransfer_control_limit_refusals",
+                                      "Requests refused or ended by a per-session limit (prefill side)", ["limit"],
+                                      registry=registry)
+        self.sessions = Gauge("kvtransfer_control_sessions", "Decode sessions known (prefill side)",
+                              registry=registry)
+        self.sessions_expired = Counter("kvtransfer_control_sessions_expired",
+                                        "Sessions dropped after a silence (prefill side)", registry=registry)
 
     def pull_finished(self, t: PullTimings, outcome: str) -> None:
         self.pulls.labels(t.transport, outcome).inc()

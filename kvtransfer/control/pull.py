@@ -1,7 +1,11 @@
 """One request's KV on its way into the decode side's blocks (see :mod:`.client`).
 
-All state changes run on the client's loop thread (the ``_on_*`` methods, fed by
-:class:`~kvtransfer.control.client.ControlClient`); the caller's side only waits.
+The two files meet through a small explicit interface, one way each: a :class:`Pull`
+gets a :class:`PullContext` (what it needs from the session that carries it: layouts,
+regions, the peer, and callbacks into the session's loop thread), and the session
+drives the pull through its "session's side" methods (``on_message``, ``on_refused``,
+``check_transfers``, ``fail``). All state changes run on the session's loop thread; the
+caller's side only waits.
 """
 
 from __future__ import annotations
@@ -10,40 +14,60 @@ import errno
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from ..engine import Transfer
+from ..descriptors import RegionDescriptor
+from ..engine import Peer, Region, Transfer
 from ..errors import (ControlError, InvalidArgumentError, KVTransferError, LeaseExpiredError, PeerLostError,
                       TransferTimeoutError)
-from ..kv import plan_reads
+from ..kv import KVLayout, plan_reads
 from . import messages as m
 from .metrics import PullTimings
 
-if TYPE_CHECKING:
-    from .client import ControlClient
-
 log = logging.getLogger("kvtransfer.control")
+
+
+@dataclass(frozen=True)
+class PullContext:
+    """What a :class:`Pull` needs from the session that carries it, fixed at the
+    session's handshake."""
+    name: str                    # the session's, for logs
+    layout: KVLayout             # the local pool's
+    remote_layout: KVLayout      # the prefill side's
+    regions: list[Region]        # the local pool's registered regions
+    remote_regions: list[RegionDescriptor]
+    peer: Peer                   # the transfer engine's connection to the prefill side
+    transfer_fd: int             # eventfd the session's loop watches: a read completed
+    handshake_s: float
+    call: Callable[[Callable[[], None]], None]  # runs a function on the loop thread (any thread)
+    send: Callable[[m.Release], None]           # sends a message to the prefill side (loop thread)
+    lost: Callable[[], bool]                    # True once the prefill side stopped answering
+    ended: Callable[["Pull"], None]             # the pull completed (loop thread)
 
 
 class Pull:
     """One request's KV on its way into local blocks. ``wait``/``wait_layer`` block with
     a timeout; ``timings`` fills in as it goes. Created by :meth:`ControlClient.pull`."""
 
-    def __init__(self, client: "ControlClient", request_id: str, dst_blocks: list[int],
+    def __init__(self, ctx: PullContext, request_id: str, dst_blocks: list[int],
                  heads: tuple[int, int] | None, deadline: float | None, skip_blocks: int = 0):
         self.request_id = request_id
         self.skip_blocks = skip_blocks
         self.dst_blocks = dst_blocks
         self.heads = heads
-        self.timings = PullTimings(request_id=request_id, transport=client.transport,
-                                   handshake_s=client.handshake_s)
+        self.timings = PullTimings(request_id=request_id, transport=ctx.peer.transport,
+                                   handshake_s=ctx.handshake_s)
         self.result: bytes | None = None
         self.num_tokens: int | None = None
-        self._client = client
+        #: time.monotonic() by which it must be done (None: no deadline); the session enforces it
+        self.deadline = deadline
+        #: the Submit/Subscribe was sent (set by the session, on its loop thread): renewable
+        self.sent = False
+        self._ctx = ctx
         self._t0 = self.timings.started = time.monotonic()
-        self._deadline = deadline
         self._cv = threading.Condition()
         self._src_blocks: list[int] | None = None
         self._plans: list[np.ndarray] | None = None  # per layer, computed once at Pinned
@@ -54,7 +78,6 @@ class Pull:
         self._finished = False           # the prefill side said Finished
         self._error: KVTransferError | None = None
         self._release_sent = False
-        self._sent = False               # Submit/Subscribe sent (set on the loop thread): renewable
         self._nothing_to_release = False  # the prefill side refused us: no Released will come
         self._complete = False           # terminal: nothing writes dst_blocks anymore
 
@@ -92,13 +115,75 @@ class Pull:
         """Gives up: the prefill side's blocks are released, the pull fails ECANCELED."""
         err = ControlError(f"pull of {self.request_id!r} cancelled", code="cancelled", errno=errno.ECANCELED,
                            op="pull")
-        self._client._loop.call(lambda: self._fail(err))
+        self._ctx.call(lambda: self.fail(err))
 
     def __repr__(self) -> str:
         state = "done" if self._complete else f"{len(self._layers_done)} layers in place"
         return f"<Pull {self.request_id!r} {state}{' failed' if self._error else ''}>"
 
-    # --- the loop thread ---------------------------------------------------------------
+    # --- the session's side (its loop thread) -------------------------------------------
+
+    @property
+    def error(self) -> KVTransferError | None:
+        """The first error, once there is one."""
+        return self._error
+
+    @property
+    def reading(self) -> bool:
+        """Reads are in flight: :meth:`check_transfers` when the transfer eventfd fires."""
+        return bool(self._inflight)
+
+    def on_message(self, msg: m.Pinned | m.Manifest | m.Finished | m.Released | m.Failed) -> None:
+        """A message of the prefill side about this request."""
+        if isinstance(msg, m.Failed):
+            return self.fail(pull_error(self.request_id, msg.code, msg.message, "failed on the prefill side"))
+        handler = {m.Pinned: self._on_pinned, m.Manifest: self._on_manifest, m.Finished: self._on_finished,
+                   m.Released: self._on_released}.get(type(msg))
+        if handler is None:
+            return log.info("%s: %s is not for a decode side; ignored", self._ctx.name, type(msg).__name__)
+        try:
+            handler(msg)
+        except KVTransferError as e:  # e.g. a manifest whose blocks we cannot map or read
+            self.fail(e)
+
+    def on_refused(self, code: str, message: str) -> None:
+        """The prefill side refused this pull's Submit/Subscribe/Release: it holds
+        nothing for us (and a duplicate id is someone else's request: never release it)."""
+        self._release_sent = self._nothing_to_release = True
+        self.fail(pull_error(self.request_id, code, message, "refused"))
+
+    def fail(self, err: KVTransferError) -> None:
+        """Records the first error; the pull completes once no transfer writes into
+        the destination, after releasing the prefill side's blocks."""
+        if self._complete:
+            return
+        if self._error is None:
+            self._error = err
+            log.warning("%s: pull of %r failed: %s", self._ctx.name, self.request_id, err)
+        self._settle()
+
+    def check_transfers(self) -> None:
+        """Takes the reads that completed (the transfer eventfd fired)."""
+        for entry in [e for e in self._inflight if e[0].done()]:
+            self._inflight.remove(entry)
+            if not self._inflight:
+                self.timings.transfer_s += time.monotonic() - self._busy_since
+            t, layers = entry
+            t.notify_fd(-1)
+            try:
+                t.wait(0)
+            except KVTransferError as e:
+                self.fail(e)
+                continue
+            if self._error is None:
+                for x in layers:
+                    self._layer_done(x)
+        if self._error is not None:
+            self._settle()
+        else:
+            self._maybe_release()
+
+    # --- internals (the loop thread) -----------------------------------------------------
 
     def _now(self) -> float:
         return time.monotonic() - self._t0
@@ -106,20 +191,20 @@ class Pull:
     def _on_pinned(self, msg: m.Pinned) -> None:
         if self._src_blocks is not None:
             if self._src_blocks != msg.blocks:
-                self._fail(ControlError(f"{self.request_id!r}: pinned twice with different blocks",
+                self.fail(ControlError(f"{self.request_id!r}: pinned twice with different blocks",
                                         code="out_of_order", op="pull"))
             return
-        c = self._client
+        c = self._ctx
         skip, bs = self.skip_blocks, c.remote_layout.block_size
         # a skipped prefix is whole blocks on both sides: only equal block sizes say where it ends
         if skip and (bs != c.layout.block_size or skip > len(msg.blocks)):
-            return self._fail(InvalidArgumentError(
+            return self.fail(InvalidArgumentError(
                 f"{self.request_id!r}: cannot skip {skip} of {len(msg.blocks)} blocks (block sizes {bs} and "
                 f"{c.layout.block_size})", op="pull"))
         num_tokens = max(msg.num_tokens - skip * bs, 0)
         need = c.layout.blocks_for(num_tokens)
         if len(self.dst_blocks) < need:
-            return self._fail(InvalidArgumentError(
+            return self.fail(InvalidArgumentError(
                 f"{self.request_id!r}: {num_tokens} tokens need {need} local blocks, "
                 f"{len(self.dst_blocks)} were given", op="pull"))
         # the whole plan now, while the prefill side computes layer 0: a manifest then
@@ -132,14 +217,14 @@ class Pull:
 
     def _on_manifest(self, msg: m.Manifest) -> None:
         if self._src_blocks is None:
-            return self._fail(ControlError(f"{self.request_id!r}: manifest before the blocks were pinned",
+            return self.fail(ControlError(f"{self.request_id!r}: manifest before the blocks were pinned",
                                            code="out_of_order", op="pull"))
         if self.timings.first_manifest_s is None:
             self.timings.first_manifest_s = self._now()
-        c = self._client
+        c = self._ctx
         bad = [x for x in msg.layers if x >= c.layout.num_layers]
         if bad:
-            return self._fail(ControlError(f"{self.request_id!r}: manifest names layers {bad[:8]} of "
+            return self.fail(ControlError(f"{self.request_id!r}: manifest names layers {bad[:8]} of "
                                            f"{c.layout.num_layers}", code="out_of_order", op="pull"))
         new = [x for x in dict.fromkeys(msg.layers) if x not in self._started]
         if not new or self._error is not None:
@@ -153,7 +238,7 @@ class Pull:
             return
         t = c.peer.read_indexed(c.regions, plan["dst_region"], plan["dst_off"], c.remote_regions,
                                 plan["src_region"], plan["src_off"], plan["len"])
-        t.notify_fd(c._transfer_fd)
+        t.notify_fd(c.transfer_fd)
         if not self._inflight:
             self._busy_since = time.monotonic()
         self._inflight.append((t, new))
@@ -163,35 +248,16 @@ class Pull:
     def _on_finished(self, msg: m.Finished) -> None:
         self._finished = True
         self.result = msg.result
-        missing = [x for x in range(self._client.layout.num_layers) if x not in self._started]
+        num_layers = self._ctx.layout.num_layers
+        missing = [x for x in range(num_layers) if x not in self._started]
         if missing and self._src_blocks is not None:
-            return self._fail(ControlError(f"{self.request_id!r}: finished without layers {missing[:8]}",
+            return self.fail(ControlError(f"{self.request_id!r}: finished without layers {missing[:8]}",
                                            code="out_of_order", op="pull"))
         if self._src_blocks is None:  # a finished request with nothing pinned: 0 tokens
             self.num_tokens = 0
-            self._started.update(range(self._client.layout.num_layers))
-            self._layers_done.update(range(self._client.layout.num_layers))
+            self._started.update(range(num_layers))
+            self._layers_done.update(range(num_layers))
         self._maybe_release()
-
-    def _check_transfers(self) -> None:
-        for entry in [e for e in self._inflight if e[0].done()]:
-            self._inflight.remove(entry)
-            if not self._inflight:
-                self.timings.transfer_s += time.monotonic() - self._busy_since
-            t, layers = entry
-            t.notify_fd(-1)
-            try:
-                t.wait(0)
-            except KVTransferError as e:
-                self._fail(e)
-                continue
-            if self._error is None:
-                for x in layers:
-                    self._layer_done(x)
-        if self._error is not None:
-            self._settle()
-        else:
-            self._maybe_release()
 
     def _layer_done(self, layer: int) -> None:
         now = self._now()
@@ -203,7 +269,7 @@ class Pull:
             self._cv.notify_all()
 
     def _maybe_release(self) -> None:
-        if self._finished and not self._inflight and len(self._layers_done) == self._client.layout.num_layers:
+        if self._finished and not self._inflight and len(self._layers_done) == self._ctx.layout.num_layers:
             if self.timings.total_s is None:
                 self.timings.total_s = self._now()
             self._send_release()
@@ -211,8 +277,8 @@ class Pull:
     def _send_release(self) -> None:
         if not self._release_sent:
             self._release_sent = True
-            self._client._send(m.Release(request_id=self.request_id, transport=self._client.transport,
-                                         nbytes=self.timings.bytes))
+            self._ctx.send(m.Release(request_id=self.request_id, transport=self._ctx.peer.transport,
+                                     nbytes=self.timings.bytes))
 
     def _on_released(self, msg: m.Released) -> None:
         self.timings.released_s = self._now()
@@ -222,20 +288,10 @@ class Pull:
             self._error = ControlError(f"{self.request_id!r}: released before it finished", code="out_of_order")
         self._complete_now()
 
-    def _fail(self, err: KVTransferError) -> None:
-        """Records the first error; the pull completes once no transfer writes into
-        the destination, after releasing the prefill side's blocks."""
-        if self._complete:
-            return
-        if self._error is None:
-            self._error = err
-            log.warning("%s: pull of %r failed: %s", self._client.name, self.request_id, err)
-        self._settle()
-
     def _settle(self) -> None:
         if self._inflight:
             return  # the transfer eventfd brings us back when they end
-        if isinstance(self._error, PeerLostError) or self._client._lost or self._nothing_to_release:
+        if isinstance(self._error, PeerLostError) or self._ctx.lost() or self._nothing_to_release:
             return self._complete_now()  # nobody to release to, or nothing held
         if self._release_sent:
             return  # the Released answer (or the peer timeout) completes it
@@ -249,4 +305,12 @@ class Pull:
         with self._cv:
             self._complete = True
             self._cv.notify_all()
-        self._client._pull_ended(self)
+        self._ctx.ended(self)
+
+
+def pull_error(request_id: str, code: str, message: str, what: str) -> ControlError:
+    """The error of a pull the prefill side refused or failed: LeaseExpiredError when the
+    blocks were reclaimed (a read may have overlapped their reuse), else ControlError."""
+    if code == "lease_expired":
+        return LeaseExpiredError(f"{request_id!r}: {message}")
+    return ControlError(f"{request_id!r} {what}: {code}: {message}", code=code, op="pull")

@@ -6,9 +6,12 @@ key. Keys are ZeroMQ certificate files as written by :func:`generate_keys` (or
 ``zmq.auth.create_certificates``): ``NAME.key`` (public) and ``NAME.key_secret``.
 
 Without keys the control plane is plaintext and unauthenticated: anyone who reaches the
-socket can fetch region descriptors (and so read the KV pool over tcp) and hold leases.
-That is fine on loopback; a server that binds beyond loopback without keys logs a
-warning at start.
+socket can fetch region descriptors and so read registered memory over the engine's tcp
+port, and hold leases. That is fine on loopback; a server that binds beyond loopback
+without keys logs a warning at start, and ``kvtransfer doctor`` lists the kvtransfer
+processes of this host that listen beyond loopback without keys
+(:func:`exposed_listeners`). With keys, the engine's tcp server admits only the
+token of an authenticated session (see :mod:`.server`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +112,59 @@ def warn_if_exposed(endpoint: str, keys: object | None) -> None:
         log.warning("control plane listens on %s beyond loopback WITHOUT CurveZMQ keys: anyone who reaches it can "
                     "fetch the KV pool's descriptors and hold leases; pass curve=CurveServerKeys(...) "
                     "(see kvtransfer.control.security)", endpoint)
+
+
+def exposed_listeners(proc: str = "/proc") -> list[dict]:
+    """The TCP ports of this host's kvtransfer processes (those that mapped its C
+    extension) that listen beyond loopback: ``pid``, ``command``, ``address``,
+    ``port`` and ``curve`` (whether the command line configures CurveZMQ keys, as the
+    workers' ``--curve-secret`` does). Processes this user may not inspect, and this
+    one (doctor's own engine), are skipped."""
+    found = []
+    for pid in sorted((int(d) for d in os.listdir(proc) if d.isdigit() and int(d) != os.getpid())):
+        try:
+            with open(f"{proc}/{pid}/maps") as f:
+                if "kvtransfer/_C" not in f.read():
+                    continue
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            inodes = {m.group(1) for fd in os.listdir(f"{proc}/{pid}/fd")
+                      if (m := re.fullmatch(r"socket:\[(\d+)\]", _readlink(f"{proc}/{pid}/fd/{fd}")))}
+            listening = _listening(f"{proc}/{pid}/net")
+        except OSError:  # gone, or not ours to read
+            continue
+        for inode, (address, port) in listening.items():
+            if inode in inodes and not ipaddress.ip_address(address).is_loopback:
+                found.append({"pid": pid, "command": " ".join(argv[:3]), "address": address, "port": port,
+                              "curve": "--curve-secret" in argv})
+    return found
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _listening(net: str) -> dict[str, tuple[str, int]]:
+    """socket inode -> (address, port) of the LISTEN sockets in ``/proc/PID/net/tcp{,6}``
+    (addresses there are hex, in host byte order per 32-bit word)."""
+    out = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{net}/{name}") as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = cols[1].split(":")
+            raw = b"".join(int(hex_addr[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(hex_addr), 8))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out[cols[9]] = (str(addr), int(hex_port, 16))
+    return out

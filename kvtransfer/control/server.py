@@ -11,8 +11,29 @@ Block ownership: once pinned, a request's blocks belong to the server, which ret
 them to the pool when the application is done with them (``finish``/``fail``) **and**
 every reader released them or the lease expired. A lease starts at submit and at pin
 and is extended by the readers' renewals; a decode worker that dies stops renewing, so
-its blocks come back within ``lease_s``. A release that arrives after expiry is
-answered ``valid=False``: the reader must not trust what it read. All state lives on
+its blocks come back within ``lease_s``, and no request stays pinned longer than
+``Limits.max_lease_s`` however often it is renewed. A release that arrives after expiry
+is answered ``valid=False``: the reader must not trust what it read. Per-session quotas
+(:class:`~kvtransfer.control.sessions.Limits`: pinned blocks, open requests) refuse a
+``Submit``/``Subscribe`` with ``quota_exceeded``, or fail a request whose pin would
+exceed them, so one client cannot hold the pool. A session silent for
+``Limits.session_idle_s`` that holds no request is dropped (a decode side sends a
+heartbeat every second), and refusals are logged at most 20 lines per 10 s.
+
+The data plane: with CURVE, the server makes its engine's tcp server require tokens
+(:meth:`~kvtransfer.engine.Engine.require_tokens`) and mints one per authenticated
+session (an HMAC of the client's public key and routing id under a key of this server),
+allowed while the session lasts, sent in ``Welcome`` and revoked when the session is
+dropped or the server closes: only a client that passed the CURVE handshake can read
+the pool over tcp. Without CURVE anyone who reaches the control port gets the region
+keys in ``Welcome`` and can read registered memory (see :mod:`.security`).
+
+A request belongs to the sessions that submitted or subscribed to it (its readers): a
+``Release``, ``Renew`` or ``Subscribe`` from any other session is refused with
+``not_owner``, so one decode side cannot retire another's request. A request submitted
+for several readers keeps its free reader slots open to any session that names its id
+(tensor-parallel decode ranks are separate sessions): such ids must be unguessable —
+:func:`~kvtransfer.control.messages.new_request_id` makes them so. All state lives on
 the socket's loop thread; :class:`PrefillRequest` methods are thread-safe and only
 queue work to it.
 """
@@ -20,7 +41,10 @@ queue work to it.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,12 +54,13 @@ import zmq
 
 from ..descriptors import EngineDescriptor
 from ..engine import Engine, Region
-from ..errors import ControlError, InvalidArgumentError, LayoutMismatchError
+from ..errors import ControlError, InvalidArgumentError, KVTransferError, LayoutMismatchError
 from ..kv import BlockPool, CompatInfo, KVLayout, check_compatible, compat_problems
 from . import messages as m
 from .loop import SocketLoop
 from .metrics import metrics_for
 from .security import CurveServerKeys, warn_if_exposed
+from .sessions import Limits, RateLimitedLog, Session, session_name
 
 log = logging.getLogger("kvtransfer.control")
 
@@ -113,7 +138,8 @@ class PrefillRequest:
 class _Req:
     """The server's state of one request (loop thread only)."""
     handle: PrefillRequest
-    deadline: float
+    deadline: float       # of the lease (monotonic); renewals move it, never past max_deadline
+    max_deadline: float   # created + Limits.max_lease_s
     subscribers: list[bytes] = field(default_factory=list)
     released_by: set[bytes] = field(default_factory=set)
     blocks: list[int] | None = None
@@ -144,14 +170,16 @@ class ControlServer:
     says which). ``on_submit(req)`` runs on the loop thread for every Submit: it must
     only queue the request (raising rejects it). ``lease_s``: how long blocks stay
     pinned without a renewal. ``on_freed(request_id)`` runs on the loop thread when a
-    request's blocks went back to ``pool`` (released by every reader, or lease expired). ``curve``: CurveZMQ keys; without them a server bound
-    beyond loopback warns.
+    request's blocks went back to ``pool`` (released by every reader, or lease expired).
+    ``curve``: CurveZMQ keys; without them a server bound beyond loopback warns.
+    ``limits``: per-session quotas and the maximum lease
+    (:class:`~kvtransfer.control.sessions.Limits`; default ``Limits()``).
     """
 
     def __init__(self, endpoint: str, *, engine: Engine, regions: Sequence[Region], layout: KVLayout,
                  compat: CompatInfo, pool: BlockPool, on_submit: Callable[[PrefillRequest], None],
                  lease_s: float = 10.0, curve: CurveServerKeys | None = None, name: str = "prefill",
-                 registry=None, on_freed: Callable[[str], None] | None = None):
+                 registry=None, on_freed: Callable[[str], None] | None = None, limits: Limits | None = None):
         if not 0.05 <= lease_s <= 86400:
             raise InvalidArgumentError(f"lease_s must be in [0.05, 86400], got {lease_s}", op="control")
         if len(regions) != layout.num_regions:
@@ -160,6 +188,8 @@ class ControlServer:
         if pool.num_blocks != layout.num_blocks:
             raise InvalidArgumentError(f"pool of {pool.num_blocks} blocks for a layout of {layout.num_blocks}",
                                        op="control")
+        self.limits = limits or Limits()
+        self.limits.check(lease_s)
         self.layout = layout
         self.compat = compat
         self.pool = pool
@@ -168,15 +198,20 @@ class ControlServer:
         self._on_submit = on_submit
         self._on_freed = on_freed
         self._metrics = metrics_for(registry)
+        self._engine = engine
+        self._token_key = secrets.token_bytes(32) if curve else None  # tokens only with authenticated sessions
         self._welcome_parts = dict(engine=engine.descriptor.to_bytes(),
                                    regions=[r.descriptor.to_bytes() for r in regions])
         self._reqs: dict[str, _Req] = {}
         self._orphans: dict[str, _Req] = {}  # retired, but the application still holds the blocks
         self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._released_by: dict[str, frozenset[bytes]] = {}  # of retired requests, for repeated releases
-        self._sessions: dict[bytes, str] = {}
+        # of retired requests: (readers, those that released), for late and repeated releases
+        self._retired_by: dict[str, tuple[frozenset[bytes], frozenset[bytes]]] = {}
+        self._sessions: dict[bytes, Session] = {}
         self._expired = 0
         self._errors = 0
+        self._refusal_log = RateLimitedLog(log)
+        self._next_prune = 0.0
 
         self._ctx = zmq.Context()
         self._auth = None
@@ -195,8 +230,10 @@ class ControlServer:
             raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         warn_if_exposed(self.endpoint, curve)
+        if curve:
+            engine.require_tokens()
         self._loop = SocketLoop(sock, f"kvt-control-{name}", self._on_frames, self._on_tick,
-                                tick_s=min(0.05, lease_s / 4))
+                                tick_s=min(0.05, lease_s / 4), user_ids=curve is not None)
         self._closed = False
         self._loop.start()
         log.info("%s: control plane on %s (lease %.1f s%s)", name, self.endpoint, lease_s,
@@ -228,7 +265,7 @@ class ControlServer:
         """A snapshot of the pool and the leases (taken without the loop: approximate)."""
         return m.Stats(free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
                        pinned_requests=len(self._reqs) + len(self._orphans), leases_expired=self._expired,
-                       errors=self._errors)
+                       errors=self._errors, sessions=len(self._sessions))
 
     def close(self, timeout: float = 5.0) -> None:
         """Tells subscribers the server is going away, cancels every request, stops."""
@@ -255,19 +292,23 @@ class ControlServer:
 
     # --- the loop thread: messages from readers ---------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], user: str = "") -> None:
         ident, body = frames[0], frames[1:]
         try:
             msg = m.decode_to_prefill(body)
         except ControlError as e:
             return self._refuse(ident, e.code, str(e))
-        if not isinstance(msg, (m.Hello, m.Ping)) and ident not in self._sessions:
+        if (session := self._sessions.get(ident)) is not None:
+            session.last_heard = time.monotonic()
+        elif not isinstance(msg, (m.Hello, m.Ping)):
             return self._refuse(ident, "no_handshake", f"{type(msg).__name__} before the handshake (send Hello first)",
                                 getattr(msg, "request_id", ""))
+        if isinstance(msg, m.Hello):
+            return self._hello(ident, msg, user)
         handler = self._handlers.get(type(msg))
         handler(self, ident, msg)
 
-    def _hello(self, ident: bytes, msg: m.Hello) -> None:
+    def _hello(self, ident: bytes, msg: m.Hello, user: str) -> None:
         fields = compat_problems(self.compat, msg.compat)
         try:
             EngineDescriptor.from_bytes(msg.engine)
@@ -281,11 +322,25 @@ class ControlServer:
             names = ", ".join(f"{n} (ours {a!r}, yours {b!r})" for n, a, b in fields)
             return self._refuse(ident, "incompatible", f"KV caches do not match: {names}",
                                 fields=[(n, str(a), str(b)) for n, a, b in fields])
-        self._sessions[ident] = msg.name or ident.hex()
+        if ident not in self._sessions:  # a repeated Hello keeps the session and its requests
+            if len(self._sessions) >= self.limits.max_sessions:
+                self._prune(time.monotonic())
+            if len(self._sessions) >= self.limits.max_sessions:
+                self._metrics.limit_refusals.labels("max_sessions").inc()
+                return self._refuse(ident, "too_many_sessions", f"{len(self._sessions)} sessions are open, "
+                                    f"the limit; try again later")
+            session = Session(ident, session_name(msg.name, ident), time.monotonic(), user=user)
+            if self._token_key is not None:
+                session.token = hmac.new(self._token_key, user.encode() + b"\0" + ident, hashlib.sha256).digest()
+                self._engine.allow_token(session.token)  # until the session is dropped
+            self._sessions[ident] = session
+            self._metrics.sessions.set(len(self._sessions))
         self._send(ident, m.Welcome(layout=self.layout, compat=self.compat, lease_s=self.lease_s, name=self.name,
-                                    **self._welcome_parts))
+                                    token=self._sessions[ident].token or b"", **self._welcome_parts))
 
     def _submit(self, ident: bytes, msg: m.Submit) -> None:
+        if (over := self._over_quota(self._sessions[ident], 0)) is not None:
+            return self._refuse_limit(ident, over, f"Submit of {msg.request_id!r}", msg.request_id)
         handle = PrefillRequest(self, msg.request_id, msg.payload, msg.readers)
         problem = self._create(handle, subscriber=ident)
         if problem is not None:
@@ -294,10 +349,10 @@ class ControlServer:
             self._on_submit(handle)
         except Exception as e:  # the application said no: nothing was pinned yet
             log.warning("%s: request %r rejected: %s", self.name, msg.request_id, e)
-            req = self._reqs.pop(msg.request_id)
+            req = self._reqs[msg.request_id]
             req.outcome = m.Failed(request_id=msg.request_id, code="rejected", message=str(e)[:4000])
             self._send(ident, req.outcome)
-            self._remember(msg.request_id, "rejected")
+            self._retire(msg.request_id, "rejected")
 
     def _create(self, handle: PrefillRequest, subscriber: bytes | None = None) -> ControlError | None:
         rid = handle.request_id
@@ -305,9 +360,11 @@ class ControlServer:
             return ControlError(f"request id {rid!r} is already in use", code="duplicate_request")
         if self._closed:
             return ControlError("the server is shutting down", code="shutting_down")
-        req = _Req(handle=handle, deadline=time.monotonic() + self.lease_s)
+        now = time.monotonic()
+        req = _Req(handle=handle, deadline=now + self.lease_s, max_deadline=now + self.limits.max_lease_s)
         if subscriber is not None:
             req.subscribers.append(subscriber)
+            self._sessions[subscriber].requests.add(rid)
         self._reqs[rid] = req
         return None
 
@@ -318,10 +375,14 @@ class ControlServer:
         if ident not in req.subscribers:
             if len(req.subscribers) >= req.handle.readers:
                 # one more reader than releases expected: the blocks could be freed under it
-                return self._refuse(ident, "too_many_readers", f"request {msg.request_id!r} was submitted for "
-                                    f"{req.handle.readers} reader(s), all taken", msg.request_id)
+                return self._refuse(ident, "not_owner", f"Subscribe: request {msg.request_id!r} belongs to "
+                                    f"{self._owners(req.subscribers)}: its {req.handle.readers} reader slot(s) are "
+                                    f"taken", msg.request_id)
+            if (over := self._over_quota(self._sessions[ident], len(req.blocks or ()))) is not None:
+                return self._refuse_limit(ident, over, f"Subscribe to {msg.request_id!r}", msg.request_id)
             req.subscribers.append(ident)
-        req.deadline = time.monotonic() + self.lease_s
+            self._sessions[ident].requests.add(msg.request_id)
+        req.deadline = min(time.monotonic() + self.lease_s, req.max_deadline)
         # replay what was published before this reader joined, then it gets the rest live
         if req.blocks is not None:
             self._send(ident, m.Pinned(request_id=msg.request_id, blocks=req.blocks, num_tokens=req.num_tokens))
@@ -332,33 +393,46 @@ class ControlServer:
 
     def _renew(self, ident: bytes, msg: m.Renew) -> None:
         deadline = time.monotonic() + self.lease_s
-        lost = []
+        lost, refused = [], []
         for rid in msg.request_ids:
             req = self._reqs.get(rid)
             if req is None:
                 lost.append(rid)
+            elif ident not in req.subscribers:
+                refused.append(rid)
             else:
-                req.deadline = deadline
-        self._send(ident, m.Renewed(lease_s=self.lease_s, lost=lost))
+                req.deadline = min(deadline, req.max_deadline)
+        if refused:
+            self._refused_metric("not_owner")
+            self._log_refusal(ident, "not_owner", f"Renew of {len(refused)} requests of other sessions, e.g. "
+                                                  f"{refused[0]!r}")
+        self._send(ident, m.Renewed(lease_s=self.lease_s, lost=lost, refused=refused))
 
     def _release(self, ident: bytes, msg: m.Release) -> None:
         rid = msg.request_id
         req = self._reqs.get(rid)
         if req is None:
             why = self._tombstones.get(rid)
+            readers, released_by = self._retired_by.get(rid, (frozenset(), frozenset()))
+            if why and ident not in readers:
+                return self._refuse(ident, "not_owner", f"Release: request {rid!r} belonged to other sessions",
+                                    rid)
             if why == "expired":
                 return self._send(ident, m.Released(
                     request_id=rid, valid=False,
                     message=f"the lease expired before this release (no renewal for {self.lease_s} s): the blocks "
                             f"may have been reused while read"))
-            if why == "released" and ident in self._released_by.get(rid, ()):  # a repeat: the first answer stands
+            if why == "released" and ident in released_by:  # a repeat: the first answer stands
                 return self._send(ident, m.Released(request_id=rid, valid=True, message="already released"))
             return self._refuse(ident, "unknown_request", f"Release of request {rid!r}, which is "
                                 f"{'already ' + why if why else 'unknown'}", rid)
+        if ident not in req.subscribers:
+            return self._refuse(ident, "not_owner", f"Release: request {rid!r} belongs to "
+                                f"{self._owners(req.subscribers)}", rid)
         req.released_by.add(ident)
         self._send(ident, m.Released(request_id=rid, valid=True))
         log.info("%s: request %r: %d bytes read by %s over %s", self.name, rid, msg.nbytes,
-                 self._sessions.get(ident, "?"), msg.transport or "?")
+                 self._sessions[ident].name, msg.transport or "?")
         if len(req.released_by) >= req.handle.readers:
             self._retire(rid, "released")
 
@@ -368,8 +442,30 @@ class ControlServer:
     def _stats(self, ident: bytes, msg: m.StatsQuery) -> None:
         self._send(ident, self.stats())
 
-    _handlers = {m.Hello: _hello, m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
+    _handlers = {m.Submit: _submit, m.Subscribe: _subscribe, m.Renew: _renew,
                  m.Release: _release, m.Ping: _ping, m.StatsQuery: _stats}
+
+    def _pinned_by(self, session: Session) -> int:
+        return sum(len(r.blocks or ()) for rid in session.requests if (r := self._reqs.get(rid)) is not None)
+
+    def _over_quota(self, session: Session, more_blocks: int) -> tuple[str, str] | None:
+        """(limit, why) if ``session`` may not take one more request of ``more_blocks``."""
+        if len(session.requests) >= self.limits.session_requests:
+            return "session_requests", f"{session.name} has {len(session.requests)} open requests, the limit"
+        quota = self.limits.session_blocks
+        if quota is not None and (pinned := self._pinned_by(session)) + max(more_blocks, 1) > quota:
+            more = f" + {more_blocks}" if more_blocks else ""
+            return "session_blocks", f"{session.name} holds {pinned} pinned blocks{more}, its quota is {quota}"
+        return None
+
+    def _refuse_limit(self, ident: bytes, over: tuple[str, str], what: str, rid: str) -> None:
+        limit, why = over
+        self._metrics.limit_refusals.labels(limit).inc()
+        self._refuse(ident, "quota_exceeded", f"{what}: {why}", rid)
+
+    def _owners(self, idents: list[bytes]) -> str:
+        names = [s.name if (s := self._sessions.get(i)) else i.hex()[-8:] for i in idents]
+        return f"session{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "no session"
 
     def _live(self, ident: bytes, rid: str, what: str) -> _Req | None:
         req = self._reqs.get(rid)
@@ -390,11 +486,26 @@ class ControlServer:
             log.error("%s: pin for unknown request %r; freeing its blocks", self.name, rid)
             self.pool.free(blocks)
             return
+        over = None if req.retired else self._pin_over_quota(req, len(blocks))
         req.blocks, req.num_tokens = blocks, num_tokens
         self._metrics.pinned_blocks.inc(len(blocks))
-        if not req.retired:
-            req.deadline = time.monotonic() + self.lease_s
+        if over is not None:
+            self._metrics.limit_refusals.labels("session_blocks").inc()
+            log.warning("%s: request %r: %s; failing it", self.name, rid, over)
+            self._publish(req, m.Failed(request_id=rid, code="quota_exceeded", message=over))
+            self._retire(rid, "quota_exceeded")
+        elif not req.retired:
+            req.deadline = min(time.monotonic() + self.lease_s, req.max_deadline)
             self._publish(req, m.Pinned(request_id=rid, blocks=blocks, num_tokens=num_tokens))
+
+    def _pin_over_quota(self, req: _Req, nblocks: int) -> str | None:
+        """Why pinning ``nblocks`` for ``req`` would take one of its readers over quota."""
+        quota = self.limits.session_blocks
+        for ident in req.subscribers if quota is not None else ():
+            session = self._sessions.get(ident)
+            if session is not None and (pinned := self._pinned_by(session)) + nblocks > quota:
+                return f"{nblocks} blocks would take {session.name} to {pinned + nblocks}, over its quota of {quota}"
+        return None
 
     def _layers(self, rid: str, layers: list[int]) -> None:
         req = self._find(rid)
@@ -418,23 +529,58 @@ class ControlServer:
     # --- the loop thread: lifetimes ----------------------------------------------------
 
     def _on_tick(self, now: float) -> None:
+        if now >= self._next_prune:
+            self._prune(now)
+            self._next_prune = now + min(1.0, self.limits.session_idle_s / 4)
         for rid in [rid for rid, r in self._reqs.items() if r.deadline < now]:
             req = self._reqs[rid]
             self._expired += 1
             self._metrics.leases_expired.inc()
-            log.warning("%s: lease of request %r expired (%d/%d readers released, no renewal for %.1f s); "
-                        "reclaiming %d blocks", self.name, rid, len(req.released_by), req.handle.readers,
-                        self.lease_s, len(req.blocks or ()))
+            if req.deadline >= req.max_deadline:
+                self._metrics.limit_refusals.labels("max_lease").inc()
+                why = f"held for the maximum lease of {self.limits.max_lease_s} s"
+            else:
+                why = f"no renewal for {self.lease_s} s"
+            log.warning("%s: lease of request %r expired (%d/%d readers released, %s); reclaiming %d blocks",
+                        self.name, rid, len(req.released_by), req.handle.readers, why, len(req.blocks or ()))
             self._publish(req, m.Failed(request_id=rid, code="lease_expired",
-                                        message=f"no renewal for {self.lease_s} s; the blocks are reclaimed"))
+                                        message=f"{why}; the blocks are reclaimed"))
             self._retire(rid, "expired")
+
+    def _prune(self, now: float) -> None:
+        """Drops the sessions silent for ``session_idle_s`` that hold no request (the
+        leases of those that do run out first, since nobody renews them)."""
+        silent = [s for s in self._sessions.values()
+                  if now - s.last_heard > self.limits.session_idle_s and not s.requests]
+        for session in silent:
+            del self._sessions[session.ident]
+            self._revoke(session)
+        if silent:
+            self._metrics.sessions_expired.inc(len(silent))
+            self._metrics.sessions.set(len(self._sessions))
+            log.info("%s: dropped %d sessions silent for %.0f s (e.g. %s); %d remain", self.name, len(silent),
+                     self.limits.session_idle_s, silent[0].name, len(self._sessions))
+
+    def _revoke(self, session: Session) -> None:
+        if session.token is None:
+            return
+        try:
+            dropped = self._engine.revoke_token(session.token)
+        except KVTransferError as e:  # the engine closed first: its server and tokens are gone anyway
+            log.info("%s: token of %s not revoked: %s", self.name, session.name, e)
+            return
+        if dropped:
+            log.info("%s: %s's token revoked; %d data connections dropped", self.name, session.name, dropped)
 
     def _retire(self, rid: str, why: str) -> None:
         """No reader needs the blocks anymore: free them now, or when the application is done."""
         req = self._reqs.pop(rid)
         req.retired = True
         req.handle._cancelled.set()
-        self._remember(rid, why, req.released_by)
+        for ident in req.subscribers:
+            if (session := self._sessions.get(ident)) is not None:
+                session.requests.discard(rid)
+        self._remember(rid, why, req.subscribers, req.released_by)
         if req.app_done:
             self._free(req)
         else:
@@ -451,19 +597,22 @@ class ControlServer:
             except Exception:  # the application's bug must not stop the loop
                 log.exception("%s: on_freed(%r) raised", self.name, req.handle.request_id)
 
-    def _remember(self, rid: str, why: str, released_by: set[bytes] | None = None) -> None:
+    def _remember(self, rid: str, why: str, readers: list[bytes] = (), released_by: set[bytes] = frozenset()
+                  ) -> None:
         self._tombstones[rid] = why
-        if released_by:
-            self._released_by[rid] = frozenset(released_by)
+        if readers:
+            self._retired_by[rid] = (frozenset(readers), frozenset(released_by))
         while len(self._tombstones) > _TOMBSTONES:
             old, _ = self._tombstones.popitem(last=False)
-            self._released_by.pop(old, None)
+            self._retired_by.pop(old, None)
 
     def _shutdown(self) -> None:
         for rid in list(self._reqs):
             self._publish(self._reqs[rid], m.Failed(request_id=rid, code="shutting_down",
                                                     message=f"{self.name} is shutting down"))
             self._retire(rid, "shutting_down")
+        for session in self._sessions.values():
+            self._revoke(session)
 
     # --- the loop thread: sending --------------------------------------------------------
 
@@ -477,9 +626,15 @@ class ControlServer:
 
     def _refuse(self, ident: bytes, code: str, message: str, request_id: str = "",
                 fields: list[tuple[str, str, str]] | None = None) -> None:
-        self._errors += 1
-        self._metrics.errors.labels("prefill", code).inc()
-        who = self._sessions.get(ident, ident.hex()[:10])
-        log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message)
+        self._refused_metric(code)
+        self._log_refusal(ident, code, message)
         self._send(ident, m.Error(code=code, message=message[:4000], request_id=request_id[:256],
                                   fields=fields or []))
+
+    def _refused_metric(self, code: str) -> None:
+        self._errors += 1
+        self._metrics.errors.labels("prefill", code).inc()
+
+    def _log_refusal(self, ident: bytes, code: str, message: str) -> None:
+        who = s.name if (s := self._sessions.get(ident)) else ident.hex()[-8:]
+        self._refusal_log.warning("%s: refused a message from %s: %s: %s", self.name, who, code, message[:200])

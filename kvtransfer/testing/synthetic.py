@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from ..control import ControlServer, CurveServerKeys, PrefillRequest
+from ..control import ControlServer, CurveServerKeys, Limits, PrefillRequest
 from ..engine import Engine
 from ..errors import KVTransferError
 from ..kv import BlockPool, CompatInfo, KVLayout
@@ -93,7 +93,9 @@ class SyntheticPrefill:
     """The worker: one compute thread takes requests in order and writes their pattern."""
 
     def __init__(self, layout: KVLayout, model: str, endpoint: str, lease_s: float, curve=None,
-                 listen_host: str = "127.0.0.1", scatter_seed: int | None = None):
+                 listen_host: str = "127.0.0.1", scatter_seed: int | None = None,
+                 server_options: dict | None = None):
+        """``server_options``: more keyword arguments of the ControlServer (limits, registry)."""
         self.layout = layout
         self.buffers = [alloc_host(layout.region_nbytes(r)) for r in range(layout.num_regions)]
         self.pool = BlockPool(layout.num_blocks)
@@ -107,7 +109,8 @@ class SyntheticPrefill:
             self.regions = [self.engine.register(b)[0] for b in self.buffers]
             self.server = ControlServer(endpoint, engine=self.engine, regions=self.regions, layout=layout,
                                         compat=CompatInfo.of(layout, model), pool=self.pool, lease_s=lease_s,
-                                        on_submit=self._submitted, curve=curve, name="synthetic-prefill")
+                                        on_submit=self._submitted, curve=curve, name="synthetic-prefill",
+                                        **(server_options or {}))
         except BaseException:  # e.g. the endpoint is taken: no engine thread may outlive us
             self.engine.close()
             raise
@@ -162,7 +165,7 @@ class SyntheticPrefill:
     def stats(self) -> dict:
         s = self.server.stats()
         return {"free_blocks": s.free_blocks, "used_blocks": s.used_blocks, "pinned_requests": s.pinned_requests,
-                "leases_expired": s.leases_expired, "errors": s.errors}
+                "leases_expired": s.leases_expired, "errors": s.errors, "sessions": s.sessions}
 
     def close(self) -> None:
         self._work.put(None)
@@ -181,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scatter-seed", type=int, help="shuffle the pool's free list (scattered blocks)")
     ap.add_argument("--curve-secret", help="CURVE secret key file (enables CurveZMQ)")
     ap.add_argument("--curve-clients", help="folder of accepted clients' public keys")
+    ap.add_argument("--limits", default="{}", help="kvtransfer.control.Limits fields as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="synthetic-prefill %(levelname)s %(message)s")
     curve = CurveServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     worker = SyntheticPrefill(KVLayout(**json.loads(args.layout)), args.model, args.endpoint, args.lease, curve,
-                              args.listen_host, args.scatter_seed)
+                              args.listen_host, args.scatter_seed,
+                              server_options={"limits": Limits(**json.loads(args.limits))})
     print(json.dumps({"endpoint": worker.server.endpoint, "pid": os.getpid()}), flush=True)
     try:
         for line in sys.stdin:

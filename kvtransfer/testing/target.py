@@ -5,7 +5,10 @@
 It prints one JSON line, ``{"engine": HEX, "region": HEX, "pid": N}`` (the
 descriptors' bytes), then serves reads from C threads while it waits on stdin for
 commands, one per line: ``deregister`` (answers ``deregistered``), ``ping``
-(answers ``pong``), ``exit``. End of stdin exits too. The demo, the benchmark and
+(answers ``pong``), ``stats`` (answers the tcp server's counts as one JSON line),
+``allow TOKEN_HEX [TTL_S]`` (answers ``allowed``), ``revoke TOKEN_HEX`` (answers the
+number of connections dropped), ``exit``. ``--require-tokens`` makes its tcp server
+admit allowed tokens only. End of stdin exits too. The demo, the benchmark and
 the tests use it as "the other process"; :func:`seeded_bytes` gives the reader the
 same bytes to check against.
 """
@@ -61,11 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--listen-host", default="127.0.0.1")
     ap.add_argument("--io-timeout", type=float, default=10.0)
+    ap.add_argument("--idle-timeout", type=float, default=None, help="tcp server idle timeout, seconds")
+    ap.add_argument("--max-conns", type=int, default=None, help="tcp server connections in total")
+    ap.add_argument("--max-conns-per-peer", type=int, default=None, help="tcp server connections per address")
+    ap.add_argument("--require-tokens", action="store_true", help="admit tcp hellos with an allowed token only")
     args = ap.parse_args(argv)
 
     buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes))
-    with Engine(listen_host=args.listen_host, io_timeout=args.io_timeout) as eng:
+    with Engine(listen_host=args.listen_host, io_timeout=args.io_timeout, tcp_idle_timeout=args.idle_timeout,
+                tcp_max_connections=args.max_conns, tcp_max_connections_per_peer=args.max_conns_per_peer) as eng:
         region, desc = eng.register(buf)
+        if args.require_tokens:
+            eng.require_tokens()
         print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex(),
                           "pid": eng.descriptor.pid}), flush=True)
         for line in sys.stdin:
@@ -75,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 print("deregistered", flush=True)
             elif cmd == "ping":
                 print("pong", flush=True)
+            elif cmd == "stats":
+                print(json.dumps(eng.server_stats()), flush=True)
+            elif cmd.startswith("allow "):
+                token, *ttl = cmd.split()[1:]
+                eng.allow_token(bytes.fromhex(token), float(ttl[0]) if ttl else None)
+                print("allowed", flush=True)
+            elif cmd.startswith("revoke "):
+                print(eng.revoke_token(bytes.fromhex(cmd.split()[1])), flush=True)
             elif cmd == "exit":
                 break
     return 0

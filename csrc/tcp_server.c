@@ -534,8 +534,9 @@ void kvt_tcp_server_stop(kvt_tcp_server *s)
 int kvt_engine_set_tcp_limits(kvt_engine *e, const kvt_tcp_limits *l, kvt_err *err)
 {
     if (l->idle_timeout_ms < 0 || l->max_conns < 0 || l->max_conns_per_peer < 0)
-        return kvt_error(err, EINVAL, "tcp limits", "idle_timeout_ms=%d, max_conns=%d, max_conns_per_peer=%d must be >= 0",
-                         l->idle_timeout_ms, l->max_conns, l->max_conns_per_peer);
+        return kvt_error(err, EINVAL, "tcp limits",
+                         "idle_timeout_ms=%d, max_conns=%d, max_conns_per_peer=%d must be >= 0", l->idle_timeout_ms,
+                         l->max_conns, l->max_conns_per_peer);
     struct kvt_tcp_server *s = e->server;
     pthread_mutex_lock(&s->mu);
     if (l->idle_timeout_ms)

@@ -36,7 +36,8 @@ def table(before: dict, after: dict, sampler: Sampler) -> str:
         b, a = before[n], after[n]
         lines.append(f"{n:<8} {b['rss_kib'] / 1024:>15.1f} {a['rss_kib'] / 1024:>8.1f} "
                      f"{sampler.peak(n, 'rss_kib') / 1024:>8.1f} {b['fds']:>11} {a['fds']:>6} "
-                     f"{sampler.peak(n, 'fds'):>5} {b['threads']:>15} {a['threads']:>6} {sampler.peak(n, 'threads'):>5}")
+                     f"{sampler.peak(n, 'fds'):>5} {b['threads']:>15} {a['threads']:>6} "
+                     f"{sampler.peak(n, 'threads'):>5}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,13 @@ test-fuzz:
 fuzz:
 	scripts/fuzz_wire.sh $(FUZZ_SECONDS)
 
+# reads, control pulls and HTTP load with hostile tcp clients, RSS/fds/threads sampled
+# (a one-minute version runs in test-host)
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: setup
+	KVT_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s tests/test_soak.py
+
 bench: setup
 	$(PY) bench/transfer_bw.py $(BENCH_ARGS)
 

@@ -43,13 +43,13 @@ PASS_TIMEOUT_S = 120.0
 
 
 def parse_size(text: str) -> int:
-    """'64M' -> 67108864 (kvtransfer.target.parse_size's K, M, G)."""
+    """'64M' -> 67108864 (kvtransfer.testing.target.parse_size's K, M, G)."""
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
     return int(float(text[:-1] if mult > 1 else text) * mult)
 
 
 def seeded_bytes(nbytes: int, seed: int) -> np.ndarray:
-    """The bytes kvtransfer.target serves for ``seed`` (same call as kvtransfer.target.seeded_bytes)."""
+    """The bytes kvtransfer.testing.target serves for ``seed`` (same call as kvtransfer.testing.target.seeded_bytes)."""
     return np.frombuffer(np.random.default_rng(seed).bytes(nbytes), dtype=np.uint8).copy()
 
 

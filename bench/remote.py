@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from kvtransfer import Engine, EngineDescriptor, alloc_host
-from kvtransfer.target import seeded_bytes
+from kvtransfer.testing.target import seeded_bytes
 
 DEFAULT_PORT = 18515  # ib_read_bw's
 HELLO_TIMEOUT_S = 10.0

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from kvtransfer import Engine, alloc_host  # noqa: E402
 from kvtransfer.control import ControlClient  # noqa: E402
 from kvtransfer.kv import CompatInfo, KVLayout, plan_reads  # noqa: E402
-from kvtransfer.target import start_child, stop_child  # noqa: E402
+from kvtransfer.testing.children import start_child, stop_child  # noqa: E402
 from kvtransfer.testing.vllm_serve import VllmServer, serve_args  # noqa: E402
 from report import cpu_model, kv_lines  # noqa: E402
 
@@ -228,7 +228,7 @@ def raw_reads(rows: list[dict], transport: str | None, iters: int) -> tuple[str,
     returns the transport and the median control round trip."""
     layout = vllm_layout()
     fields = {f: getattr(layout, f) for f in layout.__struct_fields__}
-    proc, hello = start_child([sys.executable, "-m", "kvtransfer.synthetic", "--layout", json.dumps(fields),
+    proc, hello = start_child([sys.executable, "-m", "kvtransfer.testing.synthetic", "--layout", json.dumps(fields),
                                "--model", "vllm-pd-bench"], timeout=120, what="synthetic producer")
     try:
         with Engine() as eng:

@@ -49,8 +49,6 @@ typedef struct token {
     int64_t expires; /* monotonic ms, or NO_DEADLINE */
 } token;
 
-enum { DROP_IDLE = 1, DROP_DEADLINE = 2 };
-
 typedef struct srv_conn {
     struct srv_conn *next;
     struct kvt_tcp_server *srv;
@@ -386,10 +384,10 @@ static int over_cap(struct kvt_tcp_server *s, const struct sockaddr_storage *pee
 
 /* Answers a connection over a cap with a hello saying so, without a thread: the reply
  * fits any socket buffer. The client's own hello may be unread: drain what came. */
-static void refuse(int fd, int16_t reserved_why, const uint8_t *engine_id)
+static void refuse(int fd, int why, const uint8_t *engine_id)
 {
     kvt_wire_hello r = {.magic = KVT_HELLO_MAGIC, .version = KVT_WIRE_VERSION, .status = -EBUSY,
-                        .reserved = (uint32_t)reserved_why};
+                        .reserved = (uint32_t)why};
     memcpy(r.engine_id, engine_id, sizeof r.engine_id);
     ssize_t w = send(fd, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL);
     (void)w;
@@ -436,7 +434,7 @@ static void *acceptor_main(void *arg)
         if (!c) {
             s->st.refused_busy += why != 0;
             pthread_mutex_unlock(&s->mu);
-            refuse(fd, (int16_t)(why ? why : KVT_REFUSED_TOTAL), s->table->shared->engine_id);
+            refuse(fd, why ? why : KVT_REFUSED_TOTAL, s->table->shared->engine_id);
             continue;
         }
         c->srv = s;
@@ -536,8 +534,9 @@ void kvt_tcp_server_stop(kvt_tcp_server *s)
 int kvt_engine_set_tcp_limits(kvt_engine *e, const kvt_tcp_limits *l, kvt_err *err)
 {
     if (l->idle_timeout_ms < 0 || l->max_conns < 0 || l->max_conns_per_peer < 0)
-        return kvt_error(err, EINVAL, "tcp limits", "idle_timeout_ms=%d, max_conns=%d, max_conns_per_peer=%d must be >= 0",
-                         l->idle_timeout_ms, l->max_conns, l->max_conns_per_peer);
+        return kvt_error(err, EINVAL, "tcp limits",
+                         "idle_timeout_ms=%d, max_conns=%d, max_conns_per_peer=%d must be >= 0", l->idle_timeout_ms,
+                         l->max_conns, l->max_conns_per_peer);
     struct kvt_tcp_server *s = e->server;
     pthread_mutex_lock(&s->mu);
     if (l->idle_timeout_ms)

@@ -17,7 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .engine import Engine
 
-_GAUGES = {"connections": "tcp server connections open", "threads": "tcp server threads (acceptor + one per connection)"}
+_GAUGES = {"connections": "tcp server connections open",
+           "threads": "tcp server threads (acceptor + one per connection)"}
 _COUNTERS = {
     "accepted": "tcp connections accepted",
     "refused_busy": "tcp connections refused at the total or per-address cap",

@@ -3,17 +3,7 @@
 # and its compiler-rt runtimes (libFuzzer, AddressSanitizer, UBSan). Idempotent: when
 # both are there it only checks that clang links a -fsanitize=fuzzer program.
 set -euo pipefail
-APT_PACKAGES="clang libclang-rt-dev"
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-missing=""
-for p in $APT_PACKAGES; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  echo "setup_fuzz: installing Debian packages:$missing"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+"$(dirname "$0")/apt_install.sh" setup_fuzz clang libclang-rt-dev
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT
 printf '#include <stddef.h>\n#include <stdint.h>\nint LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; return 0; }\n' \

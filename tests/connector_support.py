@@ -133,7 +133,7 @@ class JsonChild:
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 30.0) -> None:
-        from kvtransfer.target import stop_child
+        from kvtransfer.testing.children import stop_child
         if self.proc.poll() is None:
             stop_child(self.proc, timeout)
         try:

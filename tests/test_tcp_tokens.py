@@ -100,3 +100,23 @@ def test_token_arguments_are_checked():
         with pytest.raises(InvalidArgumentError, match="32 bytes"):
             eng.connect(eng.descriptor, transport="tcp", token=b"1" * 31)
         assert eng.revoke_token(bytes(32)) == 0
+
+
+@pytest.mark.timeout(120)
+def test_verbs_setup_rides_on_the_token(engine, token_target):
+    """Queue pairs are set up over the tcp server: no token, no verbs peer."""
+    if not (engine.descriptor.verbs and token_target.engine.verbs):
+        pytest.skip(f"no RDMA device here: {engine.verbs_unavailable or 'the target has none'}")
+    with pytest.raises(TransportUnavailableError, match="token refused") as ei:
+        engine.connect(token_target.engine, transport="verbs")
+    assert ei.value.errno == errno.EACCES
+    token = os.urandom(32)
+    allow(token_target, token)
+    peer = engine.connect(token_target.engine, transport="verbs", token=token)
+    assert peer.transport == "verbs"
+    good_read(engine, peer, token_target, nbytes=1 << 20, remote_off=5)
+    assert revoke(token_target, token) == 1  # the bootstrap connection, queue pairs with it
+    with pytest.raises(TransferError):
+        for _ in range(50):  # the reader notices the bootstrap's end within a poll
+            good_read(engine, peer, token_target)
+            time.sleep(0.1)

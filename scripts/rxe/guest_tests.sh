@@ -19,4 +19,5 @@ exec timeout 1200 "$PY" -m pytest -q -p no:cacheprovider -o console_output_style
     tests/test_verbs_interop.py \
     tests/test_verbs_errors.py \
     tests/test_control.py::test_pull_lands_the_requests_kv \
+    tests/test_tcp_tokens.py::test_verbs_setup_rides_on_the_token \
     tests/test_verbs_device_loss.py

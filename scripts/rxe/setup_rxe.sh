@@ -25,23 +25,11 @@ APT_PACKAGES="qemu-system-x86 linux-image-amd64 perftest rdma-core ibverbs-utils
 VNG_VERSION=${VNG_VERSION:-1.42}     # 1.42 is the version this setup was tested with
 VNG_VENV=${VNG_VENV:-.venv-vng}
 
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-
 # ---- 1. Debian packages --------------------------------------------------------
-missing=""
-for p in $APT_PACKAGES; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  echo "setup_rxe: installing Debian packages:$missing"
-  $SUDO apt-get update -qq
-  # linux-image-amd64's postinst builds an initramfs (initramfs-tools); the guest
-  # does not use it (virtme-ng boots the kernel directly over 9p), it is just the
-  # price of the package. No bootloader is touched (none is installed here).
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
-else
-  echo "setup_rxe: Debian packages already installed"
-fi
+# linux-image-amd64's postinst builds an initramfs (initramfs-tools); the guest does
+# not use it (virtme-ng boots the kernel directly over 9p), it is just the price of
+# the package. No bootloader is touched (none is installed here).
+scripts/apt_install.sh setup_rxe $APT_PACKAGES
 
 # ---- 2. virtme-ng in its own venv ------------------------------------------------
 have=$("$VNG_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("virtme-ng"))' 2>/dev/null || true)

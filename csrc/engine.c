@@ -184,28 +184,86 @@ int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
     return rc;
 }
 
-int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_peer **out, kvt_err *err)
+/* The transport table, in the order connect prefers them: the one place a
+ * transport is chosen. */
+static const kvt_transport_ops *const transports[] = {&kvt_verbs_ops, &kvt_shm_ops, &kvt_tcp_ops};
+#define N_TRANSPORTS (sizeof transports / sizeof transports[0])
+_Static_assert(N_TRANSPORTS <= KVT_MAX_TRANSPORTS, "KVT_MAX_TRANSPORTS");
+
+size_t kvt_transport_count(void) { return N_TRANSPORTS; }
+
+const char *kvt_transport_name(size_t i) { return i < N_TRANSPORTS ? transports[i]->name : NULL; }
+
+int kvt_transport_facts(const kvt_engine *e, size_t i, kvt_fact *facts, size_t *n, char *why, size_t cap)
+{
+    *n = 0;
+    why[0] = 0;
+    return i < N_TRANSPORTS ? transports[i]->facts(e, facts, n, why, cap) : 0;
+}
+
+int kvt_same_host(const kvt_engine_info *me, const kvt_engine_info *peer, kvt_reach *r)
+{
+    if (me->boot_id[0] && strcmp(me->boot_id, peer->boot_id) == 0 && me->pidns == peer->pidns) {
+        snprintf(r->why, sizeof r->why, "same host (boot id %s, pid namespace %llu)", peer->boot_id,
+                 (unsigned long long)peer->pidns);
+        return 1;
+    }
+    r->code = EHOSTUNREACH;
+    snprintf(r->why, sizeof r->why, "not the same host (boot id %s vs %s, pid namespace %llu vs %llu)", me->boot_id,
+             peer->boot_id, (unsigned long long)me->pidns, (unsigned long long)peer->pidns);
+    return 0;
+}
+
+static const char *names_list(char *buf, size_t cap)
+{
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < N_TRANSPORTS; i++)
+        used += (size_t)snprintf(buf + used, used < cap ? cap - used : 0, "%s%s", i ? ", " : "", transports[i]->name);
+    return buf;
+}
+
+int kvt_plan(const kvt_engine *e, const kvt_engine_info *peer, const char *forced, kvt_reach out[KVT_MAX_TRANSPORTS],
+             kvt_err *err)
+{
+    int n = 0;
+    for (size_t i = 0; i < N_TRANSPORTS; i++) {
+        if (forced && strcmp(forced, transports[i]->name) != 0)
+            continue;
+        kvt_reach *r = &out[n++];
+        memset(r, 0, sizeof *r);
+        r->name = transports[i]->name;
+        r->ok = transports[i]->reach(e, peer, r);
+        if (forced && !r->ok)
+            return kvt_error(err, r->code ? r->code : EHOSTUNREACH, "connect", "forced transport %s is unavailable: %s",
+                             r->name, r->why);
+    }
+    if (forced && n == 0) {
+        char names[128];
+        return kvt_error(err, EINVAL, "transport", "unknown transport '%s'; choose one of %s", forced,
+                         names_list(names, sizeof names));
+    }
+    return n;
+}
+
+static const kvt_transport_ops *ops_named(const char *name)
+{
+    for (size_t i = 0; i < N_TRANSPORTS; i++)
+        if (strcmp(transports[i]->name, name) == 0)
+            return transports[i];
+    return NULL;
+}
+
+static int connect_one(kvt_engine *e, const kvt_engine_info *peer, const kvt_transport_ops *ops, kvt_peer **out,
+                       kvt_err *err)
 {
     kvt_peer *p = calloc(1, sizeof *p);
     if (!p)
         return kvt_syserr(err, ENOMEM, "calloc", "peer");
     p->eng = e;
-    p->transport = transport;
+    p->ops = ops;
     kvt_queue_init(&p->queue);
-    int rc;
-    switch (transport) {
-    case KVT_TRANSPORT_SHM:
-        rc = kvt_shm_connect(p, peer, err);
-        break;
-    case KVT_TRANSPORT_TCP:
-        rc = kvt_tcp_connect(p, peer, err);
-        break;
-    case KVT_TRANSPORT_VERBS:
-        rc = kvt_verbs_connect(p, peer, err);
-        break;
-    default:
-        rc = kvt_error(err, EINVAL, "connect", "unknown transport %d", transport);
-    }
+    int rc = ops->connect(p, peer, err);
     if (rc < 0) {
         kvt_queue_destroy(&p->queue);
         free(p);
@@ -215,14 +273,60 @@ int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_p
     return 0;
 }
 
-int kvt_peer_transport(const kvt_peer *p) { return p->transport; }
+int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, const char *forced, kvt_peer **out,
+                kvt_reach tried[KVT_MAX_TRANSPORTS], size_t *ntried, kvt_err *err)
+{
+    kvt_reach plan[KVT_MAX_TRANSPORTS], scratch[KVT_MAX_TRANSPORTS];
+    if (!tried)
+        tried = scratch;
+    size_t nt = 0;
+    if (ntried)
+        *ntried = 0;
+    int n = kvt_plan(e, peer, forced, plan, err);
+    if (n < 0)
+        return n;
+    char id[2 * KVT_ENGINE_ID_LEN + 1];
+    for (int i = 0; i < KVT_ENGINE_ID_LEN; i++)
+        snprintf(id + 2 * i, 3, "%02x", peer->id[i]);
+    char failures[1024] = "";
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        if (!plan[i].ok) {
+            used += (size_t)snprintf(failures + used, used < sizeof failures ? sizeof failures - used : 0, "%s%s: %s",
+                                     used ? "; " : "", plan[i].name, plan[i].why);
+            continue;
+        }
+        kvt_err why;
+        int rc = connect_one(e, peer, ops_named(plan[i].name), out, &why);
+        if (rc == 0) {
+            if (ntried)
+                *ntried = nt;
+            return 0;
+        }
+        if (forced)
+            return kvt_error(err, -why.code, why.op, "forced transport %s cannot reach engine %s: %s", plan[i].name,
+                             id, why.msg);
+        tried[nt] = plan[i];
+        tried[nt].ok = 0;
+        tried[nt].code = -why.code;
+        snprintf(tried[nt].why, sizeof tried[nt].why, "%s", why.msg);
+        used += (size_t)snprintf(failures + used, used < sizeof failures ? sizeof failures - used : 0, "%s%s: %s",
+                                 used ? "; " : "", plan[i].name, why.msg);
+        nt++;
+    }
+    if (ntried)
+        *ntried = nt;
+    return kvt_error(err, EHOSTUNREACH, "connect", "no transport reaches engine %s: %s", id, failures);
+}
+
+const char *kvt_peer_transport(const kvt_peer *p) { return p->ops->name; }
 
 void kvt_peer_close(kvt_peer *p)
 {
     if (!p)
         return;
     kvt_queue_close(&p->queue, "peer closed before the read ran");
-    p->close(p);
+    p->ops->close(p);
     kvt_queue_destroy(&p->queue);
     free(p);
 }

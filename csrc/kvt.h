@@ -18,7 +18,8 @@
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
-enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
+#define KVT_MAX_TRANSPORTS 8
+#define KVT_MAX_FACTS 8
 
 typedef struct kvt_engine kvt_engine;
 typedef struct kvt_peer kvt_peer;
@@ -109,10 +110,43 @@ int kvt_deregister(kvt_engine *eng, uint64_t region_id, kvt_err *err);
 /* The CUDA facts of a registered CUDA region (EINVAL for host memory). */
 int kvt_region_cuda(kvt_engine *eng, uint64_t region_id, kvt_cuda_alloc *out, kvt_err *err);
 
-int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, int transport, kvt_peer **out,
-                kvt_err *err);
+/* Whether one transport can reach a peer: ok, or the errno and words for why not
+ * (why holds the reason either way: "same host (boot id ...)"). */
+typedef struct kvt_reach {
+    const char *name; /* "verbs", "shm", "tcp" */
+    int ok;
+    int code; /* errno when !ok: ENODEV (no device), EHOSTUNREACH (another host) */
+    char why[600];
+} kvt_reach;
+
+/* One fact a transport reports about this engine (for `kvtransfer doctor`): a string
+ * or an integer value. */
+typedef struct kvt_fact {
+    const char *key;
+    int is_int;
+    long long i;
+    char s[128];
+} kvt_fact;
+
+/* The transports this build knows, in the order connect prefers them. */
+size_t kvt_transport_count(void);
+const char *kvt_transport_name(size_t i);
+/* What transport i offers on this engine: 1 and up to KVT_MAX_FACTS facts, or 0 and
+ * why it offers nothing (*why). */
+int kvt_transport_facts(const kvt_engine *eng, size_t i, kvt_fact *facts, size_t *n, char *why, size_t cap);
+/* The transports connect would try for peer, in order: every one, reachable or not,
+ * or (forced != NULL) that one alone. -EINVAL for an unknown name; for a forced one
+ * that cannot reach the peer, its errno with why in *err. Returns the count. */
+int kvt_plan(const kvt_engine *eng, const kvt_engine_info *peer, const char *forced,
+             kvt_reach out[KVT_MAX_TRANSPORTS], kvt_err *err);
+
+/* Connects over the first transport of kvt_plan that reaches peer and connects
+ * (forced: that one or an error). tried[0..*ntried) (may be NULL) names the ones
+ * that reached but failed to connect, with their errors. */
+int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, const char *forced, kvt_peer **out,
+                kvt_reach tried[KVT_MAX_TRANSPORTS], size_t *ntried, kvt_err *err);
 void kvt_peer_close(kvt_peer *peer); /* fails its queued reads with ECANCELED */
-int kvt_peer_transport(const kvt_peer *peer);
+const char *kvt_peer_transport(const kvt_peer *peer);
 
 /* Starts a batch of reads. Local ranges are checked here (errors name the entry);
  * remote ranges are checked by the target side, and fail the returned transfer. */

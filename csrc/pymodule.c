@@ -257,11 +257,7 @@ static PyObject *Peer_transport(PeerObject *self, void *closure)
 {
     if (!self->p)
         Py_RETURN_NONE;
-    switch (kvt_peer_transport(self->p)) {
-    case KVT_TRANSPORT_SHM: return PyUnicode_FromString("shm");
-    case KVT_TRANSPORT_TCP: return PyUnicode_FromString("tcp");
-    default: return PyUnicode_FromString("verbs");
-    }
+    return PyUnicode_FromString(kvt_peer_transport(self->p));
 }
 
 static PyMethodDef Peer_methods[] = {
@@ -271,7 +267,7 @@ static PyMethodDef Peer_methods[] = {
     {"close", (PyCFunction)Peer_close, METH_NOARGS, "close the peer; queued reads fail"},
     {NULL}};
 
-static PyGetSetDef Peer_getset[] = {{"transport", (getter)Peer_transport, NULL, "shm or tcp", NULL}, {NULL}};
+static PyGetSetDef Peer_getset[] = {{"transport", (getter)Peer_transport, NULL, "the transport's name (_C.TRANSPORTS)", NULL}, {NULL}};
 
 static PyTypeObject PeerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvtransfer._C.Peer",
@@ -406,42 +402,159 @@ static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port, verbs) -> Peer */
+/* Attribute `name` of d: bytes (at most cap, exactly cap when exact), text, or an integer. */
+static int attr_bytes(PyObject *d, const char *name, void *dst, size_t cap, int exact)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    char *b;
+    Py_ssize_t n;
+    int rc = v ? PyBytes_AsStringAndSize(v, &b, &n) : -1;
+    if (rc == 0 && (n > (Py_ssize_t)cap || (exact && n != (Py_ssize_t)cap))) {
+        PyErr_Format(PyExc_ValueError, "descriptor: %s is %zd bytes, not %zu", name, n, cap);
+        rc = -1;
+    }
+    if (rc == 0)
+        memcpy(dst, b, (size_t)n);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int attr_str(PyObject *d, const char *name, char *dst, size_t cap)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    const char *s = v ? PyUnicode_AsUTF8(v) : NULL;
+    if (s)
+        snprintf(dst, cap, "%s", s);
+    Py_XDECREF(v);
+    return s ? 0 : -1;
+}
+
+static int attr_int(PyObject *d, const char *name, unsigned long long *out)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    *out = v ? PyLong_AsUnsignedLongLongMask(v) : 0;
+    Py_XDECREF(v);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* An EngineDescriptor (any object with its attributes) -> kvt_engine_info. */
+static int info_from(PyObject *d, kvt_engine_info *in)
+{
+    memset(in, 0, sizeof *in);
+    unsigned long long pid, pidns, fd, addr, port;
+    if (attr_bytes(d, "engine_id", in->id, sizeof in->id, 1) < 0 || attr_bytes(d, "gid", in->gid, sizeof in->gid, 0) < 0 ||
+        attr_str(d, "boot_id", in->boot_id, sizeof in->boot_id) < 0 ||
+        attr_str(d, "tcp_host", in->tcp_host, sizeof in->tcp_host) < 0 ||
+        attr_str(d, "ib_device", in->ib_device, sizeof in->ib_device) < 0 || attr_int(d, "pid", &pid) < 0 ||
+        attr_int(d, "pidns", &pidns) < 0 || attr_int(d, "table_fd", &fd) < 0 || attr_int(d, "table_addr", &addr) < 0 ||
+        attr_int(d, "tcp_port", &port) < 0)
+        return -1;
+    in->pid = (int32_t)pid;
+    in->pidns = (uint64_t)pidns;
+    in->table_fd = (int32_t)fd;
+    in->table_addr = (uint64_t)addr;
+    in->tcp_port = (int32_t)port;
+    PyObject *v = PyObject_GetAttrString(d, "verbs");
+    in->verbs = v ? PyObject_IsTrue(v) : -1;
+    Py_XDECREF(v);
+    return in->verbs < 0 ? -1 : 0;
+}
+
+static PyObject *reach_tuple(const kvt_reach *r)
+{
+    return Py_BuildValue("(sOis)", r->name, r->ok ? Py_True : Py_False, r->code, r->why);
+}
+
+static PyObject *reach_list(const kvt_reach *r, size_t n)
+{
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; l && i < n; i++) {
+        PyObject *t = reach_tuple(&r[i]);
+        if (!t) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
+}
+
+/* plan(descriptor, forced or None) -> [(name, ok, errno, why), ...] in the order connect tries them */
+static PyObject *Engine_plan(EngineObject *self, PyObject *args)
+{
+    PyObject *d;
+    const char *forced = NULL;
+    kvt_engine_info in;
+    if (!PyArg_ParseTuple(args, "Oz", &d, &forced) || !check_open(self) || info_from(d, &in) < 0)
+        return NULL;
+    kvt_reach r[KVT_MAX_TRANSPORTS];
+    kvt_err e;
+    int n = kvt_plan(self->e, &in, forced, r, &e);
+    if (n < 0)
+        return raise_err(&e, -1);
+    return reach_list(r, (size_t)n);
+}
+
+/* connect(descriptor, forced or None) -> (Peer, [(name, False, errno, error), ...] tried and failed first) */
 static PyObject *Engine_connect(EngineObject *self, PyObject *args)
 {
-    kvt_engine_info in = {0};
-    const char *id, *host;
-    Py_ssize_t idlen;
-    int transport;
-    unsigned long long table_addr;
-    if (!PyArg_ParseTuple(args, "iy#iiKsip", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
-                          &in.tcp_port, &in.verbs) ||
-        !check_open(self))
+    PyObject *d;
+    const char *forced = NULL;
+    kvt_engine_info in;
+    if (!PyArg_ParseTuple(args, "Oz", &d, &forced) || !check_open(self) || info_from(d, &in) < 0)
         return NULL;
-    if (idlen != KVT_ENGINE_ID_LEN) {
-        PyErr_SetString(PyExc_ValueError, "engine_id must be 16 bytes");
-        return NULL;
-    }
-    memcpy(in.id, id, sizeof in.id);
-    in.table_addr = table_addr;
-    snprintf(in.tcp_host, sizeof in.tcp_host, "%s", host);
     kvt_err e;
     kvt_peer *p = NULL;
+    kvt_reach tried[KVT_MAX_TRANSPORTS];
+    size_t ntried = 0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = kvt_connect(self->e, &in, transport, &p, &e);
+    rc = kvt_connect(self->e, &in, forced, &p, tried, &ntried, &e);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return raise_err(&e, -1);
-    PeerObject *po = PyObject_New(PeerObject, &PeerType);
+    PyObject *l = reach_list(tried, ntried);
+    PeerObject *po = l ? PyObject_New(PeerObject, &PeerType) : NULL;
     if (!po) {
+        Py_XDECREF(l);
         kvt_peer_close(p);
         return NULL;
     }
     po->p = p;
     Py_INCREF(self);
     po->engine = (PyObject *)self;
-    return (PyObject *)po;
+    return Py_BuildValue("(NN)", (PyObject *)po, l);
+}
+
+/* transports() -> [(name, offered, why_not, {fact: value}), ...] in preference order */
+static PyObject *Engine_transports(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    size_t n = kvt_transport_count();
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; l && i < n; i++) {
+        kvt_fact f[KVT_MAX_FACTS];
+        size_t nf = 0;
+        char why[600];
+        int offered = kvt_transport_facts(self->e, i, f, &nf, why, sizeof why);
+        PyObject *facts = PyDict_New();
+        for (size_t k = 0; facts && k < nf; k++) {
+            PyObject *v = f[k].is_int ? PyLong_FromLongLong(f[k].i) : PyUnicode_FromString(f[k].s);
+            if (!v || PyDict_SetItemString(facts, f[k].key, v) < 0)
+                Py_CLEAR(facts);
+            Py_XDECREF(v);
+        }
+        PyObject *t = facts ? Py_BuildValue("(sOzN)", kvt_transport_name(i), offered ? Py_True : Py_False,
+                                            offered ? NULL : why, facts)
+                            : NULL;
+        if (!t) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -450,7 +563,12 @@ static PyMethodDef Engine_methods[] = {
     {"register", (PyCFunction)Engine_register, METH_VARARGS, "register(addr, nbytes, kind, device)"},
     {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
     {"region_cuda", (PyCFunction)Engine_region_cuda, METH_O, "region_cuda(region_id) -> dict of its CUDA allocation"},
-    {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
+     "connect(descriptor, forced or None) -> (Peer, [(name, ok, errno, error) of transports that failed first])"},
+    {"plan", (PyCFunction)Engine_plan, METH_VARARGS,
+     "plan(descriptor, forced or None) -> [(name, ok, errno, why), ...] in the order connect tries them"},
+    {"transports", (PyCFunction)Engine_transports, METH_NOARGS,
+     "transports() -> [(name, offered, why not, {fact: value}), ...] in preference order"},
     {NULL}};
 
 static PyTypeObject EngineType = {
@@ -570,8 +688,9 @@ PyMODINIT_FUNC PyInit__C(void)
     PyModule_AddIntConstant(m, "VERBS_MAX_QPS", KVT_VERBS_MAX_QPS);
     PyModule_AddIntConstant(m, "MEM_HOST", KVT_MEM_HOST);
     PyModule_AddIntConstant(m, "MEM_CUDA", KVT_MEM_CUDA);
-    PyModule_AddIntConstant(m, "TRANSPORT_SHM", KVT_TRANSPORT_SHM);
-    PyModule_AddIntConstant(m, "TRANSPORT_TCP", KVT_TRANSPORT_TCP);
-    PyModule_AddIntConstant(m, "TRANSPORT_VERBS", KVT_TRANSPORT_VERBS);
+    PyObject *names = PyTuple_New((Py_ssize_t)kvt_transport_count());
+    for (size_t i = 0; names && i < kvt_transport_count(); i++)
+        PyTuple_SET_ITEM(names, (Py_ssize_t)i, PyUnicode_FromString(kvt_transport_name(i)));
+    PyModule_AddObject(m, "TRANSPORTS", names); /* in the order connect prefers them */
     return m;
 }

@@ -210,7 +210,29 @@ static int map_table(const kvt_engine_info *peer, const kvt_shared_table **out, 
     return 0;
 }
 
-int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+static int shm_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+{
+    if (!kvt_same_host(&e->info, peer, r))
+        return 0;
+    size_t n = strlen(r->why);
+    snprintf(r->why + n, sizeof r->why - n, ": process_vm_readv / CUDA IPC");
+    return 1;
+}
+
+static int shm_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap)
+{
+    if (!e->info.boot_id[0]) {
+        snprintf(why, cap, "shm needs Linux and a boot id");
+        return 0;
+    }
+    f[0] = (kvt_fact){.key = "boot_id"};
+    snprintf(f[0].s, sizeof f[0].s, "%s", e->info.boot_id);
+    f[1] = (kvt_fact){.key = "pidns", .is_int = 1, .i = (long long)e->info.pidns};
+    *n = 2;
+    return 1;
+}
+
+static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 {
     if (peer->pid <= 0)
         return kvt_error(err, EINVAL, "connect", "peer has no pid");
@@ -259,7 +281,6 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->queue.direct_ctx = s;
     s->nthreads = p->eng->opts.shm_threads;
     p->impl = s;
-    p->close = shm_close;
     p->max_pieces = SHM_MAX_PIECES;
     p->max_bytes = SHM_MAX_BYTES;
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
@@ -277,3 +298,6 @@ int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     }
     return 0;
 }
+
+const kvt_transport_ops kvt_shm_ops = {
+    .name = "shm", .reach = shm_reach, .connect = shm_connect, .close = shm_close, .facts = shm_facts};

@@ -1,6 +1,7 @@
 /* Built instead of the verbs_*.c files when libibverbs headers were missing at build
  * time: the engine then serves shm and tcp and reports verbs as unavailable. */
 #include <errno.h>
+#include <stdio.h>
 
 #include "engine.h"
 #include "verbs.h"
@@ -29,7 +30,23 @@ int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *remote, kvt_err *err)
 }
 void kvt_qpset_destroy(kvt_qpset *s) {}
 int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err) { return kvt_error(err, ENOSYS, "verbs", WHY); }
-int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+
+/* The verbs entry of the transport table: it never reaches a peer, and says why. */
+static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+{
+    r->code = ENODEV;
+    snprintf(r->why, sizeof r->why, "this engine has no verbs: %s", e->info.verbs_why);
+    return 0;
+}
+static int verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 {
     return kvt_error(err, ENOSYS, "connect", WHY);
 }
+static void verbs_close(kvt_peer *p) {}
+static int verbs_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap)
+{
+    snprintf(why, cap, "%s", e->info.verbs_why);
+    return 0;
+}
+const kvt_transport_ops kvt_verbs_ops = {
+    .name = "verbs", .reach = verbs_reach, .connect = verbs_connect, .close = verbs_close, .facts = verbs_facts};

@@ -5,11 +5,9 @@ from typing import Any
 READ_REQ_BYTES: int
 MAX_THREADS: int
 VERBS_MAX_QPS: int
-TRANSPORT_VERBS: int
 MEM_HOST: int
 MEM_CUDA: int
-TRANSPORT_SHM: int
-TRANSPORT_TCP: int
+TRANSPORTS: tuple[str, ...]  # the C core's transport table, in preference order
 
 class Transfer:
     def wait(self, timeout_s: float | None, /) -> bool: ...
@@ -33,8 +31,13 @@ class Engine:
     def deregister(self, region_id: int, /) -> None: ...
     def region_cuda(self, region_id: int, /) -> dict[str, Any]:
         """alloc_base, alloc_nbytes, device, pci_bus_id, ipc_status of a CUDA region."""
-    def connect(self, transport: int, engine_id: bytes, pid: int, table_fd: int, table_addr: int,
-                tcp_host: str, tcp_port: int, verbs: bool, /) -> Peer: ...
+    def connect(self, descriptor: Any, forced: str | None, /) -> tuple[Peer, list[tuple[str, bool, int, str]]]:
+        """descriptor: an EngineDescriptor. -> the peer, and (name, False, errno, error) of each
+        transport that reached the peer but failed to connect before it."""
+    def plan(self, descriptor: Any, forced: str | None, /) -> list[tuple[str, bool, int, str]]:
+        """(name, reaches, errno, why) per transport, in the order connect tries them."""
+    def transports(self) -> list[tuple[str, bool, str | None, dict[str, Any]]]:
+        """(name, offered, why not, facts) per transport, in preference order."""
 
 def cuda_pointer_device(ptr: int, /) -> int: ...
 def cuda_available() -> tuple[bool, str]: ...

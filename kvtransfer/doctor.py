@@ -17,12 +17,14 @@ Sections, printed like perftest's header (aligned ``key : value`` lines):
 - **CUDA**: the driver (``libcuda.so.1``, loaded at run time), the devices (through
   torch or cupy when importable: both optional), dma-buf export of a small device
   buffer (what ``ibv_reg_dmabuf_mr`` needs), and whether nvidia-peermem is loaded.
-- **Engine**: the transports an :class:`~kvtransfer.engine.Engine` made here offers:
-  verbs (device, port, GID index) or why not, shm (Linux, same host), tcp (its address).
+- **Engine**: the transports an :class:`~kvtransfer.engine.Engine` made here offers
+  (``Engine.transports()``, the C core's facts): verbs (device, port, GID index), shm
+  (same host), tcp (its address), or why not.
 - **Peer** (``--peer FILE`` holding ``EngineDescriptor.to_bytes()``, or ``--peer-hex``):
-  the ordered candidates from the engine's own choice (``Engine._candidates``: forced
-  by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else verbs, shm, tcp), the pick and why;
-  with ``--connect`` the transport ``Engine.connect`` really got, or its error.
+  the ordered candidates from the engine's own choice (``Engine.plan``, which asks the C
+  core's transport table: forced by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else the
+  table's order), the pick and why; with ``--connect`` the transport ``Engine.connect``
+  really got (and those that failed first), or its error.
 
 Exit status: 0 (whatever the machine lacks is reported, not an error), 2 for a wrong
 argument (unknown option, unreadable or malformed peer descriptor).
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import logging
 import os
 import platform
 import re
@@ -42,7 +43,7 @@ from typing import Any, Callable
 
 from . import __version__, _C
 from .descriptors import EngineDescriptor
-from .engine import TRANSPORTS, Engine
+from .engine import TRANSPORTS, Engine, forced_transport
 from .errors import KVTransferError
 
 # --- verbs codes (infiniband/verbs.h) --------------------------------------------------
@@ -413,19 +414,14 @@ ENV_KNOBS = ("KVTRANSFER_TRANSPORT", "KVTRANSFER_IB_DEVICE", "KVTRANSFER_IB_PORT
 
 
 def collect_engine(eng: Engine) -> dict[str, Any]:
-    info = eng._c.info()  # ib_port and gid_index are not on the descriptor
+    """The transports this engine offers, as the C core's table reports them."""
     d = eng.descriptor
-    transports: list[dict[str, Any]] = []
-    if eng.verbs_unavailable is None:
-        transports.append({"name": "verbs", "device": info["ib_device"], "port": info["ib_port"],
-                           "gid_index": info["gid_index"], "gid": gid_text(info["gid"])})
-    shm_ok = sys.platform.startswith("linux") and bool(d.boot_id)
-    if shm_ok:
-        transports.append({"name": "shm", "boot_id": d.boot_id, "pidns": d.pidns})
-    transports.append({"name": "tcp", "listen": f"{d.tcp_host}:{d.tcp_port}"})
-    return {"id": eng.id, "hostname": d.hostname, "pid": d.pid, "transports": transports,
-            "verbs_unavailable": eng.verbs_unavailable,
-            "shm_unavailable": None if shm_ok else "shm needs Linux and a boot id",
+    offers = eng.transports()
+    why_not = {o.name: o.why_not for o in offers if not o.offered}
+    return {"id": eng.id, "hostname": d.hostname, "pid": d.pid,
+            "transports": [{"name": o.name, **o.facts} for o in offers if o.offered],
+            "unavailable": why_not,
+            "verbs_unavailable": why_not.get("verbs"), "shm_unavailable": why_not.get("shm"),
             "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ}}
 
 
@@ -435,85 +431,56 @@ def describe_peer(desc: EngineDescriptor) -> dict[str, Any]:
             "ib_device": desc.ib_device or None, "gid": gid_text(desc.gid) if len(desc.gid) == 16 else None}
 
 
-def explain(eng: Engine, desc: EngineDescriptor, name: str) -> str:
-    """Why ``name`` is (or is not) among the candidates: words for what
-    ``Engine._candidates`` decided, read from the same descriptors."""
-    me = eng.descriptor
-    if name == "verbs":
-        if not me.verbs:
-            return f"this engine has no verbs: {eng.verbs_unavailable}"
-        if not desc.verbs:
-            return "the peer engine has no RDMA device"
-        return (f"both engines have RDMA ports ({me.ib_device} {gid_text(me.gid)} -> "
-                f"{desc.ib_device} {gid_text(desc.gid)}): RDMA READ")
-    if name == "shm":
-        if me.same_host_as(desc):
-            return f"same host (boot id {desc.boot_id}, pid namespace {desc.pidns}): process_vm_readv / CUDA IPC"
-        return (f"not the same host (boot id {me.boot_id} vs {desc.boot_id}, pid namespace {me.pidns} vs "
-                f"{desc.pidns})")
-    return f"reaches any host: the peer's tcp server at {desc.tcp_host}:{desc.tcp_port}"
-
-
 def collect_peer(eng: Engine, desc: EngineDescriptor, forced_arg: str | None, connect: bool) -> dict[str, Any]:
-    env_forced = os.environ.get("KVTRANSFER_TRANSPORT") or None
-    forced = forced_arg or env_forced  # as Engine.connect reads it
+    """What :meth:`Engine.plan` says of the peer (candidates, pick and why), and with
+    ``connect`` what :meth:`Engine.connect` got (``.tried``: what failed first)."""
+    forced, by = forced_transport(forced_arg)
+    reasons = {r.name: r.why for r in eng.plan(desc, transport="auto")}
     out: dict[str, Any] = {"descriptor": describe_peer(desc), "same_host": eng.descriptor.same_host_as(desc),
-                           "forced": forced,
-                           "forced_by": ("--transport" if forced_arg else "KVTRANSFER_TRANSPORT") if forced else None,
-                           "candidates": None, "pick": None, "why": None, "error": None,
-                           "reasons": {t: explain(eng, desc, t) for t in TRANSPORTS}}
+                           "forced": forced, "forced_by": ("--transport" if by == "argument" else by),
+                           "candidates": None, "pick": None, "why": None, "error": None, "reasons": reasons}
     try:
-        cands = eng._candidates(desc, forced)
+        plan = eng.plan(desc, transport=forced_arg)
     except KVTransferError as e:
         out["error"] = f"{type(e).__name__}: {e}"
     else:
-        out["candidates"] = cands
-        out["pick"] = cands[0]
+        cands = [r for r in plan if r.ok]
+        out["candidates"] = [r.name for r in cands]
+        out["pick"] = cands[0].name
         if forced:
             out["why"] = f"forced by {out['forced_by']}={forced}"
         else:
-            out["why"] = out["reasons"][cands[0]]
-            out["skipped"] = {t: out["reasons"][t] for t in TRANSPORTS if t not in cands}
+            out["why"] = cands[0].why
+            out["skipped"] = {r.name: r.why for r in plan if not r.ok}
     if connect:
         out["connect"] = try_connect(eng, desc, forced_arg)
     return out
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def try_connect(eng: Engine, desc: EngineDescriptor, forced_arg: str | None) -> dict[str, Any]:
-    """``Engine.connect`` for real; the engine's log lines (transports it tried and
-    gave up on) come back under ``log``."""
-    logger = logging.getLogger("kvtransfer")
-    cap = _Capture()
-    old_level = logger.level
-    logger.addHandler(cap)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    old_propagate = logger.propagate
-    logger.propagate = False  # the doctor reports these; no stray lines on stderr
+    """``Engine.connect`` for real: the transport it got, and those that failed first."""
     try:
         peer = eng.connect(desc, transport=forced_arg)
     except KVTransferError as e:
-        return {"transport": None, "error": f"{type(e).__name__}: {e}", "log": cap.messages}
-    finally:
-        logger.removeHandler(cap)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
-    try:
-        return {"transport": peer.transport, "error": None, "log": cap.messages}
-    finally:
-        peer.close()
+        return {"transport": None, "error": f"{type(e).__name__}: {e}", "log": []}
+    with peer:
+        log = [f"{t.name} failed: {t.why}" for t in peer.tried] + [f"connected via {peer.transport}"]
+        return {"transport": peer.transport, "error": None, "log": log}
 
 
 # --- text output ---------------------------------------------------------------------------
+
+def _facts_text(x: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in x.items() if k != "name")
+
+
+#: How the Engine section words each transport's facts (others: "key value, ...").
+OFFER_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
+    "verbs": lambda x: f"{x['device']} port {x['port']}, GID index {x['gid_index']} ({x['gid']})",
+    "shm": lambda x: f"same-host peers (boot id {x['boot_id']}, pid namespace {x['pidns']})",
+    "tcp": lambda x: f"listening on {x['listen']}",
+}
+
 
 class _Text:
     def __init__(self) -> None:
@@ -600,18 +567,10 @@ def render_text(facts: dict[str, Any]) -> str:
     t.kv("nvidia-peermem", "loaded" if c["nvidia_peermem"] else "not loaded")
 
     t.section("Engine", f"id {eng['id'][:16]}, pid {eng['pid']}")
-    offered = {x["name"]: x for x in eng["transports"]}
-    if "verbs" in offered:
-        x = offered["verbs"]
-        t.kv("verbs", f"yes: {x['device']} port {x['port']}, GID index {x['gid_index']} ({x['gid']})")
-    else:
-        t.kv("verbs", f"no: {eng['verbs_unavailable']}")
-    if "shm" in offered:
-        x = offered["shm"]
-        t.kv("shm", f"yes: same-host peers (boot id {x['boot_id']}, pid namespace {x['pidns']})")
-    else:
-        t.kv("shm", f"no: {eng['shm_unavailable']}")
-    t.kv("tcp", f"yes: listening on {offered['tcp']['listen']}")
+    for x in eng["transports"]:
+        t.kv(x["name"], "yes: " + OFFER_TEXT.get(x["name"], _facts_text)(x))
+    for name, why in eng["unavailable"].items():
+        t.kv(name, f"no: {why}")
     t.kv("offers", ", ".join(x["name"] for x in eng["transports"]))
     for k, v in eng["env"].items():
         t.kv(k, v)

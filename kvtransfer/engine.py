@@ -52,7 +52,7 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -64,8 +64,45 @@ from .memory import MemoryRange, describe, find_nvrtc
 
 log = logging.getLogger("kvtransfer")
 
-TRANSPORTS = ("verbs", "shm", "tcp")
-_TRANSPORT_CODES = {"verbs": _C.TRANSPORT_VERBS, "shm": _C.TRANSPORT_SHM, "tcp": _C.TRANSPORT_TCP}
+#: The transports of the C core's table, in the order :meth:`Engine.connect` prefers them.
+TRANSPORTS: tuple[str, ...] = _C.TRANSPORTS
+
+
+def _unavailable(e: KVTransferError) -> KVTransferError:
+    """A connect or plan error of the C core as raised here: an unknown transport name
+    (op ``transport``) is the caller's mistake; anything else means no way through."""
+    if e.op == "transport":
+        return InvalidArgumentError(str(e), errno=e.errno, op=e.op)
+    return TransportUnavailableError(str(e), errno=e.errno, op=e.op)
+
+
+class Reach(NamedTuple):
+    """Whether one transport reaches a peer: ``why`` says how, or (``errno`` set) why not."""
+    name: str
+    ok: bool
+    errno: int
+    why: str
+
+
+class Offer(NamedTuple):
+    """What one transport offers on this engine: ``facts`` (e.g. ``listen`` for tcp),
+    or ``why_not`` when it offers nothing."""
+    name: str
+    offered: bool
+    why_not: str | None
+    facts: dict[str, Any]
+
+
+def forced_transport(transport: str | None) -> tuple[str | None, str | None]:
+    """The transport a caller forces, and by what: ``transport=`` (``"argument"``),
+    else ``KVTRANSFER_TRANSPORT``; ``(None, None)`` for the automatic choice (also
+    what ``transport="auto"`` asks for, whatever the environment says)."""
+    if transport == "auto":
+        return None, None
+    if transport:
+        return transport, "argument"
+    env = os.environ.get("KVTRANSFER_TRANSPORT") or None
+    return env, "KVTRANSFER_TRANSPORT" if env else None
 
 #: One READ as the C core takes it; ``Peer.read`` packs entries into this.
 READ_REQ_DTYPE = np.dtype([("local_region", "<u8"), ("local_off", "<u8"), ("remote_region", "<u8"),
@@ -265,11 +302,14 @@ def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
 class Peer:
     """A connection to another engine, over one transport (``.transport``)."""
 
-    def __init__(self, engine: "Engine", c: Any, descriptor: EngineDescriptor, transport: str):
+    def __init__(self, engine: "Engine", c: Any, descriptor: EngineDescriptor, transport: str,
+                 tried: Sequence[Reach] = ()):
         self._engine = engine
         self._c = c
         self.descriptor = descriptor
         self.transport = transport
+        #: transports that reached the peer but failed to connect before this one did
+        self.tried: tuple[Reach, ...] = tuple(tried)
         self._closed = False
 
     def read(self, entries: Sequence[Entry]) -> Transfer:
@@ -473,8 +513,9 @@ class Engine:
                 raise InvalidArgumentError(f"{name} must be in [1, {MAX_THREADS}], got {value}", op="engine")
         if not 1 <= verbs_qps <= _C.VERBS_MAX_QPS:
             raise InvalidArgumentError(f"verbs_qps must be in [1, {_C.VERBS_MAX_QPS}], got {verbs_qps}", op="engine")
-        self._c = _C.Engine(listen_host, listen_port, round(io_timeout * 1000), tcp_connections, shm_threads,
-                            verbs_qps, use_verbs)
+        self._c = _C.Engine(listen_host=listen_host, listen_port=listen_port, io_timeout_ms=round(io_timeout * 1000),
+                            tcp_conns=tcp_connections, shm_threads=shm_threads, verbs_qps=verbs_qps,
+                            use_verbs=use_verbs)
         info = self._c.info()
         self.descriptor = EngineDescriptor(
             engine_id=info["engine_id"], hostname=socket.gethostname(), boot_id=info["boot_id"],
@@ -528,55 +569,51 @@ class Engine:
             self._c.deregister(region.id)
 
     def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> Peer:
-        """Connects to another engine, choosing the transport (see module docs)."""
+        """Connects to another engine over the first transport of :meth:`plan` that
+        reaches it and connects (see module docs); ``.tried`` on the peer lists those
+        that failed first. A forced transport that cannot run raises
+        :class:`TransportUnavailableError`, as does a peer no transport reaches."""
         self._require_open("connect")
+        desc = self._descriptor_of(peer)
+        forced, _ = forced_transport(transport)
+        try:
+            c, tried = self._c.connect(desc, forced)
+        except KVTransferError as e:
+            raise _unavailable(e) from e
+        tried = [Reach(*t) for t in tried]
+        for t in tried:
+            log.info("engine %s: %s to %s failed (%s); tried the next transport", self.id[:8], t.name,
+                     desc.engine_id.hex()[:8], t.why)
+        p = Peer(self, c, desc, c.transport, tried)
+        self._peers.add(p)
+        log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], p.transport,
+                 " (forced)" if forced else "")
+        return p
+
+    def plan(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> list[Reach]:
+        """The transports :meth:`connect` would try for ``peer``, in its order, each with
+        whether it reaches the peer and why (not); forced (``transport=`` or
+        ``KVTRANSFER_TRANSPORT``): that one alone. The C core's table decides; this
+        asks it. Raises :class:`InvalidArgumentError` for an unknown name and
+        :class:`TransportUnavailableError` for a forced one that cannot reach the peer."""
+        self._require_open("plan")
+        desc = self._descriptor_of(peer)
+        try:
+            return [Reach(*r) for r in self._c.plan(desc, forced_transport(transport)[0])]
+        except KVTransferError as e:
+            raise _unavailable(e) from e
+
+    def transports(self) -> list[Offer]:
+        """What each transport of the table offers on this engine, in preference order."""
+        self._require_open("transports")
+        return [Offer(*t) for t in self._c.transports()]
+
+    @staticmethod
+    def _descriptor_of(peer: EngineDescriptor | bytes) -> EngineDescriptor:
         desc = EngineDescriptor.from_bytes(peer) if isinstance(peer, (bytes, bytearray, memoryview)) else peer
         if not isinstance(desc, EngineDescriptor):
             raise InvalidArgumentError(f"connect needs an EngineDescriptor, got {type(peer).__name__}", op="connect")
-        forced = transport or os.environ.get("KVTRANSFER_TRANSPORT") or None
-        candidates = self._candidates(desc, forced)
-        failures = []
-        for name in candidates:
-            try:
-                c = self._c.connect(_TRANSPORT_CODES[name], desc.engine_id, desc.pid, desc.table_fd,
-                                    desc.table_addr, desc.tcp_host, desc.tcp_port, desc.verbs)
-            except KVTransferError as e:
-                failures.append(f"{name}: {e}")
-                if forced:
-                    raise TransportUnavailableError(
-                        f"forced transport {name} cannot reach engine {desc.engine_id.hex()}: {e}",
-                        errno=e.errno, op=e.op) from e
-                log.info("engine %s: %s to %s unavailable (%s); trying the next transport", self.id[:8], name,
-                         desc.engine_id.hex()[:8], e)
-                continue
-            p = Peer(self, c, desc, name)
-            self._peers.add(p)
-            log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], name,
-                     " (forced)" if forced else "")
-            return p
-        raise TransportUnavailableError(f"no transport reaches engine {desc.engine_id.hex()}: "
-                                        + "; ".join(failures), errno=_errno.EHOSTUNREACH, op="connect")
-
-    def _candidates(self, desc: EngineDescriptor, forced: str | None) -> list[str]:
-        """The one place transports are chosen: forced, or verbs when both ends have RDMA,
-        then shm on the same host, then tcp."""
-        same_host = self.descriptor.same_host_as(desc)
-        if forced:
-            if forced not in TRANSPORTS:
-                raise InvalidArgumentError(f"unknown transport {forced!r}; choose one of {', '.join(TRANSPORTS)}",
-                                           op="connect")
-            if forced == "shm" and not same_host:
-                raise TransportUnavailableError(
-                    f"forced transport shm needs both engines on one host (boot id {self.descriptor.boot_id} vs "
-                    f"{desc.boot_id}, pid namespace {self.descriptor.pidns} vs {desc.pidns})",
-                    errno=_errno.EHOSTUNREACH, op="connect")
-            if forced == "verbs" and not (self.descriptor.verbs and desc.verbs):
-                why = self.verbs_unavailable if not self.descriptor.verbs else "the peer engine has no RDMA device"
-                raise TransportUnavailableError(f"forced transport verbs is unavailable: {why}",
-                                                errno=_errno.ENODEV, op="connect")
-            return [forced]
-        verbs = ["verbs"] if self.descriptor.verbs and desc.verbs else []
-        return verbs + (["shm", "tcp"] if same_host else ["tcp"])
+        return desc
 
     def close(self) -> None:
         """Closes peers, then regions (waiting for reads they serve), then the engine."""

@@ -273,9 +273,9 @@ def test_peer_forced_transport_that_cannot_run(peer, here):
     hexdesc = peer.engine.to_bytes().hex()
     p = sections(ok("--peer-hex", hexdesc, "--connect", env={"KVTRANSFER_TRANSPORT": "verbs"}))["Peer"]
     assert one(p, "pick") == "none"
-    assert one(p, "error") == ("TransportUnavailableError: forced transport verbs is unavailable: "
-                               f"{here['verbs_why']}")
-    assert one(p, "connect").startswith("failed: TransportUnavailableError: forced transport verbs")
+    assert one(p, "error").startswith("TransportUnavailableError: connect: forced transport verbs is unavailable: "
+                                      f"this engine has no verbs: {here['verbs_why']}")
+    assert one(p, "connect").startswith("failed: TransportUnavailableError: connect: forced transport verbs")
     p = sections(ok("--peer-hex", hexdesc, env={"KVTRANSFER_TRANSPORT": "carrier-pigeon"}))["Peer"]
     assert "unknown transport 'carrier-pigeon'" in one(p, "error")
 
@@ -396,7 +396,8 @@ def test_cuda_with_devices(monkeypatch):
     assert "CUDA_ERROR_NOT_SUPPORTED" in c["devices"][1]["dmabuf"]["error"]
     facts = {"build": doctor.collect_build(None), "rdma": {"source": "x", "devices": [], "reason": "none here"},
              "cuda": c, "engine": {"id": "ab" * 16, "pid": 1, "transports": [{"name": "tcp", "listen": "h:1"}],
-                                   "verbs_unavailable": "no", "shm_unavailable": "no", "env": {}}}
+                                   "unavailable": {"verbs": "no", "shm": "no"}, "verbs_unavailable": "no",
+                                   "shm_unavailable": "no", "env": {}}}
     s = sections(doctor.render_text(facts))["CUDA"]
     assert one(s, "driver") == "libcuda.so.1 loaded"
     assert one(s, "devices") == "2 (via torch 9.9.9+cu999)"

@@ -164,6 +164,36 @@ int kvt_transfer_status(kvt_transfer *t, kvt_err *err, int64_t *entry);
 void kvt_transfer_set_notify_fd(kvt_transfer *t, int fd);
 void kvt_transfer_release(kvt_transfer *t);
 
+/* RDMA devices as libibverbs lists them (for `kvtransfer doctor`). */
+#define KVT_RDMA_MAX_DEVICES 16
+#define KVT_RDMA_MAX_PORTS 4
+#define KVT_RDMA_MAX_GIDS 16
+typedef struct kvt_rdma_gid {
+    int index;
+    uint8_t raw[16];
+    int rocev2; /* sysfs says RoCE v2 (Ethernet ports) */
+} kvt_rdma_gid;
+typedef struct kvt_rdma_port {
+    int port;
+    char state[32];      /* ibv_port_state_str() */
+    char link_layer[16]; /* "Ethernet", "InfiniBand", "unknown" */
+    int active_mtu;      /* bytes */
+    unsigned lid, width_code, speed_code; /* ibv_port_attr's codes, decoded in Python */
+    int ngids;
+    kvt_rdma_gid gids[KVT_RDMA_MAX_GIDS]; /* the non-zero ones */
+} kvt_rdma_port;
+typedef struct kvt_rdma_device {
+    char name[64];
+    char error[128]; /* set when the device cannot be opened; nothing else is then */
+    char fw[64];
+    int max_qp_wr, max_sge, max_qp_rd_atom;
+    unsigned long long max_mr_size;
+    int nports;
+    kvt_rdma_port ports[KVT_RDMA_MAX_PORTS];
+} kvt_rdma_device;
+/* Fills up to cap devices; returns how many, or -errno (no RDMA, no libibverbs). */
+int kvt_rdma_devices(kvt_rdma_device *out, int cap, kvt_err *err);
+
 /* CUDA through the driver API loaded at run time (cuda.c). */
 int kvt_cuda_available(kvt_err *err);
 int kvt_cuda_pointer_device(uint64_t ptr, int *ordinal, kvt_err *err);

@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -595,14 +596,56 @@ static PyObject *mod_cuda_pointer_device(PyObject *m, PyObject *arg)
     return PyLong_FromLong(ordinal);
 }
 
+static PyObject *rdma_port_dict(const kvt_rdma_port *p)
+{
+    PyObject *gids = PyList_New(0);
+    for (int g = 0; gids && g < p->ngids; g++) {
+        PyObject *x = Py_BuildValue("{s:i,s:y#,s:O}", "index", p->gids[g].index, "raw", (const char *)p->gids[g].raw,
+                                    (Py_ssize_t)16, "rocev2", p->gids[g].rocev2 ? Py_True : Py_False);
+        if (!x || PyList_Append(gids, x) < 0)
+            Py_CLEAR(gids);
+        Py_XDECREF(x);
+    }
+    if (!gids)
+        return NULL;
+    return Py_BuildValue("{s:i,s:s,s:s,s:i,s:I,s:I,s:I,s:N}", "port", p->port, "state", p->state, "link_layer",
+                         p->link_layer, "active_mtu", p->active_mtu, "lid", p->lid, "width_code", p->width_code,
+                         "speed_code", p->speed_code, "gids", gids);
+}
+
+/* verbs_devices() -> [{name, fw, max_qp_wr, ..., ports: [{port, state, ..., gids: [...]}]} or {name, error}] */
 static PyObject *mod_verbs_devices(PyObject *m, PyObject *noargs)
 {
-    char buf[16384];
+    kvt_rdma_device *devs = calloc(KVT_RDMA_MAX_DEVICES, sizeof *devs);
+    if (!devs)
+        return PyErr_NoMemory();
     kvt_err e;
-    int n = kvt_verbs_describe(buf, sizeof buf, &e);
-    if (n < 0)
+    int n = kvt_rdma_devices(devs, KVT_RDMA_MAX_DEVICES, &e);
+    if (n < 0) {
+        free(devs);
         return raise_err(&e, -1);
-    return PyUnicode_FromStringAndSize(buf, n);
+    }
+    PyObject *l = PyList_New(0);
+    for (int i = 0; l && i < n; i++) {
+        const kvt_rdma_device *d = &devs[i];
+        PyObject *ports = PyList_New(0);
+        for (int p = 0; ports && p < d->nports; p++) {
+            PyObject *x = rdma_port_dict(&d->ports[p]);
+            if (!x || PyList_Append(ports, x) < 0)
+                Py_CLEAR(ports);
+            Py_XDECREF(x);
+        }
+        PyObject *x = !ports ? NULL
+                      : d->error[0] ? Py_BuildValue("{s:s,s:s,s:N}", "name", d->name, "error", d->error, "ports", ports)
+                                    : Py_BuildValue("{s:s,s:s,s:i,s:i,s:i,s:K,s:N}", "name", d->name, "fw", d->fw,
+                                                    "max_qp_wr", d->max_qp_wr, "max_sge", d->max_sge, "max_qp_rd_atom",
+                                                    d->max_qp_rd_atom, "max_mr_size", d->max_mr_size, "ports", ports);
+        if (!x || PyList_Append(l, x) < 0)
+            Py_CLEAR(l);
+        Py_XDECREF(x);
+    }
+    free(devs);
+    return l;
 }
 
 /* cuda_dmabuf(ptr, nbytes) -> offset: exports a dma-buf of the allocation (and closes it). */
@@ -668,7 +711,7 @@ static PyMethodDef module_methods[] = {
     {"cuda_pointer_device", mod_cuda_pointer_device, METH_O, "CUDA device ordinal of a device pointer"},
     {"cuda_available", mod_cuda_available, METH_NOARGS, "(bool, reason)"},
     {"cuda_dmabuf", mod_cuda_dmabuf, METH_VARARGS, "cuda_dmabuf(ptr, nbytes) -> offset in the exported dma-buf"},
-    {"verbs_devices", mod_verbs_devices, METH_NOARGS, "RDMA devices, ports and GIDs, one line each"},
+    {"verbs_devices", mod_verbs_devices, METH_NOARGS, "[{name, fw, ..., ports: [{port, state, ..., gids}]}]: RDMA devices as libibverbs lists them"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "kvtransfer._C", "kvtransfer C core", -1,

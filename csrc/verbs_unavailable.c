@@ -29,7 +29,7 @@ int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *remote, kvt_err *err)
     return kvt_error(err, ENOSYS, "verbs", WHY);
 }
 void kvt_qpset_destroy(kvt_qpset *s) {}
-int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err) { return kvt_error(err, ENOSYS, "verbs", WHY); }
+int kvt_rdma_devices(kvt_rdma_device *out, int cap, kvt_err *err) { return kvt_error(err, ENOSYS, "verbs", WHY); }
 
 /* The verbs entry of the transport table: it never reaches a peer, and says why. */
 static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)

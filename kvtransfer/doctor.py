@@ -190,8 +190,6 @@ def rdma_via_pyverbs(pvd: Any) -> dict[str, Any]:
 
 # --- RDMA: through the extension ----------------------------------------------------------
 
-_DEV_RE = re.compile(r"^(\S+): fw (.*?), max_qp_wr (\d+), max_sge (\d+), max_qp_rd_atom (\d+), max_mr_size (\d+)$")
-_DEV_ERR_RE = re.compile(r"^(\S+): cannot open: (.*)$")
 def port_state_name(text: str) -> str:
     """ibv_port_state_str()'s words ('active', 'no state change (NOP)', 'PORT_ACTIVE' in
     older rdma-core) -> the enum's name, as pyverbs' numbers are shown: 'ACTIVE'."""
@@ -199,47 +197,23 @@ def port_state_name(text: str) -> str:
     return "NOP" if "NOP" in t else t.replace(" ", "_")
 
 
-_PORT_RE = re.compile(r"^\s+port (\d+): (.+?), link layer (\S+), active MTU (\d+), lid (\d+), "
-                      r"width code (\d+), speed code (\d+)$")
-_GID_RE = re.compile(r"^\s+gid (\d+): ([0-9a-fA-F:]+) \((.*)\)$")
-
-
-def parse_verbs_devices(text: str) -> dict[str, Any]:
-    """``_C.verbs_devices()`` text -> the structure ``rdma_via_pyverbs`` returns. Lines it
-    does not understand are kept under ``unparsed``, never dropped."""
-    devices: list[dict[str, Any]] = []
-    unparsed: list[str] = []
-    port: dict[str, Any] | None = None
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        if m := _DEV_RE.match(line):
-            devices.append({"name": m[1], "fw": m[2], "max_qp_wr": int(m[3]), "max_sge": int(m[4]),
-                            "max_qp_rd_atom": int(m[5]), "max_mr_size": int(m[6]), "ports": []})
-            port = None
-        elif m := _DEV_ERR_RE.match(line):
-            devices.append({"name": m[1], "error": f"cannot open: {m[2]}", "ports": []})
-            port = None
-        elif (m := _PORT_RE.match(line)) and devices:
-            state = port_state_name(m[2])
-            port = {"port": int(m[1]), "state": state, "link_layer": m[3], "active_mtu": int(m[4]), "lid": int(m[5]),
-                    **decode_rate(int(m[6]), int(m[7])), "gids": []}
-            devices[-1]["ports"].append(port)
-        elif (m := _GID_RE.match(line)) and port is not None:
-            name, p, i = devices[-1]["name"], port["port"], int(m[1])
-            try:
-                raw = gid_from_words(m[2])
-            except ValueError:
-                unparsed.append(line)
-                continue
-            gtype = "RoCE v2" if "v2" in m[3] else ("RoCE v1" if port["link_layer"] == "Ethernet" else "IB")
-            port["gids"].append(_gid_entry(name, p, i, raw, gtype))
-        else:
-            unparsed.append(line)
-    out: dict[str, Any] = {"devices": devices}
-    if unparsed:
-        out["unparsed"] = unparsed
-    return out
+def rdma_via_extension(raw: list[dict[str, Any]]) -> dict[str, Any]:
+    """``_C.verbs_devices()`` (libibverbs' facts as the C core reads them) -> the
+    structure ``rdma_via_pyverbs`` returns: states named, rates and GIDs decoded."""
+    devices = []
+    for d in raw:
+        dev = {k: v for k, v in d.items() if k != "ports"}
+        dev["ports"] = []
+        for p in d["ports"]:
+            ll = p["link_layer"]
+            gids = [_gid_entry(d["name"], p["port"], g["index"], g["raw"],
+                               "RoCE v2" if g["rocev2"] else ("RoCE v1" if ll == "Ethernet" else "IB"))
+                    for g in p["gids"]]
+            dev["ports"].append({"port": p["port"], "state": port_state_name(p["state"]), "link_layer": ll,
+                                 "active_mtu": p["active_mtu"], "lid": p["lid"],
+                                 **decode_rate(p["width_code"], p["speed_code"]), "gids": gids})
+        devices.append(dev)
+    return {"devices": devices}
 
 
 def _no_device_hint() -> str:
@@ -277,13 +251,13 @@ def collect_rdma(via: str) -> dict[str, Any]:
     use_ext = via == "extension" or (via == "auto" and out["source"] is None)
     if use_ext or not out["devices"]:  # the extension's error says best why there is none
         try:
-            text: str | None = _C.verbs_devices()
+            raw: list[dict[str, Any]] | None = _C.verbs_devices()
         except KVTransferError as e:
-            text, ext_error = None, str(e)
+            raw, ext_error = None, str(e)
         if use_ext:
             out["source"] = "kvtransfer._C.verbs_devices"
-            if text is not None:
-                out.update(parse_verbs_devices(text))
+            if raw is not None:
+                out.update(rdma_via_extension(raw))
     if not out["devices"]:
         out["reason"] = ext_error or (pv_failed if via == "pyverbs" else None) or _no_device_hint()
     if notes:
@@ -419,6 +393,7 @@ def collect_engine(eng: Engine) -> dict[str, Any]:
     offers = eng.transports()
     why_not = {o.name: o.why_not for o in offers if not o.offered}
     return {"id": eng.id, "hostname": d.hostname, "pid": d.pid,
+            "table": [o.name for o in offers],
             "transports": [{"name": o.name, **o.facts} for o in offers if o.offered],
             "unavailable": why_not,
             "verbs_unavailable": why_not.get("verbs"), "shm_unavailable": why_not.get("shm"),
@@ -547,8 +522,6 @@ def render_text(facts: dict[str, Any]) -> str:
                 extra = f", {g['netdev']}" if g.get("netdev") else ""
                 mark = "  <- the engine's GID" if mine and used["gid_index"] == g["index"] else ""
                 t.kv(f"GID {g['index']}", f"{g['gid']} ({g['type']}{extra}){mark}", 4)
-    for line in r.get("unparsed", []):
-        t.kv("unparsed", line.strip())
     for n in r.get("notes", []):
         t.kv("note", n)
 
@@ -567,10 +540,12 @@ def render_text(facts: dict[str, Any]) -> str:
     t.kv("nvidia-peermem", "loaded" if c["nvidia_peermem"] else "not loaded")
 
     t.section("Engine", f"id {eng['id'][:16]}, pid {eng['pid']}")
-    for x in eng["transports"]:
-        t.kv(x["name"], "yes: " + OFFER_TEXT.get(x["name"], _facts_text)(x))
-    for name, why in eng["unavailable"].items():
-        t.kv(name, f"no: {why}")
+    offered = {x["name"]: x for x in eng["transports"]}
+    for name in eng["table"]:
+        if name in offered:
+            t.kv(name, "yes: " + OFFER_TEXT.get(name, _facts_text)(offered[name]))
+        else:
+            t.kv(name, f"no: {eng['unavailable'][name]}")
     t.kv("offers", ", ".join(x["name"] for x in eng["transports"]))
     for k, v in eng["env"].items():
         t.kv(k, v)

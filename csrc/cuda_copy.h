@@ -26,12 +26,6 @@
 
 #include "cuda.h"
 
-typedef struct kvt_copy_desc {
-    uint64_t src;
-    uint64_t dst;
-    uint64_t len;
-} kvt_copy_desc;
-
 #define KVT_COPY_CHUNK (32u << 10) /* one CTA's copy (cuda_copy.c says why this size) */
 
 /* Descriptors that len bytes take (at most). */
@@ -82,10 +76,5 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, CUdevicept
  * it into dev's primary context at the first call, whatever context is current. 0 or
  * -errno (EOPNOTSUPP: neither works). */
 int kvt_copy_prepare(int dev, const char **mode, kvt_err *err);
-
-/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as copies
- * run here) and waits for them. variant: -1 as device copies run, else a kernel shape
- * (cuda_copy.c: 0 device, 1 staged; ignored in batch mode). */
-int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

@@ -1,6 +1,9 @@
 #define _GNU_SOURCE
 #include "engine.h"
 #include "cuda_copy.h"
+#include "transport_shm.h"
+#include "transport_tcp.h"
+#include "transport_verbs.h"
 #include "verbs.h"
 
 #include <errno.h>
@@ -199,19 +202,6 @@ int kvt_transport_facts(const kvt_engine *e, size_t i, kvt_fact *facts, size_t *
     *n = 0;
     why[0] = 0;
     return i < N_TRANSPORTS ? transports[i]->facts(e, facts, n, why, cap) : 0;
-}
-
-int kvt_same_host(const kvt_engine_info *me, const kvt_engine_info *peer, kvt_reach *r)
-{
-    if (me->boot_id[0] && strcmp(me->boot_id, peer->boot_id) == 0 && me->pidns == peer->pidns) {
-        snprintf(r->why, sizeof r->why, "same host (boot id %s, pid namespace %llu)", peer->boot_id,
-                 (unsigned long long)peer->pidns);
-        return 1;
-    }
-    r->code = EHOSTUNREACH;
-    snprintf(r->why, sizeof r->why, "not the same host (boot id %s vs %s, pid namespace %llu vs %llu)", me->boot_id,
-             peer->boot_id, (unsigned long long)me->pidns, (unsigned long long)peer->pidns);
-    return 0;
 }
 
 static const char *names_list(char *buf, size_t cap)

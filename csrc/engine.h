@@ -38,12 +38,6 @@ typedef struct kvt_transport_ops {
     int (*facts)(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap);
 } kvt_transport_ops;
 
-extern const kvt_transport_ops kvt_verbs_ops, kvt_shm_ops, kvt_tcp_ops;
-
-/* Same boot and pid namespace: pids and memory mean the same on both engines (why
- * says which differs, for shm-like transports' reach). */
-int kvt_same_host(const kvt_engine_info *me, const kvt_engine_info *peer, kvt_reach *r);
-
 struct kvt_peer {
     kvt_engine *eng;
     const kvt_transport_ops *ops;

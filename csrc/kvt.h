@@ -15,6 +15,7 @@
 
 #define KVT_ENGINE_ID_LEN 16
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
+#define KVT_VERBS_MAX_QPS 8 /* per verbs peer (the wire's limit too: wire.h) */
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
@@ -205,5 +206,16 @@ int kvt_cuda_export(uint64_t addr, uint64_t len, int device, kvt_cuda_alloc *out
 /* How batched device copies run in this process ("kernel (NVRTC 13.0 ...)",
  * "cuMemcpyBatchAsync", ...): 0 and a description, or -errno and why none can. */
 int kvt_cuda_copy_info(char *buf, size_t cap, kvt_err *err);
+
+/* One device copy: len bytes from src to dst (device or pinned host addresses). */
+typedef struct kvt_copy_desc {
+    uint64_t src;
+    uint64_t dst;
+    uint64_t len;
+} kvt_copy_desc;
+/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as copies
+ * run here) and waits for them. variant: -1 as device copies run, else a kernel shape
+ * (cuda_copy.c: 0 device, 1 staged; ignored in batch mode). */
+int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

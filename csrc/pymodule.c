@@ -10,9 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cuda_copy.h"
 #include "kvt.h"
-#include "verbs.h"
 
 static PyObject *raise_err(const kvt_err *e, long long entry)
 {

@@ -25,15 +25,10 @@
 #include <unistd.h>
 
 #include "transport_shm.h"
+#include "transport_shm_cuda.h"
 
 #define SHM_MAX_PIECES 1024 /* IOV_MAX */
 #define SHM_MAX_BYTES (4u << 20)
-
-static int target_alive(const shm_peer *s)
-{
-    struct pollfd pf = {.fd = s->pidfd, .events = POLLIN};
-    return poll(&pf, 1, 0) == 0; /* a pidfd turns readable when the process exits */
-}
 
 /* The entry of the piece that holds byte `at` of the job. */
 static int64_t entry_at(const kvt_job *job, uint64_t at)
@@ -44,62 +39,6 @@ static int64_t entry_at(const kvt_job *job, uint64_t at)
         at -= job->pieces[i].len;
     }
     return (int64_t)job->pieces[job->n - 1].entry;
-}
-
-int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n, uint64_t bytes, uint64_t *done,
-                  kvt_err *err)
-{
-    /* Local and remote lists have equal element lengths, so a short count advances
-     * both the same way. */
-    size_t first = 0;
-    *done = 0;
-    while (*done < bytes) {
-        ssize_t got = process_vm_readv(s->pid, liov + first, n - first, riov + first, n - first, 0);
-        if (got <= 0) {
-            int en = got < 0 ? errno : EFAULT;
-            if (!target_alive(s))
-                en = ESRCH;
-            return kvt_syserr(err, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
-                              n - first, (unsigned long)*done, (unsigned long)bytes);
-        }
-        *done += (uint64_t)got;
-        size_t left = (size_t)got;
-        while (left && left >= liov[first].iov_len) {
-            left -= liov[first].iov_len;
-            first++;
-        }
-        if (left) {
-            liov[first].iov_base = (char *)liov[first].iov_base + left;
-            liov[first].iov_len -= left;
-            riov[first].iov_base = (char *)riov[first].iov_base + left;
-            riov[first].iov_len -= left;
-        }
-    }
-    return 0;
-}
-
-int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
-{
-    /* Seqlock check: the bytes count only if every source region outlived the copy
-     * and the target is the process we connected to. */
-    uint64_t last = 0;
-    const size_t n = job->batch ? 1 : job->n; /* a lazy job reads one region */
-    for (size_t i = 0; i < n; i++) {
-        uint64_t id = job->batch ? job->batch->remote_region : job->pieces[i].remote_region;
-        if (id == last)
-            continue;
-        last = id;
-        if (!kvt_shared_still_valid(s->table, id)) {
-            *entry = (int64_t)job->pieces[i].entry;
-            return kvt_error(e, ESTALE, "read", "remote region 0x%lx was deregistered during the read",
-                             (unsigned long)id);
-        }
-    }
-    if (!target_alive(s)) {
-        *entry = (int64_t)job->pieces[0].entry;
-        return kvt_error(e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
-    }
-    return 0;
 }
 
 /* Host memory on both sides. Returns 1 without doing anything when a source is CUDA

@@ -39,7 +39,7 @@
 
 #include "cuda.h"
 #include "cuda_copy.h"
-#include "transport_shm.h"
+#include "transport_shm_cuda.h"
 
 /* room for the descriptors of any job: lazy ones are the larger (16-byte column
  * pairs of whole-block jobs fit in it too) */

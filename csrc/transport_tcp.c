@@ -15,7 +15,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "transport_tcp.h"
 #include "sock.h"
 #include "tcp_stage.h"
 #include "wire.h"

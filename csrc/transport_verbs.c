@@ -23,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "transport_verbs.h"
 #include "sock.h"
 #include "verbs.h"
 

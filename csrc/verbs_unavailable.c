@@ -3,7 +3,7 @@
 #include <errno.h>
 #include <stdio.h>
 
-#include "engine.h"
+#include "transport_verbs.h"
 #include "verbs.h"
 
 #define WHY "kvtransfer was built without libibverbs headers (install libibverbs-dev and rebuild)"

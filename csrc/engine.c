@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "engine.h"
 #include "cuda_copy.h"
+#include "transport_map.h"
 #include "transport_shm.h"
 #include "transport_tcp.h"
 #include "transport_verbs.h"
@@ -118,6 +119,9 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
                  uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err)
 {
     kvt_cuda_alloc cuda;
+    kvt_map_src map = {.fd = -1};
+    if (mem_kind == KVT_MEM_HOST)
+        kvt_map_export(addr, len, &map); /* memory in a shareable file: same-host readers map it */
     if (mem_kind == KVT_MEM_CUDA) {
         int ordinal = -1;
         int rc = kvt_cuda_pointer_device(addr, &ordinal, err);
@@ -148,7 +152,7 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
         rc = kvt_verbs_reg(e->verbs, addr, len, mem_kind, &mr, &lkey, &rkey, &path, err);
     if (rc == 0)
         rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey,
-                           mem_kind == KVT_MEM_CUDA ? &cuda : NULL, region_id, key, err);
+                           mem_kind == KVT_MEM_CUDA ? &cuda : NULL, &map, region_id, key, err);
     if (rc == 0) {
         e->mrs[kvt_region_slot(*region_id)] = mr;
         if (verbs_path)
@@ -189,7 +193,7 @@ int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
 
 /* The transport table, in the order connect prefers them: the one place a
  * transport is chosen. */
-static const kvt_transport_ops *const transports[] = {&kvt_verbs_ops, &kvt_shm_ops, &kvt_tcp_ops};
+static const kvt_transport_ops *const transports[] = {&kvt_verbs_ops, &kvt_map_ops, &kvt_shm_ops, &kvt_tcp_ops};
 #define N_TRANSPORTS (sizeof transports / sizeof transports[0])
 _Static_assert(N_TRANSPORTS <= KVT_MAX_TRANSPORTS, "KVT_MAX_TRANSPORTS");
 
@@ -223,7 +227,7 @@ int kvt_plan(const kvt_engine *e, const kvt_engine_info *peer, const char *force
         kvt_reach *r = &out[n++];
         memset(r, 0, sizeof *r);
         r->name = transports[i]->name;
-        r->ok = transports[i]->reach(e, peer, r);
+        r->ok = transports[i]->reach(e, peer, forced != NULL, r);
         if (forced && !r->ok)
             return kvt_error(err, r->code ? r->code : EHOSTUNREACH, "connect", "forced transport %s is unavailable: %s",
                              r->name, r->why);

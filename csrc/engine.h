@@ -27,8 +27,9 @@ struct kvt_engine {
 typedef struct kvt_transport_ops {
     const char *name;
     /* Can this engine reach peer this way? 1, or 0 with r->code and r->why set; on
-       success r->why says how (doctor prints it). */
-    int (*reach)(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r);
+       success r->why says how (doctor prints it). forced: the caller named this
+       transport (a transport may then reach peers it would not be chosen for). */
+    int (*reach)(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r);
     /* Fills p (limits per job, impl) and starts the threads that pop jobs from
        p->queue and complete each with kvt_job_done(). */
     int (*connect)(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);

@@ -6,12 +6,18 @@
 #include "shm_peer.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 
-static int target_alive(const shm_peer *s)
+int kvt_shm_target_alive(const shm_peer *s)
 {
     struct pollfd pf = {.fd = s->pidfd, .events = POLLIN};
     return poll(&pf, 1, 0) == 0; /* a pidfd turns readable when the process exits */
@@ -28,7 +34,7 @@ int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n,
         ssize_t got = process_vm_readv(s->pid, liov + first, n - first, riov + first, n - first, 0);
         if (got <= 0) {
             int en = got < 0 ? errno : EFAULT;
-            if (!target_alive(s))
+            if (!kvt_shm_target_alive(s))
                 en = ESRCH;
             return kvt_syserr(err, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
                               n - first, (unsigned long)*done, (unsigned long)bytes);
@@ -66,7 +72,7 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
                              (unsigned long)id);
         }
     }
-    if (!target_alive(s)) {
+    if (!kvt_shm_target_alive(s)) {
         *entry = (int64_t)job->pieces[0].entry;
         return kvt_error(e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
     }
@@ -84,4 +90,66 @@ int kvt_same_host(const kvt_engine_info *me, const kvt_engine_info *peer, kvt_re
     snprintf(r->why, sizeof r->why, "not the same host (boot id %s vs %s, pid namespace %llu vs %llu)", me->boot_id,
              peer->boot_id, (unsigned long long)me->pidns, (unsigned long long)peer->pidns);
     return 0;
+}
+
+int kvt_shm_map_table(const kvt_engine_info *peer, const kvt_shared_table **out, kvt_err *err)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)peer->pid, (int)peer->table_fd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return kvt_syserr(err, errno, "open", "\"%s\", O_RDONLY", path);
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (size_t)st.st_size < sizeof(kvt_shared_table)) {
+        close(fd);
+        return kvt_error(err, EPROTO, "connect", "%s is not a kvtransfer region table", path);
+    }
+    void *m = mmap(NULL, sizeof(kvt_shared_table), PROT_READ, MAP_SHARED, fd, 0);
+    int en = errno;
+    close(fd);
+    if (m == MAP_FAILED)
+        return kvt_syserr(err, en, "mmap", "%s, PROT_READ", path);
+    const kvt_shared_table *t = m;
+    if (t->magic != KVT_TABLE_MAGIC || t->version != KVT_TABLE_VERSION ||
+        memcmp(t->engine_id, peer->id, sizeof peer->id) != 0) {
+        munmap(m, sizeof(kvt_shared_table));
+        return kvt_error(err, ESTALE, "connect", "%s belongs to another engine (pid reused?)", path);
+    }
+    *out = t;
+    return 0;
+}
+
+int kvt_shm_peer_open(shm_peer *s, const kvt_engine_info *peer, kvt_err *err)
+{
+    if (peer->pid <= 0)
+        return kvt_error(err, EINVAL, "connect", "peer has no pid");
+    s->pid = peer->pid;
+    s->same_process = peer->pid == getpid();
+    s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
+    if (s->pidfd < 0)
+        return kvt_syserr(err, errno, "pidfd_open", "pid=%d", (int)s->pid);
+    int rc = kvt_shm_map_table(peer, &s->table, err);
+    if (rc < 0) {
+        close(s->pidfd);
+        return rc;
+    }
+    /* Prove process_vm_readv works on this target (ptrace permission, right process)
+     * by reading its engine id out of its own copy of the table. */
+    uint8_t id[KVT_ENGINE_ID_LEN];
+    struct iovec l = {id, sizeof id};
+    struct iovec r = {(void *)(uintptr_t)(peer->table_addr + offsetof(kvt_shared_table, engine_id)), sizeof id};
+    ssize_t got = process_vm_readv(s->pid, &l, 1, &r, 1, 0);
+    if (got != (ssize_t)sizeof id || memcmp(id, peer->id, sizeof id) != 0) {
+        rc = got < 0 ? kvt_syserr(err, errno, "process_vm_readv", "pid=%d, probe of %zu bytes", (int)s->pid, sizeof id)
+                     : kvt_error(err, ESTALE, "connect", "pid %d is not the engine we were given", (int)s->pid);
+        kvt_shm_peer_release(s);
+        return rc;
+    }
+    return 0;
+}
+
+void kvt_shm_peer_release(shm_peer *s)
+{
+    munmap((void *)s->table, sizeof(kvt_shared_table));
+    close(s->pidfd);
 }

@@ -51,6 +51,16 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *err, int64_t *entry
 int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n, uint64_t bytes, uint64_t *done,
                   kvt_err *err);
 
+/* The target is still the process we connected to (its pidfd is not readable). */
+int kvt_shm_target_alive(const shm_peer *s);
+/* Opens the target for reading: its pidfd, its region table (read-only), and a probe
+ * that process_vm_readv works on it. Fills pid, pidfd, same_process, table. */
+int kvt_shm_peer_open(shm_peer *s, const kvt_engine_info *peer, kvt_err *err);
+void kvt_shm_peer_release(shm_peer *s);
+/* Maps a peer's region table read-only (through /proc/PID/fd/N) and checks it is
+ * that engine's. */
+int kvt_shm_map_table(const kvt_engine_info *peer, const kvt_shared_table **out, kvt_err *err);
+
 /* Same boot and pid namespace: pids and memory mean the same on both engines (r->why
  * says so, or which differs). */
 int kvt_same_host(const kvt_engine_info *me, const kvt_engine_info *peer, kvt_reach *r);

@@ -117,39 +117,11 @@ static void shm_close(kvt_peer *p)
         pthread_join(s->threads[i], NULL);
     kvt_shm_direct_end(s); /* after the threads: every job is settled */
     kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */
-    munmap((void *)s->table, sizeof(kvt_shared_table));
-    close(s->pidfd);
+    kvt_shm_peer_release(s);
     free(s);
 }
 
-static int map_table(const kvt_engine_info *peer, const kvt_shared_table **out, kvt_err *err)
-{
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)peer->pid, (int)peer->table_fd);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return kvt_syserr(err, errno, "open", "\"%s\", O_RDONLY", path);
-    struct stat st;
-    if (fstat(fd, &st) < 0 || (size_t)st.st_size < sizeof(kvt_shared_table)) {
-        close(fd);
-        return kvt_error(err, EPROTO, "connect", "%s is not a kvtransfer region table", path);
-    }
-    void *m = mmap(NULL, sizeof(kvt_shared_table), PROT_READ, MAP_SHARED, fd, 0);
-    int en = errno;
-    close(fd);
-    if (m == MAP_FAILED)
-        return kvt_syserr(err, en, "mmap", "%s, PROT_READ", path);
-    const kvt_shared_table *t = m;
-    if (t->magic != KVT_TABLE_MAGIC || t->version != KVT_TABLE_VERSION ||
-        memcmp(t->engine_id, peer->id, sizeof peer->id) != 0) {
-        munmap(m, sizeof(kvt_shared_table));
-        return kvt_error(err, ESTALE, "connect", "%s belongs to another engine (pid reused?)", path);
-    }
-    *out = t;
-    return 0;
-}
-
-static int shm_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+static int shm_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
 {
     if (!kvt_same_host(&e->info, peer, r))
         return 0;
@@ -173,48 +145,21 @@ static int shm_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, siz
 
 static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 {
-    if (peer->pid <= 0)
-        return kvt_error(err, EINVAL, "connect", "peer has no pid");
     shm_peer *s = calloc(1, sizeof *s);
     if (!s)
         return kvt_syserr(err, ENOMEM, "calloc", "shm peer");
-    s->pid = peer->pid;
-    s->same_process = peer->pid == getpid();
-    s->queue = &p->queue;
     s->ipc = kvt_ipc_cache_create();
     if (!s->ipc) {
         free(s);
         return kvt_syserr(err, ENOMEM, "calloc", "ipc cache");
     }
-    s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
-    if (s->pidfd < 0) {
-        int rc = kvt_syserr(err, errno, "pidfd_open", "pid=%d", (int)s->pid);
-        kvt_ipc_cache_destroy(s->ipc);
-        free(s);
-        return rc;
-    }
-    int rc = map_table(peer, &s->table, err);
+    int rc = kvt_shm_peer_open(s, peer, err);
     if (rc < 0) {
-        close(s->pidfd);
         kvt_ipc_cache_destroy(s->ipc);
         free(s);
         return rc;
     }
-    /* Prove process_vm_readv works on this target (ptrace permission, right process)
-     * by reading its engine id out of its own copy of the table. */
-    uint8_t id[KVT_ENGINE_ID_LEN];
-    struct iovec l = {id, sizeof id};
-    struct iovec r = {(void *)(uintptr_t)(peer->table_addr + offsetof(kvt_shared_table, engine_id)), sizeof id};
-    ssize_t got = process_vm_readv(s->pid, &l, 1, &r, 1, 0);
-    if (got != (ssize_t)sizeof id || memcmp(id, peer->id, sizeof id) != 0) {
-        rc = got < 0 ? kvt_syserr(err, errno, "process_vm_readv", "pid=%d, probe of %zu bytes", (int)s->pid, sizeof id)
-                     : kvt_error(err, ESTALE, "connect", "pid %d is not the engine we were given", (int)s->pid);
-        munmap((void *)s->table, sizeof(kvt_shared_table));
-        close(s->pidfd);
-        kvt_ipc_cache_destroy(s->ipc);
-        free(s);
-        return rc;
-    }
+    s->queue = &p->queue;
     pthread_mutex_init(&s->direct_mu, NULL);
     p->queue.direct = kvt_shm_cuda_direct;
     p->queue.direct_ctx = s;

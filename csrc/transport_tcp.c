@@ -243,7 +243,7 @@ static void tcp_close(kvt_peer *p)
     free(tp);
 }
 
-static int tcp_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+static int tcp_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
 {
     if (peer->tcp_port <= 0 || !peer->tcp_host[0]) {
         r->code = EHOSTUNREACH;

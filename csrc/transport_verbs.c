@@ -346,7 +346,7 @@ static void gid_str(const uint8_t gid[16], char *out, size_t cap)
         snprintf(out, cap, "?");
 }
 
-static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
 {
     r->code = ENODEV;
     if (!e->verbs) {

@@ -32,7 +32,7 @@ void kvt_qpset_destroy(kvt_qpset *s) {}
 int kvt_rdma_devices(kvt_rdma_device *out, int cap, kvt_err *err) { return kvt_error(err, ENOSYS, "verbs", WHY); }
 
 /* The verbs entry of the transport table: it never reaches a peer, and says why. */
-static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, kvt_reach *r)
+static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
 {
     r->code = ENODEV;
     snprintf(r->why, sizeof r->why, "this engine has no verbs: %s", e->info.verbs_why);

@@ -452,6 +452,7 @@ def _facts_text(x: dict[str, Any]) -> str:
 #: How the Engine section words each transport's facts (others: "key value, ...").
 OFFER_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
     "verbs": lambda x: f"{x['device']} port {x['port']}, GID index {x['gid_index']} ({x['gid']})",
+    "map": lambda x: f"same-host peers' shared memory ({x['mappable_regions']} such regions registered here)",
     "shm": lambda x: f"same-host peers (boot id {x['boot_id']}, pid namespace {x['pidns']})",
     "tcp": lambda x: f"listening on {x['listen']}",
 }

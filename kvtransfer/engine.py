@@ -10,12 +10,15 @@ Reads are one-sided: the target's Python code never runs to serve them; C thread
 do the work on both sides. Only descriptors cross the wire; the handles returned here
 keep registrations alive and must be closed (or used as context managers).
 
-Transports, chosen per peer in :meth:`Engine.connect`, in this order: ``verbs`` when both
-engines have an RDMA port and queue pairs connect (RDMA READ, the NIC does the work),
-``shm`` when both share a boot id and pid namespace (``process_vm_readv``), else ``tcp``
-(a C server thread on the target). ``KVTRANSFER_TRANSPORT=verbs|shm|tcp`` (or
-``transport=``) forces one; a forced transport that cannot run raises
-:class:`TransportUnavailableError`, never falls back. ``KVTRANSFER_IB_DEVICE``,
+Transports, chosen per peer in :meth:`Engine.connect` from the C core's table (see
+:meth:`Engine.plan`), in this order: ``verbs`` when both engines have an RDMA port and
+queue pairs connect (RDMA READ, the NIC does the work), ``map`` when both share a boot
+id and pid namespace and the peer holds regions in shared memory
+(``alloc_host(shared=True)``: mapped once, copied with memcpy), ``shm`` on one host
+otherwise (``process_vm_readv``, CUDA IPC), else ``tcp`` (a C server thread on the
+target). ``KVTRANSFER_TRANSPORT=verbs|map|shm|tcp`` (or ``transport=``) forces one; a
+forced transport that cannot run raises :class:`TransportUnavailableError`, never
+falls back. ``KVTRANSFER_IB_DEVICE``,
 ``KVTRANSFER_IB_PORT`` and ``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and
 GID (default: the first active port, a RoCEv2 GID on Ethernet).
 

@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--listen-host", default="127.0.0.1")
     ap.add_argument("--io-timeout", type=float, default=10.0)
+    ap.add_argument("--shared", action="store_true", help="hold the bytes in shared memory (readable over map)")
     args = ap.parse_args(argv)
 
-    buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes))
+    buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes, shared=args.shared))
     with Engine(listen_host=args.listen_host, io_timeout=args.io_timeout) as eng:
         region, desc = eng.register(buf)
         print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex(),

@@ -32,9 +32,10 @@ from kvtransfer.target import seeded_bytes, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The transports every transfer test is parametrized over: shm and tcp on any Linux
-#: machine; the soft-RoCE guest (scripts/rxe/) sets KVTRANSFER_TEST_TRANSPORTS=verbs.
-TRANSPORTS = tuple(os.environ.get("KVTRANSFER_TEST_TRANSPORTS", "shm,tcp").split(","))
+#: The transports every transfer test is parametrized over: map, shm and tcp on any
+#: Linux machine (targets hold their bytes in shared memory, which map needs); the
+#: soft-RoCE guest (scripts/rxe/) sets KVTRANSFER_TEST_TRANSPORTS=verbs.
+TRANSPORTS = tuple(os.environ.get("KVTRANSFER_TEST_TRANSPORTS", "map,shm,tcp").split(","))
 
 
 def refusal_errno(transport: str, code: int) -> int:
@@ -183,7 +184,8 @@ class TargetLauncher:
         fd, stderr_path = tempfile.mkstemp(prefix="kvt-target-", suffix=".stderr")
         with os.fdopen(fd, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kvtransfer.target", "--bytes", str(nbytes), "--seed", str(seed), *extra],
+                [sys.executable, "-m", "kvtransfer.target", "--bytes", str(nbytes), "--seed", str(seed), "--shared",
+                 *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: "queue.Queue[str | None]" = queue.Queue()

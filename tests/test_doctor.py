@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtransfer import Engine, _C
+from kvtransfer import TRANSPORTS, Engine, _C
 from kvtransfer.doctor import RULE, decode_rate, gid_text, rate_text, rdma_via_extension
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,15 +167,17 @@ def test_cuda(text_report, json_report, here):
 def test_engine(text_report, json_report, here):
     e = sections(text_report)["Engine"]
     names = [t["name"] for t in json_report["engine"]["transports"]]
+    assert json_report["engine"]["table"] == list(TRANSPORTS)
     if here["verbs_why"] is None:
-        assert names == ["verbs", "shm", "tcp"]
+        assert names == ["verbs", "map", "shm", "tcp"]
         assert re.fullmatch(r"yes: \S+ port \d+, GID index \d+ \(\S+\)", one(e, "verbs"))
-        assert one(e, "offers") == "verbs, shm, tcp"
+        assert one(e, "offers") == "verbs, map, shm, tcp"
     else:
-        assert names == ["shm", "tcp"]
+        assert names == ["map", "shm", "tcp"]
         assert one(e, "verbs") == f"no: {here['verbs_why']}"
         assert json_report["engine"]["verbs_unavailable"] == here["verbs_why"]
-        assert one(e, "offers") == "shm, tcp"
+        assert one(e, "offers") == "map, shm, tcp"
+    assert one(e, "map") == "yes: same-host peers' shared memory (0 such regions registered here)"
     assert one(e, "shm").startswith("yes: same-host peers (boot id ")
     assert re.fullmatch(r"yes: listening on 127\.0\.0\.1:\d+", one(e, "tcp"))
     tcp = json_report["engine"]["transports"][-1]
@@ -207,8 +209,9 @@ def peer(start_target):
 
 
 def expected_pick(here) -> str:
-    """Both engines live here: verbs when this machine has it (the rxe guest), else shm."""
-    return "verbs" if here["verbs_why"] is None else "shm"
+    """Both engines live here: verbs when this machine has it (the rxe guest), else map
+    (the target holds its bytes in shared memory)."""
+    return "verbs" if here["verbs_why"] is None else "map"
 
 
 def test_peer_pick_and_connect(peer, here):
@@ -218,13 +221,14 @@ def test_peer_pick_and_connect(peer, here):
     p = secs["Peer"]
     pick = expected_pick(here)
     assert one(p, "pick") == pick
-    assert one(p, "candidates") == ("verbs, shm, tcp" if pick == "verbs" else "shm, tcp")
+    assert one(p, "candidates") == ("verbs, map, shm, tcp" if pick == "verbs" else "map, shm, tcp")
     assert one(p, "same host") == "yes"
     assert one(p, "forced") == "no"
     assert one(p, "tcp") == f"{peer.engine.tcp_host}:{peer.engine.tcp_port}"
     assert f"pid {peer.pid}" in one(p, "host")
-    if pick == "shm":
+    if pick == "map":
         assert one(p, "why").startswith(f"same host (boot id {peer.engine.boot_id}")
+        assert one(p, "why").endswith("1 region in shared memory, mapped and copied with memcpy")
         assert one(p, "not verbs") == f"this engine has no verbs: {here['verbs_why']}"
     assert one(p, "connect") == f"ok: peer.transport = {pick}"
     assert any(f"via {pick}" in v for v in values(p, "log"))

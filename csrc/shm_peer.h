@@ -11,16 +11,13 @@
 #include "cuda_ipc.h"
 #include "engine.h"
 
-/* Jobs into CUDA memory: 64 MiB is ~45 us of an H100's copy bandwidth, long enough
- * to hide a launch, short enough that the first kernel starts early. The CUDA path
- * sizes its descriptor buffers from these. */
+/* Jobs into CUDA memory: long enough to hide a launch, short enough that the first
+ * kernel starts early. The CUDA path sizes its descriptor buffers from these. */
 #define SHM_DEV_MAX_PIECES 4096
 #define SHM_DEV_MAX_BYTES (64u << 20)
 /* read_blocks jobs into CUDA memory: the CPU's work is copying two offsets a block
  * (transport_shm_cuda.c), so they can be large: fewer launches, each kernel's ramp
- * and tail paid fewer times (2,048 x 256 KiB blocks on an H200: the GPU's time on the
- * batch 303 -> 283 us going from 10 jobs to 4). The first ones stay small
- * (transfer.c): 1,024 blocks of 32 KiB start the GPU. */
+ * and tail paid fewer times (bench/README.md). The first ones stay small (transfer.c). */
 #define SHM_DEV_LAZY_MAX_PIECES 16384
 #define SHM_DEV_LAZY_MAX_BYTES (512ull << 20)
 

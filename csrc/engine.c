@@ -325,7 +325,8 @@ void kvt_peer_close(kvt_peer *p)
     free(p);
 }
 
-int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
+static int submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                  kvt_err *err)
 {
     const kvt_job_limits dev = {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
                                 p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
@@ -333,7 +334,25 @@ int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **ou
                              dev,
                              {p->dev_lazy_max_pieces ? p->dev_lazy_max_pieces : dev.pieces,
                               p->dev_lazy_max_bytes ? p->dev_lazy_max_bytes : dev.bytes}};
-    return kvt_transfer_start(&p->eng->table, cols, lim, &p->queue, out, err);
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
+}
+
+int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
+{
+    return submit(p, cols, KVT_BATCH_ENTRIES, out, err);
+}
+
+int kvt_peer_read_paged(kvt_peer *p, const kvt_paged_batch *b, kvt_transfer **out, kvt_err *err)
+{
+    kvt_read_cols c = {.n = b->n,
+                       .local_region = {&b->local_region, 0},
+                       .local_off = b->local_off,
+                       .remote_region = {&b->remote_region, 0},
+                       .remote_key = {&b->remote_key, 0},
+                       .remote_addr = {&b->remote_addr, 0},
+                       .remote_off = b->remote_off,
+                       .len = b->len};
+    return submit(p, &c, KVT_BATCH_PAGED, out, err);
 }
 
 int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)
@@ -348,5 +367,5 @@ int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer 
                        .remote_addr = {b + 4, st},
                        .remote_off = {b + 5, st},
                        .len = {b + 6, st}};
-    return kvt_peer_read_cols(p, &c, out, err);
+    return submit(p, &c, KVT_BATCH_ENTRIES, out, err);
 }

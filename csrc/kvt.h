@@ -77,10 +77,22 @@ typedef struct kvt_col {
     size_t stride;
 } kvt_col;
 
+/* The two shapes a batch comes in, each submitted by its own call:
+ * - a list of entries (kvt_read_req[], or kvt_read_cols): any ranges of any regions;
+ * - a paged batch (kvt_paged_batch): blocks from one remote region into one local
+ *   region, offset columns and one block length (read_blocks). Its jobs are cut
+ *   without writing pieces (the transport threads write them, or need none). */
 typedef struct kvt_read_cols {
     size_t n;
     kvt_col local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len;
 } kvt_read_cols;
+
+typedef struct kvt_paged_batch {
+    size_t n;
+    uint64_t local_region, remote_region, remote_key, remote_addr;
+    kvt_col local_off, remote_off; /* block offsets, bytes */
+    kvt_col len;                   /* block lengths: usually one for every block (stride 0) */
+} kvt_paged_batch;
 
 /* What registration found out about a CUDA region: the allocation holding it (whole
  * allocations are exported once; cuMemGetAddressRange), its device, and the CUDA IPC
@@ -154,6 +166,7 @@ const char *kvt_peer_transport(const kvt_peer *peer);
 int kvt_peer_read(kvt_peer *peer, const kvt_read_req *reqs, size_t n, kvt_transfer **out,
                   kvt_err *err);
 int kvt_peer_read_cols(kvt_peer *peer, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err);
+int kvt_peer_read_paged(kvt_peer *peer, const kvt_paged_batch *batch, kvt_transfer **out, kvt_err *err);
 
 /* 0 when finished (succeeded or failed), -ETIMEDOUT if still running at the deadline.
  * timeout_ms < 0 waits without a deadline (callers pass one). */

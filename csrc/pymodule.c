@@ -195,9 +195,10 @@ static int get_col(PyObject *o, Py_ssize_t n, const char *name, Py_buffer *b, ui
     return 0;
 }
 
-/* read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr,
- * remote_off, len) -> Transfer; each column an int or an array (see get_col). */
-static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
+/* read_cols / read_paged(n, local_region, local_off, remote_region, remote_key,
+ * remote_addr, remote_off, len) -> Transfer; each column an int or an array (see
+ * get_col); paged: the regions, key and address are ints (one for every block). */
+static PyObject *read_columns(PeerObject *self, PyObject *args, int paged)
 {
     Py_ssize_t n;
     PyObject *o[7];
@@ -224,14 +225,23 @@ static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
             break;
     }
     PyObject *ret = NULL;
-    if (got == 7) {
+    int ok = got == 7;
+    if (ok && paged && (cols[0].stride || cols[2].stride || cols[3].stride || cols[4].stride)) {
+        PyErr_SetString(PyExc_ValueError, "read_paged: local_region, remote_region, remote_key and remote_addr "
+                                          "must be one for every block");
+        ok = 0;
+    }
+    if (ok) {
         kvt_read_cols rc = {.n = (size_t)n, .local_region = cols[0], .local_off = cols[1], .remote_region = cols[2],
                             .remote_key = cols[3], .remote_addr = cols[4], .remote_off = cols[5], .len = cols[6]};
+        kvt_paged_batch pb = {.n = (size_t)n, .local_region = cols[0].p[0], .remote_region = cols[2].p[0],
+                              .remote_key = cols[3].p[0], .remote_addr = cols[4].p[0], .local_off = cols[1],
+                              .remote_off = cols[5], .len = cols[6]};
         kvt_err e;
         kvt_transfer *t = NULL;
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = kvt_peer_read_cols(self->p, &rc, &t, &e);
+        r = paged ? kvt_peer_read_paged(self->p, &pb, &t, &e) : kvt_peer_read_cols(self->p, &rc, &t, &e);
         Py_END_ALLOW_THREADS
         if (r < 0) {
             raise_err(&e, -1);
@@ -252,6 +262,10 @@ static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
     return ret;
 }
 
+static PyObject *Peer_read_cols(PeerObject *self, PyObject *args) { return read_columns(self, args, 0); }
+
+static PyObject *Peer_read_paged(PeerObject *self, PyObject *args) { return read_columns(self, args, 1); }
+
 static PyObject *Peer_transport(PeerObject *self, void *closure)
 {
     if (!self->p)
@@ -262,7 +276,11 @@ static PyObject *Peer_transport(PeerObject *self, void *closure)
 static PyMethodDef Peer_methods[] = {
     {"read", (PyCFunction)Peer_read, METH_O, "read(packed requests) -> Transfer"},
     {"read_cols", (PyCFunction)Peer_read_cols, METH_VARARGS,
-     "read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer"},
+     "read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer: "
+     "a list of entries, each column an int (every entry) or an array"},
+    {"read_paged", (PyCFunction)Peer_read_paged, METH_VARARGS,
+     "read_paged(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer: "
+     "a paged batch, blocks between one local and one remote region (the regions, key and address ints)"},
     {"close", (PyCFunction)Peer_close, METH_NOARGS, "close the peer; queued reads fail"},
     {NULL}};
 

@@ -487,16 +487,10 @@ static size_t good_blocks(const uint64_t *lo, const uint64_t *ro, size_t n, uint
  * waking the transport threads first hides their wake-up. */
 #define KICK_ENTRIES 256
 
-/* One local region and one remote region (read_blocks): cut lazily (cut_lazy). */
-static int one_to_one(const kvt_read_cols *c)
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, enum kvt_batch_kind kind,
+                       const kvt_job_limits lim[3], kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
-    return c->local_region.stride == 0 && c->remote_region.stride == 0 && c->remote_key.stride == 0 &&
-           c->remote_addr.stride == 0;
-}
-
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[3],
-                       kvt_queue *q, kvt_transfer **out, kvt_err *err)
-{
+    const int paged = kind == KVT_BATCH_PAGED; /* one local and one remote region: cut lazily (cut_lazy) */
     if (c->n == 0)
         return kvt_error(err, EINVAL, "read", "empty batch");
     kvt_transfer *t = calloc(1, sizeof *t);
@@ -523,7 +517,7 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
      * GPU memory): there the kick delays the first launch, and queueing the started
      * jobs wakes the threads that settle them. */
     int kick = c->n >= KICK_ENTRIES;
-    if (kick && !(q->direct && one_to_one(c) && c->len.stride == 0)) {
+    if (kick && !(q->direct && paged && c->len.stride == 0)) {
         kvt_queue_kick(q);
         kick = 0;
     }
@@ -587,9 +581,9 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
         return rc;
     }
 
-    /* One local region and one remote region (read_blocks): copy the columns, cut
-     * jobs without pieces; the popping threads write them. */
-    if (one_to_one(c)) {
+    /* A paged batch: copy the columns, cut jobs without pieces; the popping threads
+     * write them. */
+    if (paged) {
         const kvt_job_limits lazy[2] = {lim[0], lim[2]};
         rc = cut_lazy(t, c, &ls.views[0], lazy, q, err);
         free(ls.views);

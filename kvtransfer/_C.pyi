@@ -19,7 +19,10 @@ class Peer:
     def read(self, reqs: Any, /) -> Transfer: ...
     def read_cols(self, n: int, local_region: Any, local_off: Any, remote_region: Any, remote_key: Any,
                   remote_addr: Any, remote_off: Any, len: Any, /) -> Transfer:
-        """Each column an int (every entry) or a 1-D array of n 64-bit integers."""
+        """A list of entries: each column an int (every entry) or a 1-D array of n 64-bit integers."""
+    def read_paged(self, n: int, local_region: int, local_off: Any, remote_region: int, remote_key: int,
+                   remote_addr: int, remote_off: Any, len: Any, /) -> Transfer:
+        """A paged batch: blocks between one local and one remote region (offset arrays, one length)."""
     def close(self) -> None: ...
 
 class Engine:

@@ -274,10 +274,12 @@ class Transfer:
 class _Columns:
     """A batch kept as the columns it was given (int64 arrays, or one int for every
     entry), so that vectorized reads pass them to the C core without packing;
-    ``batch[i]["field"]`` reads one entry back for error messages."""
+    ``batch[i]["field"]`` reads one entry back for error messages. ``paged``: one local
+    and one remote region (read_blocks), which the C core takes as a paged batch."""
 
-    def __init__(self, n: int, **cols: Any):
+    def __init__(self, n: int, paged: bool = False, **cols: Any):
         self._n = n
+        self._paged = paged
         self._cols = cols
 
     def __len__(self) -> int:
@@ -288,8 +290,9 @@ class _Columns:
 
     def submit(self, c: Any) -> Any:
         k = self._cols
-        return c.read_cols(self._n, k["local_region"], k["local_off"], k["remote_region"], k["remote_key"],
-                           k["remote_addr"], k["remote_off"], k["len"])
+        read = c.read_paged if self._paged else c.read_cols
+        return read(self._n, k["local_region"], k["local_off"], k["remote_region"], k["remote_key"],
+                    k["remote_addr"], k["remote_off"], k["len"])
 
 
 def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
@@ -358,10 +361,11 @@ class Peer:
             # the usual call, without the conversions below: ~3 us sooner to the C core,
             # which checks every range (and starts the first copy) itself
             n = len(local_offsets)
-            batch = _Columns(n, local_region=local.id, local_off=local_offsets, remote_region=remote.region_id,
-                             remote_key=remote.key, remote_addr=remote.addr, remote_off=remote_offsets, len=lengths)
-            c = self._c.read_cols(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
-                                  remote_offsets, lengths)
+            batch = _Columns(n, True, local_region=local.id, local_off=local_offsets,
+                             remote_region=remote.region_id, remote_key=remote.key, remote_addr=remote.addr,
+                             remote_off=remote_offsets, len=lengths)
+            c = self._c.read_paged(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
+                                   remote_offsets, lengths)
             return Transfer(c, batch, self.transport, (local,), lengths * n)
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
@@ -371,7 +375,7 @@ class Peer:
             raise InvalidArgumentError(f"read_blocks: offsets must be 1-D of one length, got {lo.shape} and "
                                        f"{ro.shape}", op="read")
         ln, nbytes = _length_column(lengths, lo.shape)
-        batch = _Columns(len(lo), local_region=local.id, local_off=lo, remote_region=remote.region_id,
+        batch = _Columns(len(lo), True, local_region=local.id, local_off=lo, remote_region=remote.region_id,
                          remote_key=remote.key, remote_addr=remote.addr, remote_off=ro, len=ln)
         return self._submit(batch, (local,), nbytes)
 
@@ -406,7 +410,8 @@ class Peer:
         def column(values: list[int], index: np.ndarray) -> Any:
             return values[0] if len(values) == 1 else np.array(values, np.uint64)[index]
 
-        batch = _Columns(len(lo), local_region=column([r.id for r in locals_], li), local_off=lo,
+        one_to_one = len(locals_) == 1 and len(remotes) == 1  # a paged batch, as read_blocks'
+        batch = _Columns(len(lo), one_to_one, local_region=column([r.id for r in locals_], li), local_off=lo,
                          remote_region=column([d.region_id for d in remotes], ri),
                          remote_key=column([d.key for d in remotes], ri),
                          remote_addr=column([d.addr for d in remotes], ri), remote_off=ro, len=ln)

@@ -7,15 +7,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <unistd.h>
-#include <poll.h>
-#include <stdio.h>
-#include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 int kvt_shm_target_alive(const shm_peer *s)
 {
@@ -152,4 +152,18 @@ void kvt_shm_peer_release(shm_peer *s)
 {
     munmap((void *)s->table, sizeof(kvt_shared_table));
     close(s->pidfd);
+}
+
+int kvt_shm_start_threads(kvt_peer *p, pthread_t *threads, int *n, void *(*fn)(void *), void *arg, kvt_err *err)
+{
+    for (int i = 0; i < *n; i++) {
+        int e = pthread_create(&threads[i], NULL, fn, arg);
+        if (e != 0) {
+            *n = i;
+            kvt_queue_close(&p->queue, "connect failed");
+            p->ops->close(p);
+            return kvt_syserr(err, e, "pthread_create", "%s worker %d", p->ops->name, i);
+        }
+    }
+    return 0;
 }

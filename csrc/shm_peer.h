@@ -48,6 +48,9 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *err, int64_t *entry
 int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n, uint64_t bytes, uint64_t *done,
                   kvt_err *err);
 
+/* Starts *n threads running fn(arg) for peer p; if one cannot start, closes the queue
+ * and the peer (p->ops->close, with *n the threads started) and returns -errno. */
+int kvt_shm_start_threads(kvt_peer *p, pthread_t *threads, int *n, void *(*fn)(void *), void *arg, kvt_err *err);
 /* The target is still the process we connected to (its pidfd is not readable). */
 int kvt_shm_target_alive(const shm_peer *s);
 /* Opens the target for reading: its pidfd, its region table (read-only), and a probe

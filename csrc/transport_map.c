@@ -315,16 +315,7 @@ static int map_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->impl = m;
     p->max_pieces = MAP_MAX_PIECES;
     p->max_bytes = MAP_MAX_BYTES;
-    for (int i = 0; i < m->nthreads; i++) {
-        int e = pthread_create(&m->threads[i], NULL, worker, m);
-        if (e != 0) {
-            m->nthreads = i;
-            kvt_queue_close(&p->queue, "connect failed");
-            map_close(p);
-            return kvt_syserr(err, e, "pthread_create", "map worker %d", i);
-        }
-    }
-    return 0;
+    return kvt_shm_start_threads(p, m->threads, &m->nthreads, worker, m, err);
 }
 
 const kvt_transport_ops kvt_map_ops = {

@@ -171,16 +171,7 @@ static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
     p->dev_lazy_max_pieces = SHM_DEV_LAZY_MAX_PIECES;
     p->dev_lazy_max_bytes = SHM_DEV_LAZY_MAX_BYTES;
-    for (int i = 0; i < s->nthreads; i++) {
-        int e = pthread_create(&s->threads[i], NULL, worker, s);
-        if (e != 0) {
-            s->nthreads = i;
-            kvt_queue_close(&p->queue, "connect failed");
-            shm_close(p);
-            return kvt_syserr(err, e, "pthread_create", "shm worker %d", i);
-        }
-    }
-    return 0;
+    return kvt_shm_start_threads(p, s->threads, &s->nthreads, worker, s, err);
 }
 
 const kvt_transport_ops kvt_shm_ops = {

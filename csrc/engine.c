@@ -325,8 +325,8 @@ void kvt_peer_close(kvt_peer *p)
     free(p);
 }
 
-static int submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
-                  kvt_err *err)
+int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                    kvt_err *err)
 {
     const kvt_job_limits dev = {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
                                 p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
@@ -339,7 +339,7 @@ static int submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind ki
 
 int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
 {
-    return submit(p, cols, KVT_BATCH_ENTRIES, out, err);
+    return p->ops->submit(p, cols, KVT_BATCH_ENTRIES, out, err);
 }
 
 int kvt_peer_read_paged(kvt_peer *p, const kvt_paged_batch *b, kvt_transfer **out, kvt_err *err)
@@ -352,7 +352,7 @@ int kvt_peer_read_paged(kvt_peer *p, const kvt_paged_batch *b, kvt_transfer **ou
                        .remote_addr = {&b->remote_addr, 0},
                        .remote_off = b->remote_off,
                        .len = b->len};
-    return submit(p, &c, KVT_BATCH_PAGED, out, err);
+    return p->ops->submit(p, &c, KVT_BATCH_PAGED, out, err);
 }
 
 int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)
@@ -367,5 +367,5 @@ int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer 
                        .remote_addr = {b + 4, st},
                        .remote_off = {b + 5, st},
                        .len = {b + 6, st}};
-    return submit(p, &c, KVT_BATCH_ENTRIES, out, err);
+    return p->ops->submit(p, &c, KVT_BATCH_ENTRIES, out, err);
 }

@@ -22,7 +22,7 @@ struct kvt_engine {
     void *mrs[KVT_MAX_REGIONS];    /* verbs memory registration per table slot */
 };
 
-/* One transport. A transport file defines one of these; kvt_transports (engine.c)
+/* One transport. A transport file defines one of these; transports[] in engine.c
  * lists them in preference order. */
 typedef struct kvt_transport_ops {
     const char *name;
@@ -33,6 +33,10 @@ typedef struct kvt_transport_ops {
     /* Fills p (limits per job, impl) and starts the threads that pop jobs from
        p->queue and complete each with kvt_job_done(). */
     int (*connect)(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
+    /* Starts a batch of a kind (entries, or paged). kvt_submit_jobs, the usual one,
+       cuts it into jobs no larger than the peer's limits and queues them. */
+    int (*submit)(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                  kvt_err *err);
     /* After the queue is closed: joins the threads, frees p->impl. */
     void (*close)(kvt_peer *p);
     /* What it offers on this engine: facts and 1, or 0 and why not. */
@@ -55,6 +59,10 @@ struct kvt_peer {
     uint64_t dev_lazy_max_bytes;
     void *impl;
 };
+
+/* The usual submit: kvt_transfer_start with the peer's job limits, into p->queue. */
+int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                    kvt_err *err);
 
 /* A tcp connection to engine `id` at host:port, hello exchanged; returns the fd. */
 int kvt_bootstrap_dial(const char *host, int port, const uint8_t id[KVT_ENGINE_ID_LEN], int timeout_ms,

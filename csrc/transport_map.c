@@ -319,4 +319,10 @@ static int map_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 }
 
 const kvt_transport_ops kvt_map_ops = {
-    .name = "map", .reach = map_reach, .connect = map_connect, .close = map_close, .facts = map_facts};
+    .name = "map",
+    .reach = map_reach,
+    .connect = map_connect,
+    .submit = kvt_submit_jobs,
+    .close = map_close,
+    .facts = map_facts,
+};

@@ -175,4 +175,10 @@ static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 }
 
 const kvt_transport_ops kvt_shm_ops = {
-    .name = "shm", .reach = shm_reach, .connect = shm_connect, .close = shm_close, .facts = shm_facts};
+    .name = "shm",
+    .reach = shm_reach,
+    .connect = shm_connect,
+    .submit = kvt_submit_jobs,
+    .close = shm_close,
+    .facts = shm_facts,
+};

@@ -314,4 +314,10 @@ static int tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 }
 
 const kvt_transport_ops kvt_tcp_ops = {
-    .name = "tcp", .reach = tcp_reach, .connect = tcp_connect, .close = tcp_close, .facts = tcp_facts};
+    .name = "tcp",
+    .reach = tcp_reach,
+    .connect = tcp_connect,
+    .submit = kvt_submit_jobs,
+    .close = tcp_close,
+    .facts = tcp_facts,
+};

@@ -438,4 +438,10 @@ static int verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 }
 
 const kvt_transport_ops kvt_verbs_ops = {
-    .name = "verbs", .reach = verbs_reach, .connect = verbs_connect, .close = verbs_close, .facts = verbs_facts};
+    .name = "verbs",
+    .reach = verbs_reach,
+    .connect = verbs_connect,
+    .submit = kvt_submit_jobs,
+    .close = verbs_close,
+    .facts = verbs_facts,
+};

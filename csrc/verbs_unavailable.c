@@ -49,4 +49,10 @@ static int verbs_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, s
     return 0;
 }
 const kvt_transport_ops kvt_verbs_ops = {
-    .name = "verbs", .reach = verbs_reach, .connect = verbs_connect, .close = verbs_close, .facts = verbs_facts};
+    .name = "verbs",
+    .reach = verbs_reach,
+    .connect = verbs_connect,
+    .submit = kvt_submit_jobs,
+    .close = verbs_close,
+    .facts = verbs_facts,
+};

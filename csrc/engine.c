@@ -325,15 +325,19 @@ void kvt_peer_close(kvt_peer *p)
     free(p);
 }
 
+void kvt_peer_limits(const kvt_peer *p, kvt_job_limits lim[3])
+{
+    lim[0] = (kvt_job_limits){p->max_pieces, p->max_bytes};
+    lim[1] = (kvt_job_limits){p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
+                              p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
+    lim[2] = lim[1];
+}
+
 int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
                     kvt_err *err)
 {
-    const kvt_job_limits dev = {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
-                                p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
-    kvt_job_limits lim[3] = {{p->max_pieces, p->max_bytes},
-                             dev,
-                             {p->dev_lazy_max_pieces ? p->dev_lazy_max_pieces : dev.pieces,
-                              p->dev_lazy_max_bytes ? p->dev_lazy_max_bytes : dev.bytes}};
+    kvt_job_limits lim[3];
+    kvt_peer_limits(p, lim);
     return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
 }
 

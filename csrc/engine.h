@@ -53,13 +53,12 @@ struct kvt_peer {
        kernel launches (0: as for host memory) */
     size_t dev_max_pieces;
     uint64_t dev_max_bytes;
-    /* read_blocks batches (one region to one region, cut lazily) into CUDA memory,
-       where the transport writes them cheaply (0: as other jobs into CUDA memory) */
-    size_t dev_lazy_max_pieces;
-    uint64_t dev_lazy_max_bytes;
     void *impl;
 };
 
+/* The peer's job limits as kvt_transfer_start takes them (paged batches into CUDA
+ * memory as other jobs into CUDA memory; a transport's own submit may differ). */
+void kvt_peer_limits(const kvt_peer *p, kvt_job_limits lim[3]);
 /* The usual submit: kvt_transfer_start with the peer's job limits, into p->queue. */
 int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
                     kvt_err *err);

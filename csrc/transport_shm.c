@@ -169,16 +169,25 @@ static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->max_bytes = SHM_MAX_BYTES;
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
-    p->dev_lazy_max_pieces = SHM_DEV_LAZY_MAX_PIECES;
-    p->dev_lazy_max_bytes = SHM_DEV_LAZY_MAX_BYTES;
     return kvt_shm_start_threads(p, s->threads, &s->nthreads, worker, s, err);
+}
+
+/* Paged batches into CUDA memory cost the CPU two offsets a block here
+ * (transport_shm_cuda.c): their jobs may be far larger than other CUDA jobs. */
+static int shm_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                      kvt_err *err)
+{
+    kvt_job_limits lim[3];
+    kvt_peer_limits(p, lim);
+    lim[2] = (kvt_job_limits){SHM_DEV_LAZY_MAX_PIECES, SHM_DEV_LAZY_MAX_BYTES};
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
 }
 
 const kvt_transport_ops kvt_shm_ops = {
     .name = "shm",
     .reach = shm_reach,
     .connect = shm_connect,
-    .submit = kvt_submit_jobs,
+    .submit = shm_submit,
     .close = shm_close,
     .facts = shm_facts,
 };

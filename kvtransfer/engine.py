@@ -18,9 +18,9 @@ id and pid namespace and the peer holds regions in shared memory
 otherwise (``process_vm_readv``, CUDA IPC), else ``tcp`` (a C server thread on the
 target). ``KVTRANSFER_TRANSPORT=verbs|map|shm|tcp`` (or ``transport=``) forces one; a
 forced transport that cannot run raises :class:`TransportUnavailableError`, never
-falls back. ``KVTRANSFER_IB_DEVICE``,
-``KVTRANSFER_IB_PORT`` and ``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and
-GID (default: the first active port, a RoCEv2 GID on Ethernet).
+falls back. ``KVTRANSFER_IB_DEVICE``, ``KVTRANSFER_IB_PORT`` and
+``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and GID (default: the first
+active port, a RoCEv2 GID on Ethernet).
 
 CUDA memory (torch CUDA tensors, cupy arrays, DLPack, raw ``(ptr, nbytes, "cuda:N")``)
 registers like host memory and is read by every transport: ``shm`` copies device to

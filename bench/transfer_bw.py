@@ -18,6 +18,8 @@ block and exits 1), ``--warmup`` untimed passes, then ``--iters`` timed passes.
 
 Systems (``--transports``, default all four, run over the same bytes and permutation):
 
+* ``map``    kvtransfer over the map transport (asked for: the target then holds its bytes
+             in shared memory, mapped here once and copied with memcpy; ``--shm-threads``).
 * ``shm``    kvtransfer over the shm transport (``process_vm_readv``; ``--shm-threads``).
 * ``tcp``    kvtransfer over the tcp transport on loopback (``--tcp-connections``).
 * ``memcpy`` baseline, the ceiling for shm: a single-thread gather copy in one process,
@@ -124,7 +126,7 @@ import kv_shapes  # bench/kv_shapes.py: --model-shape, one request's paged KV
 import plot  # bench/plot.py: --plot (matplotlib imported only when drawing)
 from kvtransfer.testing.target import parse_size, seeded_bytes
 
-ENGINE_TRANSPORTS = ("verbs", "shm", "tcp")
+ENGINE_TRANSPORTS = ("verbs", "map", "shm", "tcp")
 BASELINES = ("memcpy", "zmq")
 SYSTEMS = ENGINE_TRANSPORTS + BASELINES
 CUDA_SYSTEMS = ("shm", "tcp", "tcp-host", "d2d", "gather", "kernel", "cpu")
@@ -136,7 +138,7 @@ CUDA_CHUNK = 8 << 20  # the cpu baseline's message size
 GPU_WARMUP_S = 0.25  # untimed passes per system and size, at least (after --warmup passes)
 DEFAULT_SYSTEMS = ("shm", "tcp") + BASELINES  # verbs needs an RDMA device: ask for it
 COLUMNS = ("#bytes", "#blocks", "BW avg[GB/s]", "BW peak[GB/s]", "MsgRate[Mops]", "p50[us]", "p99[us]")
-RATIOS = (("shm", "memcpy"), ("tcp", "zmq"))
+RATIOS = (("map", "memcpy"), ("shm", "memcpy"), ("tcp", "zmq"))
 
 STARTUP_TIMEOUT_S = 60.0  # for a child to print its descriptors (it fills --total bytes first)
 PASS_TIMEOUT_S = 60.0     # for one pass (transfer.wait)
@@ -145,6 +147,7 @@ STOP_TIMEOUT_S = 10.0     # for a child to exit once its stdin is closed
 
 SYSTEM_TITLES = {
     "verbs": "kvtransfer READ over verbs (RDMA READ, {verbs_qps} queue pairs)",
+    "map": "kvtransfer READ over map (the target's shared memory mapped once, memcpy, {shm_threads} threads)",
     "shm": "kvtransfer READ over shm (process_vm_readv, {shm_threads} copy threads)",
     "tcp": "kvtransfer READ over tcp (loopback, {tcp_connections} connections)",
     "memcpy": "baseline: single-thread gather copy in one process (np.take), the ceiling for shm",
@@ -472,7 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=10, help="timed passes per size (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed passes per size (default %(default)s)")
     ap.add_argument("--transports", default=None,
-                    help="systems to run: engine transports verbs,shm,tcp and baselines memcpy,zmq "
+                    help="systems to run: engine transports verbs,map,shm,tcp and baselines memcpy,zmq "
                          f"(default {','.join(DEFAULT_SYSTEMS)}); cuda: {','.join(CUDA_SYSTEMS)} (all by default)")
     ap.add_argument("--peers", default="",
                     help="other libraries in the same run: nixl (nixl-sm, nixl-tcp), mooncake (mooncake-tcp); "
@@ -563,12 +566,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def connect_engine(args: argparse.Namespace, dst: np.ndarray, stack: contextlib.ExitStack,
                    runners: dict, header: list[tuple[str, str]]) -> None:
     """Starts the target, registers ``dst`` and connects one peer per engine transport."""
+    shared = ["--shared"] if "map" in args.systems else []  # map reads shared memory; shm reads either
     if args.connect:
         info = args.hello
         where = f"{args.connect} (transfer_bw.py --serve)"
     else:
         _, info = start_child([sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(args.total),
-                               "--seed", str(args.seed)], "kvtransfer.testing.target", stack)
+                               "--seed", str(args.seed), *shared], "kvtransfer.testing.target", stack)
         where = f"pid {info['pid']} (python -m kvtransfer.testing.target)"
     region = RegionDescriptor.from_bytes(bytes.fromhex(info["region"]))
     if region.nbytes < args.total:

@@ -27,22 +27,11 @@
  *   1 "staged"  to or from pinned host memory (tcp staging, over PCIe): 256 threads,
  *               U = 8, as many CTAs as fit, each walking descriptors blockIdx.x,
  *               + gridDim.x, ... and loading the next while it copies one.
- * Why one CTA per descriptor (H200, one pass = launch + synchronize, median of 30,
- * against copy_ of the same 512 MiB; 16,384 scattered 32 KiB blocks / 2,048 of
- * 256 KiB / 512 MiB contiguous; each kernel alone, a comparison of scheduling schemes
- * that bench/gather_sweep.py --single repeats): one CTA per descriptor
- * 0.958/0.958/0.98x with descriptors in pinned memory (0.966/0.971 in device memory;
- * uploading them before the launch costs more than it saves: 0.944/0.947). The
- * persistent shapes it replaced, CTAs taking groups of descriptors from a counter or
- * fixed shares, stop at barriers between groups: 0.934/0.940/0.955x at best (1,024
- * threads, U = 2, 4-descriptor groups); warps taking descriptors alone 0.90-0.92x.
- * This kernel as the engine has it (bench/engine_kernel.py): 0.937-0.939x at 32 KiB
- * against 0.927x for the counter's, three jobs on three streams 0.916-0.924x against
- * 0.896-0.906x. From another GPU (NVLink) every shape reads at 0.94-0.96x of torch's
- * peer copy_. 32 KiB descriptors beat 64 KiB at 256 KiB blocks
- * (0.959 against 0.944x): KVT_COPY_CHUNK. KVTRANSFER_GATHER_VARIANT=0|1 forces one
- * shape on every descriptor list (read_blocks jobs over shm, which carry no
- * descriptors, always run kvt_gather_cols). */
+ * One CTA per descriptor beat persistent CTAs taking groups of descriptors (they
+ * stop at barriers between groups) and warps taking descriptors alone; 32 KiB
+ * descriptors beat 64 KiB (KVT_COPY_CHUNK). Figures: bench/README.md.
+ * KVTRANSFER_GATHER_VARIANT=0|1 forces one shape on every descriptor list (read_blocks
+ * jobs over shm, which carry no descriptors, always run kvt_gather_cols). */
 #define N_VARIANTS 2 /* descriptor kernels, which KVTRANSFER_GATHER_VARIANT picks from */
 #define VARIANT_DEVICE 0
 #define VARIANT_STAGED 1

@@ -11,8 +11,7 @@
  *           memory, or for pinned host memory (staging). Long ranges are cut into
  *           KVT_COPY_CHUNK-byte descriptors so that the work spreads over every SM.
  *   batch   cuMemcpyBatchAsync (drivers of CUDA 12.8 and later), when NVRTC is missing:
- *           correct, but slow for many small ranges (about 20 GB/s for 16,384 blocks of
- *           32 KiB on an H100, against about 1,200 for the kernel).
+ *           correct, but far slower for many small ranges (bench/README.md).
  * KVTRANSFER_CUDA_COPY=kernel|batch forces one; KVTRANSFER_NVRTC=none disables NVRTC
  * (the batch path, where the driver has it). With neither available, copies fail
  * with EOPNOTSUPP saying why (there is no silent one-copy-per-block fallback).
@@ -25,12 +24,6 @@
 #include <stdint.h>
 
 #include "cuda.h"
-
-typedef struct kvt_copy_desc {
-    uint64_t src;
-    uint64_t dst;
-    uint64_t len;
-} kvt_copy_desc;
 
 #define KVT_COPY_CHUNK (32u << 10) /* one CTA's copy (cuda_copy.c says why this size) */
 
@@ -65,8 +58,7 @@ int kvt_copy_launch_staged(int dev, CUstream s, const kvt_copy_desc *h, CUdevice
  * block, not a descriptor per 32 KiB. Blocks of one descriptor (len <= KVT_COPY_CHUNK)
  * are one CTA each, which reads its offsets over PCIe itself: no upload to wait for
  * before the copy starts. Longer blocks are several CTAs reading the same offsets,
- * and concurrent reads of one host cache line wait for each other (2,048 blocks of
- * 256 KiB on an H200: 0.69x of copy_ from pinned offsets, 0.92x from device memory):
+ * and concurrent reads of one host cache line wait for each other (bench/README.md):
  * the launch uploads them to dev_offs (device memory of 2n uint64) on stream s first.
  * The caller keeps offs and dev_offs as they are until the stream has run the copy.
  * -EOPNOTSUPP (err untouched, nothing enqueued) when the device copies in batch mode:
@@ -82,10 +74,5 @@ int kvt_copy_launch_cols(int dev, CUstream s, const kvt_copy_cols *c, CUdevicept
  * it into dev's primary context at the first call, whatever context is current. 0 or
  * -errno (EOPNOTSUPP: neither works). */
 int kvt_copy_prepare(int dev, const char **mode, kvt_err *err);
-
-/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as copies
- * run here) and waits for them. variant: -1 as device copies run, else a kernel shape
- * (cuda_copy.c: 0 device, 1 staged; ignored in batch mode). */
-int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

@@ -18,7 +18,7 @@
 #include <string.h>
 
 #include "cuda.h"
-#include "transport_shm.h"
+#include "cuda_ipc.h"
 
 typedef struct ipc_map {
     int dev;

@@ -1,6 +1,10 @@
 #define _GNU_SOURCE
 #include "engine.h"
 #include "cuda_copy.h"
+#include "transport_map.h"
+#include "transport_shm.h"
+#include "transport_tcp.h"
+#include "transport_verbs.h"
 #include "verbs.h"
 
 #include <errno.h>
@@ -115,6 +119,9 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
                  uint64_t *region_id, uint64_t *key, const char **verbs_path, kvt_err *err)
 {
     kvt_cuda_alloc cuda;
+    kvt_map_src map = {.fd = -1};
+    if (mem_kind == KVT_MEM_HOST)
+        kvt_map_export(addr, len, &map); /* memory in a shareable file: same-host readers map it */
     if (mem_kind == KVT_MEM_CUDA) {
         int ordinal = -1;
         int rc = kvt_cuda_pointer_device(addr, &ordinal, err);
@@ -145,7 +152,7 @@ int kvt_register(kvt_engine *e, uint64_t addr, uint64_t len, int mem_kind, int d
         rc = kvt_verbs_reg(e->verbs, addr, len, mem_kind, &mr, &lkey, &rkey, &path, err);
     if (rc == 0)
         rc = kvt_table_add(&e->table, addr, len, mem_kind, device, lkey, rkey,
-                           mem_kind == KVT_MEM_CUDA ? &cuda : NULL, region_id, key, err);
+                           mem_kind == KVT_MEM_CUDA ? &cuda : NULL, &map, region_id, key, err);
     if (rc == 0) {
         e->mrs[kvt_region_slot(*region_id)] = mr;
         if (verbs_path)
@@ -184,28 +191,73 @@ int kvt_deregister(kvt_engine *e, uint64_t region_id, kvt_err *err)
     return rc;
 }
 
-int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_peer **out, kvt_err *err)
+/* The transport table, in the order connect prefers them: the one place a
+ * transport is chosen. */
+static const kvt_transport_ops *const transports[] = {&kvt_verbs_ops, &kvt_map_ops, &kvt_shm_ops, &kvt_tcp_ops};
+#define N_TRANSPORTS (sizeof transports / sizeof transports[0])
+_Static_assert(N_TRANSPORTS <= KVT_MAX_TRANSPORTS, "KVT_MAX_TRANSPORTS");
+
+size_t kvt_transport_count(void) { return N_TRANSPORTS; }
+
+const char *kvt_transport_name(size_t i) { return i < N_TRANSPORTS ? transports[i]->name : NULL; }
+
+int kvt_transport_facts(const kvt_engine *e, size_t i, kvt_fact *facts, size_t *n, char *why, size_t cap)
+{
+    *n = 0;
+    why[0] = 0;
+    return i < N_TRANSPORTS ? transports[i]->facts(e, facts, n, why, cap) : 0;
+}
+
+static const char *names_list(char *buf, size_t cap)
+{
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < N_TRANSPORTS; i++)
+        used += (size_t)snprintf(buf + used, used < cap ? cap - used : 0, "%s%s", i ? ", " : "", transports[i]->name);
+    return buf;
+}
+
+int kvt_plan(const kvt_engine *e, const kvt_engine_info *peer, const char *forced, kvt_reach out[KVT_MAX_TRANSPORTS],
+             kvt_err *err)
+{
+    int n = 0;
+    for (size_t i = 0; i < N_TRANSPORTS; i++) {
+        if (forced && strcmp(forced, transports[i]->name) != 0)
+            continue;
+        kvt_reach *r = &out[n++];
+        memset(r, 0, sizeof *r);
+        r->name = transports[i]->name;
+        r->ok = transports[i]->reach(e, peer, forced != NULL, r);
+        if (forced && !r->ok)
+            return kvt_error(err, r->code ? r->code : EHOSTUNREACH, "connect", "forced transport %s is unavailable: %s",
+                             r->name, r->why);
+    }
+    if (forced && n == 0) {
+        char names[128];
+        return kvt_error(err, EINVAL, "transport", "unknown transport '%s'; choose one of %s", forced,
+                         names_list(names, sizeof names));
+    }
+    return n;
+}
+
+static const kvt_transport_ops *ops_named(const char *name)
+{
+    for (size_t i = 0; i < N_TRANSPORTS; i++)
+        if (strcmp(transports[i]->name, name) == 0)
+            return transports[i];
+    return NULL;
+}
+
+static int connect_one(kvt_engine *e, const kvt_engine_info *peer, const kvt_transport_ops *ops, kvt_peer **out,
+                       kvt_err *err)
 {
     kvt_peer *p = calloc(1, sizeof *p);
     if (!p)
         return kvt_syserr(err, ENOMEM, "calloc", "peer");
     p->eng = e;
-    p->transport = transport;
+    p->ops = ops;
     kvt_queue_init(&p->queue);
-    int rc;
-    switch (transport) {
-    case KVT_TRANSPORT_SHM:
-        rc = kvt_shm_connect(p, peer, err);
-        break;
-    case KVT_TRANSPORT_TCP:
-        rc = kvt_tcp_connect(p, peer, err);
-        break;
-    case KVT_TRANSPORT_VERBS:
-        rc = kvt_verbs_connect(p, peer, err);
-        break;
-    default:
-        rc = kvt_error(err, EINVAL, "connect", "unknown transport %d", transport);
-    }
+    int rc = ops->connect(p, peer, err);
     if (rc < 0) {
         kvt_queue_destroy(&p->queue);
         free(p);
@@ -215,27 +267,96 @@ int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, int transport, kvt_p
     return 0;
 }
 
-int kvt_peer_transport(const kvt_peer *p) { return p->transport; }
+int kvt_connect(kvt_engine *e, const kvt_engine_info *peer, const char *forced, kvt_peer **out,
+                kvt_reach tried[KVT_MAX_TRANSPORTS], size_t *ntried, kvt_err *err)
+{
+    kvt_reach plan[KVT_MAX_TRANSPORTS], scratch[KVT_MAX_TRANSPORTS];
+    if (!tried)
+        tried = scratch;
+    size_t nt = 0;
+    if (ntried)
+        *ntried = 0;
+    int n = kvt_plan(e, peer, forced, plan, err);
+    if (n < 0)
+        return n;
+    char id[2 * KVT_ENGINE_ID_LEN + 1];
+    for (int i = 0; i < KVT_ENGINE_ID_LEN; i++)
+        snprintf(id + 2 * i, 3, "%02x", peer->id[i]);
+    char failures[1024] = "";
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        if (!plan[i].ok) {
+            used += (size_t)snprintf(failures + used, used < sizeof failures ? sizeof failures - used : 0, "%s%s: %s",
+                                     used ? "; " : "", plan[i].name, plan[i].why);
+            continue;
+        }
+        kvt_err why;
+        int rc = connect_one(e, peer, ops_named(plan[i].name), out, &why);
+        if (rc == 0) {
+            if (ntried)
+                *ntried = nt;
+            return 0;
+        }
+        if (forced)
+            return kvt_error(err, -why.code, why.op, "forced transport %s cannot reach engine %s: %s", plan[i].name,
+                             id, why.msg);
+        tried[nt] = plan[i];
+        tried[nt].ok = 0;
+        tried[nt].code = -why.code;
+        snprintf(tried[nt].why, sizeof tried[nt].why, "%s", why.msg);
+        used += (size_t)snprintf(failures + used, used < sizeof failures ? sizeof failures - used : 0, "%s%s: %s",
+                                 used ? "; " : "", plan[i].name, why.msg);
+        nt++;
+    }
+    if (ntried)
+        *ntried = nt;
+    return kvt_error(err, EHOSTUNREACH, "connect", "no transport reaches engine %s: %s", id, failures);
+}
+
+const char *kvt_peer_transport(const kvt_peer *p) { return p->ops->name; }
 
 void kvt_peer_close(kvt_peer *p)
 {
     if (!p)
         return;
     kvt_queue_close(&p->queue, "peer closed before the read ran");
-    p->close(p);
+    p->ops->close(p);
     kvt_queue_destroy(&p->queue);
     free(p);
 }
 
+void kvt_peer_limits(const kvt_peer *p, kvt_job_limits lim[3])
+{
+    lim[0] = (kvt_job_limits){p->max_pieces, p->max_bytes};
+    lim[1] = (kvt_job_limits){p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
+                              p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
+    lim[2] = lim[1];
+}
+
+int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                    kvt_err *err)
+{
+    kvt_job_limits lim[3];
+    kvt_peer_limits(p, lim);
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
+}
+
 int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)
 {
-    const kvt_job_limits dev = {p->dev_max_pieces ? p->dev_max_pieces : p->max_pieces,
-                                p->dev_max_bytes ? p->dev_max_bytes : p->max_bytes};
-    kvt_job_limits lim[3] = {{p->max_pieces, p->max_bytes},
-                             dev,
-                             {p->dev_lazy_max_pieces ? p->dev_lazy_max_pieces : dev.pieces,
-                              p->dev_lazy_max_bytes ? p->dev_lazy_max_bytes : dev.bytes}};
-    return kvt_transfer_start(&p->eng->table, cols, lim, &p->queue, out, err);
+    return p->ops->submit(p, cols, KVT_BATCH_ENTRIES, out, err);
+}
+
+int kvt_peer_read_paged(kvt_peer *p, const kvt_paged_batch *b, kvt_transfer **out, kvt_err *err)
+{
+    kvt_read_cols c = {.n = b->n,
+                       .local_region = {&b->local_region, 0},
+                       .local_off = b->local_off,
+                       .remote_region = {&b->remote_region, 0},
+                       .remote_key = {&b->remote_key, 0},
+                       .remote_addr = {&b->remote_addr, 0},
+                       .remote_off = b->remote_off,
+                       .len = b->len};
+    return p->ops->submit(p, &c, KVT_BATCH_PAGED, out, err);
 }
 
 int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer **out, kvt_err *err)
@@ -250,5 +371,5 @@ int kvt_peer_read(kvt_peer *p, const kvt_read_req *reqs, size_t n, kvt_transfer 
                        .remote_addr = {b + 4, st},
                        .remote_off = {b + 5, st},
                        .len = {b + 6, st}};
-    return kvt_peer_read_cols(p, &c, out, err);
+    return p->ops->submit(p, &c, KVT_BATCH_ENTRIES, out, err);
 }

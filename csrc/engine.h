@@ -1,10 +1,6 @@
-/* Internals shared by the engine and its transports.
- *
- * The transport contract: a transport's connect() fills in a kvt_peer (its limits per
- * job, its close(), its private state) and starts threads that pop jobs from
- * peer->queue and complete each with kvt_job_done(). Everything else (checking local
- * ranges, cutting batches into jobs, completion, errors) is common and lives in
- * engine.c and transfer.c. The transport is chosen in one place: kvt_connect(). */
+/* Internals shared by the engine and its transports: the engine, a peer, and the
+ * transport table (struct kvt_transport_ops). engine.c walks the table in preference
+ * order; it is the one place a transport is chosen (csrc/README.md). */
 #ifndef KVT_ENGINE_H
 #define KVT_ENGINE_H
 
@@ -26,9 +22,30 @@ struct kvt_engine {
     void *mrs[KVT_MAX_REGIONS];    /* verbs memory registration per table slot */
 };
 
+/* One transport. A transport file defines one of these; transports[] in engine.c
+ * lists them in preference order. */
+typedef struct kvt_transport_ops {
+    const char *name;
+    /* Can this engine reach peer this way? 1, or 0 with r->code and r->why set; on
+       success r->why says how (doctor prints it). forced: the caller named this
+       transport (a transport may then reach peers it would not be chosen for). */
+    int (*reach)(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r);
+    /* Fills p (limits per job, impl) and starts the threads that pop jobs from
+       p->queue and complete each with kvt_job_done(). */
+    int (*connect)(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
+    /* Starts a batch of a kind (entries, or paged). kvt_submit_jobs, the usual one,
+       cuts it into jobs no larger than the peer's limits and queues them. */
+    int (*submit)(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                  kvt_err *err);
+    /* After the queue is closed: joins the threads, frees p->impl. */
+    void (*close)(kvt_peer *p);
+    /* What it offers on this engine: facts and 1, or 0 and why not. */
+    int (*facts)(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap);
+} kvt_transport_ops;
+
 struct kvt_peer {
     kvt_engine *eng;
-    int transport;
+    const kvt_transport_ops *ops;
     kvt_queue queue;
     size_t max_pieces;  /* per job */
     uint64_t max_bytes; /* per job */
@@ -36,17 +53,15 @@ struct kvt_peer {
        kernel launches (0: as for host memory) */
     size_t dev_max_pieces;
     uint64_t dev_max_bytes;
-    /* read_blocks batches (one region to one region, cut lazily) into CUDA memory,
-       where the transport writes them cheaply (0: as other jobs into CUDA memory) */
-    size_t dev_lazy_max_pieces;
-    uint64_t dev_lazy_max_bytes;
-    void (*close)(kvt_peer *p);
     void *impl;
 };
 
-int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
-int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
-int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err);
+/* The peer's job limits as kvt_transfer_start takes them (paged batches into CUDA
+ * memory as other jobs into CUDA memory; a transport's own submit may differ). */
+void kvt_peer_limits(const kvt_peer *p, kvt_job_limits lim[3]);
+/* The usual submit: kvt_transfer_start with the peer's job limits, into p->queue. */
+int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                    kvt_err *err);
 
 /* A tcp connection to engine `id` at host:port, hello exchanged (with `token` unless
  * NULL); returns the fd. */

@@ -15,11 +15,13 @@
 
 #define KVT_ENGINE_ID_LEN 16
 #define KVT_MAX_THREADS 64 /* per peer, for tcp_conns and shm_threads */
+#define KVT_VERBS_MAX_QPS 8 /* per verbs peer (the wire's limit too: wire.h) */
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
 #define KVT_TOKEN_LEN 32 /* a tcp server's access token (kvt_engine_allow_token) */
 
 enum kvt_mem_kind { KVT_MEM_HOST = 0, KVT_MEM_CUDA = 1 };
-enum kvt_transport { KVT_TRANSPORT_SHM = 1, KVT_TRANSPORT_TCP = 2, KVT_TRANSPORT_VERBS = 3 };
+#define KVT_MAX_TRANSPORTS 8
+#define KVT_MAX_FACTS 8
 
 typedef struct kvt_engine kvt_engine;
 typedef struct kvt_peer kvt_peer;
@@ -79,10 +81,22 @@ typedef struct kvt_col {
     size_t stride;
 } kvt_col;
 
+/* The two shapes a batch comes in, each submitted by its own call:
+ * - a list of entries (kvt_read_req[], or kvt_read_cols): any ranges of any regions;
+ * - a paged batch (kvt_paged_batch): blocks from one remote region into one local
+ *   region, offset columns and one block length (read_blocks). Its jobs are cut
+ *   without writing pieces (the transport threads write them, or need none). */
 typedef struct kvt_read_cols {
     size_t n;
     kvt_col local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len;
 } kvt_read_cols;
+
+typedef struct kvt_paged_batch {
+    size_t n;
+    uint64_t local_region, remote_region, remote_key, remote_addr;
+    kvt_col local_off, remote_off; /* block offsets, bytes */
+    kvt_col len;                   /* block lengths: usually one for every block (stride 0) */
+} kvt_paged_batch;
 
 /* What registration found out about a CUDA region: the allocation holding it (whole
  * allocations are exported once; cuMemGetAddressRange), its device, and the CUDA IPC
@@ -113,16 +127,50 @@ int kvt_deregister(kvt_engine *eng, uint64_t region_id, kvt_err *err);
 /* The CUDA facts of a registered CUDA region (EINVAL for host memory). */
 int kvt_region_cuda(kvt_engine *eng, uint64_t region_id, kvt_cuda_alloc *out, kvt_err *err);
 
-int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, int transport, kvt_peer **out,
-                kvt_err *err);
+/* Whether one transport can reach a peer: ok, or the errno and words for why not
+ * (why holds the reason either way: "same host (boot id ...)"). */
+typedef struct kvt_reach {
+    const char *name; /* "verbs", "shm", "tcp" */
+    int ok;
+    int code; /* errno when !ok: ENODEV (no device), EHOSTUNREACH (another host) */
+    char why[600];
+} kvt_reach;
+
+/* One fact a transport reports about this engine (for `kvtransfer doctor`): a string
+ * or an integer value. */
+typedef struct kvt_fact {
+    const char *key;
+    int is_int;
+    long long i;
+    char s[128];
+} kvt_fact;
+
+/* The transports this build knows, in the order connect prefers them. */
+size_t kvt_transport_count(void);
+const char *kvt_transport_name(size_t i);
+/* What transport i offers on this engine: 1 and up to KVT_MAX_FACTS facts, or 0 and
+ * why it offers nothing (*why). */
+int kvt_transport_facts(const kvt_engine *eng, size_t i, kvt_fact *facts, size_t *n, char *why, size_t cap);
+/* The transports connect would try for peer, in order: every one, reachable or not,
+ * or (forced != NULL) that one alone. -EINVAL for an unknown name; for a forced one
+ * that cannot reach the peer, its errno with why in *err. Returns the count. */
+int kvt_plan(const kvt_engine *eng, const kvt_engine_info *peer, const char *forced,
+             kvt_reach out[KVT_MAX_TRANSPORTS], kvt_err *err);
+
+/* Connects over the first transport of kvt_plan that reaches peer and connects
+ * (forced: that one or an error). tried[0..*ntried) (may be NULL) names the ones
+ * that reached but failed to connect, with their errors. */
+int kvt_connect(kvt_engine *eng, const kvt_engine_info *peer, const char *forced, kvt_peer **out,
+                kvt_reach tried[KVT_MAX_TRANSPORTS], size_t *ntried, kvt_err *err);
 void kvt_peer_close(kvt_peer *peer); /* fails its queued reads with ECANCELED */
-int kvt_peer_transport(const kvt_peer *peer);
+const char *kvt_peer_transport(const kvt_peer *peer);
 
 /* Starts a batch of reads. Local ranges are checked here (errors name the entry);
  * remote ranges are checked by the target side, and fail the returned transfer. */
 int kvt_peer_read(kvt_peer *peer, const kvt_read_req *reqs, size_t n, kvt_transfer **out,
                   kvt_err *err);
 int kvt_peer_read_cols(kvt_peer *peer, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err);
+int kvt_peer_read_paged(kvt_peer *peer, const kvt_paged_batch *batch, kvt_transfer **out, kvt_err *err);
 
 /* 0 when finished (succeeded or failed), -ETIMEDOUT if still running at the deadline.
  * timeout_ms < 0 waits without a deadline (callers pass one). */
@@ -133,6 +181,36 @@ int kvt_transfer_status(kvt_transfer *t, kvt_err *err, int64_t *entry);
  * has; fd < 0 cancels a previous request. */
 void kvt_transfer_set_notify_fd(kvt_transfer *t, int fd);
 void kvt_transfer_release(kvt_transfer *t);
+
+/* RDMA devices as libibverbs lists them (for `kvtransfer doctor`). */
+#define KVT_RDMA_MAX_DEVICES 16
+#define KVT_RDMA_MAX_PORTS 4
+#define KVT_RDMA_MAX_GIDS 16
+typedef struct kvt_rdma_gid {
+    int index;
+    uint8_t raw[16];
+    int rocev2; /* sysfs says RoCE v2 (Ethernet ports) */
+} kvt_rdma_gid;
+typedef struct kvt_rdma_port {
+    int port;
+    char state[32];      /* ibv_port_state_str() */
+    char link_layer[16]; /* "Ethernet", "InfiniBand", "unknown" */
+    int active_mtu;      /* bytes */
+    unsigned lid, width_code, speed_code; /* ibv_port_attr's codes, decoded in Python */
+    int ngids;
+    kvt_rdma_gid gids[KVT_RDMA_MAX_GIDS]; /* the non-zero ones */
+} kvt_rdma_port;
+typedef struct kvt_rdma_device {
+    char name[64];
+    char error[128]; /* set when the device cannot be opened; nothing else is then */
+    char fw[64];
+    int max_qp_wr, max_sge, max_qp_rd_atom;
+    unsigned long long max_mr_size;
+    int nports;
+    kvt_rdma_port ports[KVT_RDMA_MAX_PORTS];
+} kvt_rdma_device;
+/* Fills up to cap devices; returns how many, or -errno (no RDMA, no libibverbs). */
+int kvt_rdma_devices(kvt_rdma_device *out, int cap, kvt_err *err);
 
 /* CUDA through the driver API loaded at run time (cuda.c). */
 int kvt_cuda_available(kvt_err *err);
@@ -180,5 +258,16 @@ void kvt_engine_tcp_stats(kvt_engine *eng, kvt_tcp_stats *out);
 void kvt_engine_require_tokens(kvt_engine *eng);
 int kvt_engine_allow_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN], int64_t ttl_ms, kvt_err *err);
 int kvt_engine_revoke_token(kvt_engine *eng, const uint8_t token[KVT_TOKEN_LEN]);
+
+/* One device copy: len bytes from src to dst (device or pinned host addresses). */
+typedef struct kvt_copy_desc {
+    uint64_t src;
+    uint64_t dst;
+    uint64_t len;
+} kvt_copy_desc;
+/* Benchmarks and tests: runs n descriptors on device dev (kernel or batch, as copies
+ * run here) and waits for them. variant: -1 as device copies run, else a kernel shape
+ * (cuda_copy.c: 0 device, 1 staged; ignored in batch mode). */
+int kvt_cuda_gather_sync(int dev, const kvt_copy_desc *h, size_t n, int variant, kvt_err *err);
 
 #endif

@@ -6,12 +6,11 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "cuda_copy.h"
 #include "kvt.h"
-#include "verbs.h"
 
 static PyObject *raise_err(const kvt_err *e, long long entry)
 {
@@ -196,9 +195,10 @@ static int get_col(PyObject *o, Py_ssize_t n, const char *name, Py_buffer *b, ui
     return 0;
 }
 
-/* read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr,
- * remote_off, len) -> Transfer; each column an int or an array (see get_col). */
-static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
+/* read_cols / read_paged(n, local_region, local_off, remote_region, remote_key,
+ * remote_addr, remote_off, len) -> Transfer; each column an int or an array (see
+ * get_col); paged: the regions, key and address are ints (one for every block). */
+static PyObject *read_columns(PeerObject *self, PyObject *args, int paged)
 {
     Py_ssize_t n;
     PyObject *o[7];
@@ -225,14 +225,23 @@ static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
             break;
     }
     PyObject *ret = NULL;
-    if (got == 7) {
+    int ok = got == 7;
+    if (ok && paged && (cols[0].stride || cols[2].stride || cols[3].stride || cols[4].stride)) {
+        PyErr_SetString(PyExc_ValueError, "read_paged: local_region, remote_region, remote_key and remote_addr "
+                                          "must be one for every block");
+        ok = 0;
+    }
+    if (ok) {
         kvt_read_cols rc = {.n = (size_t)n, .local_region = cols[0], .local_off = cols[1], .remote_region = cols[2],
                             .remote_key = cols[3], .remote_addr = cols[4], .remote_off = cols[5], .len = cols[6]};
+        kvt_paged_batch pb = {.n = (size_t)n, .local_region = cols[0].p[0], .remote_region = cols[2].p[0],
+                              .remote_key = cols[3].p[0], .remote_addr = cols[4].p[0], .local_off = cols[1],
+                              .remote_off = cols[5], .len = cols[6]};
         kvt_err e;
         kvt_transfer *t = NULL;
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = kvt_peer_read_cols(self->p, &rc, &t, &e);
+        r = paged ? kvt_peer_read_paged(self->p, &pb, &t, &e) : kvt_peer_read_cols(self->p, &rc, &t, &e);
         Py_END_ALLOW_THREADS
         if (r < 0) {
             raise_err(&e, -1);
@@ -253,25 +262,29 @@ static PyObject *Peer_read_cols(PeerObject *self, PyObject *args)
     return ret;
 }
 
+static PyObject *Peer_read_cols(PeerObject *self, PyObject *args) { return read_columns(self, args, 0); }
+
+static PyObject *Peer_read_paged(PeerObject *self, PyObject *args) { return read_columns(self, args, 1); }
+
 static PyObject *Peer_transport(PeerObject *self, void *closure)
 {
     if (!self->p)
         Py_RETURN_NONE;
-    switch (kvt_peer_transport(self->p)) {
-    case KVT_TRANSPORT_SHM: return PyUnicode_FromString("shm");
-    case KVT_TRANSPORT_TCP: return PyUnicode_FromString("tcp");
-    default: return PyUnicode_FromString("verbs");
-    }
+    return PyUnicode_FromString(kvt_peer_transport(self->p));
 }
 
 static PyMethodDef Peer_methods[] = {
     {"read", (PyCFunction)Peer_read, METH_O, "read(packed requests) -> Transfer"},
     {"read_cols", (PyCFunction)Peer_read_cols, METH_VARARGS,
-     "read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer"},
+     "read_cols(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer: "
+     "a list of entries, each column an int (every entry) or an array"},
+    {"read_paged", (PyCFunction)Peer_read_paged, METH_VARARGS,
+     "read_paged(n, local_region, local_off, remote_region, remote_key, remote_addr, remote_off, len) -> Transfer: "
+     "a paged batch, blocks between one local and one remote region (the regions, key and address ints)"},
     {"close", (PyCFunction)Peer_close, METH_NOARGS, "close the peer; queued reads fail"},
     {NULL}};
 
-static PyGetSetDef Peer_getset[] = {{"transport", (getter)Peer_transport, NULL, "shm or tcp", NULL}, {NULL}};
+static PyGetSetDef Peer_getset[] = {{"transport", (getter)Peer_transport, NULL, "the transport's name (_C.TRANSPORTS)", NULL}, {NULL}};
 
 static PyTypeObject PeerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvtransfer._C.Peer",
@@ -406,46 +419,169 @@ static PyObject *Engine_deregister(EngineObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* connect(transport, engine_id, pid, table_fd, table_addr, tcp_host, tcp_port, verbs[, token]) -> Peer */
+/* Attribute `name` of d: bytes (at most cap, exactly cap when exact), text, or an integer. */
+static int attr_bytes(PyObject *d, const char *name, void *dst, size_t cap, int exact)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    char *b;
+    Py_ssize_t n;
+    int rc = v ? PyBytes_AsStringAndSize(v, &b, &n) : -1;
+    if (rc == 0 && (n > (Py_ssize_t)cap || (exact && n != (Py_ssize_t)cap))) {
+        PyErr_Format(PyExc_ValueError, "descriptor: %s is %zd bytes, not %zu", name, n, cap);
+        rc = -1;
+    }
+    if (rc == 0)
+        memcpy(dst, b, (size_t)n);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int attr_str(PyObject *d, const char *name, char *dst, size_t cap)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    const char *s = v ? PyUnicode_AsUTF8(v) : NULL;
+    if (s)
+        snprintf(dst, cap, "%s", s);
+    Py_XDECREF(v);
+    return s ? 0 : -1;
+}
+
+static int attr_int(PyObject *d, const char *name, unsigned long long *out)
+{
+    PyObject *v = PyObject_GetAttrString(d, name);
+    *out = v ? PyLong_AsUnsignedLongLongMask(v) : 0;
+    Py_XDECREF(v);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* An EngineDescriptor (any object with its attributes) -> kvt_engine_info. */
+static int info_from(PyObject *d, kvt_engine_info *in)
+{
+    memset(in, 0, sizeof *in);
+    unsigned long long pid, pidns, fd, addr, port;
+    if (attr_bytes(d, "engine_id", in->id, sizeof in->id, 1) < 0 || attr_bytes(d, "gid", in->gid, sizeof in->gid, 0) < 0 ||
+        attr_str(d, "boot_id", in->boot_id, sizeof in->boot_id) < 0 ||
+        attr_str(d, "tcp_host", in->tcp_host, sizeof in->tcp_host) < 0 ||
+        attr_str(d, "ib_device", in->ib_device, sizeof in->ib_device) < 0 || attr_int(d, "pid", &pid) < 0 ||
+        attr_int(d, "pidns", &pidns) < 0 || attr_int(d, "table_fd", &fd) < 0 || attr_int(d, "table_addr", &addr) < 0 ||
+        attr_int(d, "tcp_port", &port) < 0)
+        return -1;
+    in->pid = (int32_t)pid;
+    in->pidns = (uint64_t)pidns;
+    in->table_fd = (int32_t)fd;
+    in->table_addr = (uint64_t)addr;
+    in->tcp_port = (int32_t)port;
+    PyObject *v = PyObject_GetAttrString(d, "verbs");
+    in->verbs = v ? PyObject_IsTrue(v) : -1;
+    Py_XDECREF(v);
+    return in->verbs < 0 ? -1 : 0;
+}
+
+static PyObject *reach_tuple(const kvt_reach *r)
+{
+    return Py_BuildValue("(sOis)", r->name, r->ok ? Py_True : Py_False, r->code, r->why);
+}
+
+static PyObject *reach_list(const kvt_reach *r, size_t n)
+{
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; l && i < n; i++) {
+        PyObject *t = reach_tuple(&r[i]);
+        if (!t) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
+}
+
+/* plan(descriptor, forced or None) -> [(name, ok, errno, why), ...] in the order connect tries them */
+static PyObject *Engine_plan(EngineObject *self, PyObject *args)
+{
+    PyObject *d;
+    const char *forced = NULL;
+    kvt_engine_info in;
+    if (!PyArg_ParseTuple(args, "Oz", &d, &forced) || !check_open(self) || info_from(d, &in) < 0)
+        return NULL;
+    kvt_reach r[KVT_MAX_TRANSPORTS];
+    kvt_err e;
+    int n = kvt_plan(self->e, &in, forced, r, &e);
+    if (n < 0)
+        return raise_err(&e, -1);
+    return reach_list(r, (size_t)n);
+}
+
+/* connect(descriptor, forced or None[, token]) -> (Peer, [(name, False, errno, error), ...] tried and
+ * failed first); the token (32 bytes) goes in the tcp hello, for servers that require one */
 static PyObject *Engine_connect(EngineObject *self, PyObject *args)
 {
-    kvt_engine_info in = {0};
-    const char *id, *host, *token = NULL;
-    Py_ssize_t idlen, toklen = 0;
-    int transport;
-    unsigned long long table_addr;
-    if (!PyArg_ParseTuple(args, "iy#iiKsip|z#", &transport, &id, &idlen, &in.pid, &in.table_fd, &table_addr, &host,
-                          &in.tcp_port, &in.verbs, &token, &toklen) ||
-        !check_open(self))
+    PyObject *d;
+    const char *forced = NULL, *token = NULL;
+    Py_ssize_t toklen = 0;
+    kvt_engine_info in;
+    if (!PyArg_ParseTuple(args, "Oz|z#", &d, &forced, &token, &toklen) || !check_open(self) || info_from(d, &in) < 0)
         return NULL;
-    if (idlen != KVT_ENGINE_ID_LEN || (token && toklen != KVT_TOKEN_LEN)) {
-        PyErr_SetString(PyExc_ValueError, "engine_id must be 16 bytes, a token 32");
+    if (token && toklen != KVT_TOKEN_LEN) {
+        PyErr_SetString(PyExc_ValueError, "a token is 32 bytes");
         return NULL;
     }
     if (token) {
         in.has_token = 1;
         memcpy(in.token, token, KVT_TOKEN_LEN);
     }
-    memcpy(in.id, id, sizeof in.id);
-    in.table_addr = table_addr;
-    snprintf(in.tcp_host, sizeof in.tcp_host, "%s", host);
     kvt_err e;
     kvt_peer *p = NULL;
+    kvt_reach tried[KVT_MAX_TRANSPORTS];
+    size_t ntried = 0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = kvt_connect(self->e, &in, transport, &p, &e);
+    rc = kvt_connect(self->e, &in, forced, &p, tried, &ntried, &e);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return raise_err(&e, -1);
-    PeerObject *po = PyObject_New(PeerObject, &PeerType);
+    PyObject *l = reach_list(tried, ntried);
+    PeerObject *po = l ? PyObject_New(PeerObject, &PeerType) : NULL;
     if (!po) {
+        Py_XDECREF(l);
         kvt_peer_close(p);
         return NULL;
     }
     po->p = p;
     Py_INCREF(self);
     po->engine = (PyObject *)self;
-    return (PyObject *)po;
+    return Py_BuildValue("(NN)", (PyObject *)po, l);
+}
+
+/* transports() -> [(name, offered, why_not, {fact: value}), ...] in preference order */
+static PyObject *Engine_transports(EngineObject *self, PyObject *noargs)
+{
+    if (!check_open(self))
+        return NULL;
+    size_t n = kvt_transport_count();
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; l && i < n; i++) {
+        kvt_fact f[KVT_MAX_FACTS];
+        size_t nf = 0;
+        char why[600];
+        int offered = kvt_transport_facts(self->e, i, f, &nf, why, sizeof why);
+        PyObject *facts = PyDict_New();
+        for (size_t k = 0; facts && k < nf; k++) {
+            PyObject *v = f[k].is_int ? PyLong_FromLongLong(f[k].i) : PyUnicode_FromString(f[k].s);
+            if (!v || PyDict_SetItemString(facts, f[k].key, v) < 0)
+                Py_CLEAR(facts);
+            Py_XDECREF(v);
+        }
+        PyObject *t = facts ? Py_BuildValue("(sOzN)", kvt_transport_name(i), offered ? Py_True : Py_False,
+                                            offered ? NULL : why, facts)
+                            : NULL;
+        if (!t) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
 }
 
 /* set_tcp_limits(idle_ms, max_conns, max_conns_per_peer, max_frame_bytes): 0 keeps a value */
@@ -525,7 +661,13 @@ static PyMethodDef Engine_methods[] = {
     {"register", (PyCFunction)Engine_register, METH_VARARGS, "register(addr, nbytes, kind, device)"},
     {"deregister", (PyCFunction)Engine_deregister, METH_O, "deregister(region_id)"},
     {"region_cuda", (PyCFunction)Engine_region_cuda, METH_O, "region_cuda(region_id) -> dict of its CUDA allocation"},
-    {"connect", (PyCFunction)Engine_connect, METH_VARARGS, "connect(transport, id, pid, fd, addr, host, port)"},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
+     "connect(descriptor, forced or None[, token]) -> (Peer, [(name, ok, errno, error) of transports that failed "
+     "first])"},
+    {"plan", (PyCFunction)Engine_plan, METH_VARARGS,
+     "plan(descriptor, forced or None) -> [(name, ok, errno, why), ...] in the order connect tries them"},
+    {"transports", (PyCFunction)Engine_transports, METH_NOARGS,
+     "transports() -> [(name, offered, why not, {fact: value}), ...] in preference order"},
     {"set_tcp_limits", (PyCFunction)Engine_set_tcp_limits, METH_VARARGS, "tcp server limits (0 keeps) -> dict"},
     {"tcp_stats", (PyCFunction)Engine_tcp_stats, METH_NOARGS, "tcp server connections, threads, refusals"},
     {"require_tokens", (PyCFunction)Engine_require_tokens, METH_NOARGS, "tcp server: admit allowed tokens only"},
@@ -557,14 +699,56 @@ static PyObject *mod_cuda_pointer_device(PyObject *m, PyObject *arg)
     return PyLong_FromLong(ordinal);
 }
 
+static PyObject *rdma_port_dict(const kvt_rdma_port *p)
+{
+    PyObject *gids = PyList_New(0);
+    for (int g = 0; gids && g < p->ngids; g++) {
+        PyObject *x = Py_BuildValue("{s:i,s:y#,s:O}", "index", p->gids[g].index, "raw", (const char *)p->gids[g].raw,
+                                    (Py_ssize_t)16, "rocev2", p->gids[g].rocev2 ? Py_True : Py_False);
+        if (!x || PyList_Append(gids, x) < 0)
+            Py_CLEAR(gids);
+        Py_XDECREF(x);
+    }
+    if (!gids)
+        return NULL;
+    return Py_BuildValue("{s:i,s:s,s:s,s:i,s:I,s:I,s:I,s:N}", "port", p->port, "state", p->state, "link_layer",
+                         p->link_layer, "active_mtu", p->active_mtu, "lid", p->lid, "width_code", p->width_code,
+                         "speed_code", p->speed_code, "gids", gids);
+}
+
+/* verbs_devices() -> [{name, fw, max_qp_wr, ..., ports: [{port, state, ..., gids: [...]}]} or {name, error}] */
 static PyObject *mod_verbs_devices(PyObject *m, PyObject *noargs)
 {
-    char buf[16384];
+    kvt_rdma_device *devs = calloc(KVT_RDMA_MAX_DEVICES, sizeof *devs);
+    if (!devs)
+        return PyErr_NoMemory();
     kvt_err e;
-    int n = kvt_verbs_describe(buf, sizeof buf, &e);
-    if (n < 0)
+    int n = kvt_rdma_devices(devs, KVT_RDMA_MAX_DEVICES, &e);
+    if (n < 0) {
+        free(devs);
         return raise_err(&e, -1);
-    return PyUnicode_FromStringAndSize(buf, n);
+    }
+    PyObject *l = PyList_New(0);
+    for (int i = 0; l && i < n; i++) {
+        const kvt_rdma_device *d = &devs[i];
+        PyObject *ports = PyList_New(0);
+        for (int p = 0; ports && p < d->nports; p++) {
+            PyObject *x = rdma_port_dict(&d->ports[p]);
+            if (!x || PyList_Append(ports, x) < 0)
+                Py_CLEAR(ports);
+            Py_XDECREF(x);
+        }
+        PyObject *x = !ports ? NULL
+                      : d->error[0] ? Py_BuildValue("{s:s,s:s,s:N}", "name", d->name, "error", d->error, "ports", ports)
+                                    : Py_BuildValue("{s:s,s:s,s:i,s:i,s:i,s:K,s:N}", "name", d->name, "fw", d->fw,
+                                                    "max_qp_wr", d->max_qp_wr, "max_sge", d->max_sge, "max_qp_rd_atom",
+                                                    d->max_qp_rd_atom, "max_mr_size", d->max_mr_size, "ports", ports);
+        if (!x || PyList_Append(l, x) < 0)
+            Py_CLEAR(l);
+        Py_XDECREF(x);
+    }
+    free(devs);
+    return l;
 }
 
 /* cuda_dmabuf(ptr, nbytes) -> offset: exports a dma-buf of the allocation (and closes it). */
@@ -630,7 +814,7 @@ static PyMethodDef module_methods[] = {
     {"cuda_pointer_device", mod_cuda_pointer_device, METH_O, "CUDA device ordinal of a device pointer"},
     {"cuda_available", mod_cuda_available, METH_NOARGS, "(bool, reason)"},
     {"cuda_dmabuf", mod_cuda_dmabuf, METH_VARARGS, "cuda_dmabuf(ptr, nbytes) -> offset in the exported dma-buf"},
-    {"verbs_devices", mod_verbs_devices, METH_NOARGS, "RDMA devices, ports and GIDs, one line each"},
+    {"verbs_devices", mod_verbs_devices, METH_NOARGS, "[{name, fw, ..., ports: [{port, state, ..., gids}]}]: RDMA devices as libibverbs lists them"},
     {NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "kvtransfer._C", "kvtransfer C core", -1,
@@ -650,8 +834,9 @@ PyMODINIT_FUNC PyInit__C(void)
     PyModule_AddIntConstant(m, "VERBS_MAX_QPS", KVT_VERBS_MAX_QPS);
     PyModule_AddIntConstant(m, "MEM_HOST", KVT_MEM_HOST);
     PyModule_AddIntConstant(m, "MEM_CUDA", KVT_MEM_CUDA);
-    PyModule_AddIntConstant(m, "TRANSPORT_SHM", KVT_TRANSPORT_SHM);
-    PyModule_AddIntConstant(m, "TRANSPORT_TCP", KVT_TRANSPORT_TCP);
-    PyModule_AddIntConstant(m, "TRANSPORT_VERBS", KVT_TRANSPORT_VERBS);
+    PyObject *names = PyTuple_New((Py_ssize_t)kvt_transport_count());
+    for (size_t i = 0; names && i < kvt_transport_count(); i++)
+        PyTuple_SET_ITEM(names, (Py_ssize_t)i, PyUnicode_FromString(kvt_transport_name(i)));
+    PyModule_AddObject(m, "TRANSPORTS", names); /* in the order connect prefers them */
     return m;
 }

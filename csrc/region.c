@@ -47,8 +47,8 @@ void kvt_table_destroy(kvt_region_table *t)
 }
 
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, uint64_t *id, uint64_t *key,
-                  kvt_err *err)
+                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, const kvt_map_src *map, uint64_t *id,
+                  uint64_t *key, kvt_err *err)
 {
     if (len == 0 || addr == 0 || addr + len < addr)
         return kvt_error(err, EINVAL, "register", "bad range addr=0x%lx len=%lu",
@@ -86,6 +86,9 @@ int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind
         s->cuda = *cuda;
     else
         memset(&s->cuda, 0, sizeof s->cuda);
+    s->map = map ? *map : (kvt_map_src){.fd = -1};
+    if (s->map.fd >= 0)
+        atomic_fetch_add(&t->shared->mappable, 1);
     uint64_t rid = ((uint64_t)++t->gen[slot] << 32) | (slot + 1);
     atomic_store(&s->id, rid); /* publishes the fields above */
     pthread_mutex_unlock(&t->lock);
@@ -112,6 +115,8 @@ int kvt_table_remove(kvt_region_table *t, uint64_t id, kvt_err *err)
         return kvt_error(err, ENOENT, "deregister", "region 0x%lx is not registered", (unsigned long)id);
     }
     atomic_store(&t->shared->slots[slot].id, 0);
+    if (t->shared->slots[slot].map.fd >= 0)
+        atomic_fetch_sub(&t->shared->mappable, 1);
     pthread_mutex_unlock(&t->lock);
     /* New reads are refused from here on; wait for the ones being served. Each is
      * bounded by the engine's io timeout, so this ends. */

@@ -16,8 +16,19 @@
 #include "kvt.h"
 
 #define KVT_TABLE_MAGIC 0x6b767472656769ULL /* "kvtregi" */
-#define KVT_TABLE_VERSION 2 /* 2: CUDA regions carry their allocation and IPC handle */
+#define KVT_TABLE_VERSION 3 /* 2: CUDA regions carry their allocation and IPC handle; 3: shareable files */
 #define KVT_MAX_REGIONS 4096
+
+/* Where a host region's bytes live in a file a same-host reader can map (a memfd, a
+ * /dev/shm file): the file's fd in the registering process (the reader opens
+ * /proc/PID/fd/N), the region's first byte's offset in it, and the file's identity,
+ * which the reader checks after opening. fd -1: not shareable. */
+typedef struct kvt_map_src {
+    int32_t fd;
+    uint32_t pad;
+    uint64_t off;
+    uint64_t dev, ino;
+} kvt_map_src;
 
 typedef struct kvt_shared_slot {
     _Atomic uint64_t id; /* 0 = free; written last on register, first on deregister */
@@ -29,6 +40,7 @@ typedef struct kvt_shared_slot {
     uint32_t lkey; /* verbs keys of the region's memory registration, 0 without one */
     uint32_t rkey;
     kvt_cuda_alloc cuda; /* CUDA regions: allocation, device, IPC handle (all 0 for host) */
+    kvt_map_src map;     /* host regions in a shareable file (map.fd -1 otherwise) */
 } kvt_shared_slot;
 
 typedef struct kvt_shared_table {
@@ -36,6 +48,7 @@ typedef struct kvt_shared_table {
     uint8_t engine_id[16];
     uint32_t version;
     uint32_t nslots;
+    _Atomic uint32_t mappable; /* registered regions with map.fd >= 0 (map's reach) */
     kvt_shared_slot slots[KVT_MAX_REGIONS];
 } kvt_shared_table;
 
@@ -61,8 +74,8 @@ void kvt_table_destroy(kvt_region_table *t);
 /* With a verbs registration (rkey != 0), the key's low 32 bits are its rkey and the
  * high 32 random; otherwise all 64 bits are random. */
 int kvt_table_add(kvt_region_table *t, uint64_t addr, uint64_t len, int mem_kind, int device,
-                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, uint64_t *id, uint64_t *key,
-                  kvt_err *err);
+                  uint32_t lkey, uint32_t rkey, const kvt_cuda_alloc *cuda, const kvt_map_src *map, uint64_t *id,
+                  uint64_t *key, kvt_err *err);
 static inline uint32_t kvt_region_slot(uint64_t id) { return (uint32_t)(id & 0xffffffffu) - 1; }
 int kvt_table_remove(kvt_region_table *t, uint64_t id, kvt_err *err);
 

@@ -11,9 +11,8 @@
 #include "sock.h"
 #include "wire.h"
 
-/* Bytes per staging buffer: KVTRANSFER_TCP_STAGE_KB (64 KiB to 16 MiB), default 2 MiB
- * (measured on an H100: 512 KiB and 1 MiB buffers pay for a launch and a wait per
- * buffer; see bench/transfer_bw.py). */
+/* Bytes per staging buffer: KVTRANSFER_TCP_STAGE_KB (64 KiB to 16 MiB), default 2 MiB:
+ * smaller buffers pay for a launch and a wait per buffer (bench/README.md). */
 static size_t stage_bytes(void)
 {
     static size_t v;

@@ -283,9 +283,8 @@ static kvt_job *new_job(kvt_transfer *t, kvt_queue *q, size_t max_pieces, const 
 static inline uint64_t col(const kvt_col *c, size_t i) { return c->p[i * c->stride]; }
 
 /* Job limits: the first jobs into device memory are smaller (1/16, 1/4), so the GPU
- * starts copying sooner while the rest of the batch is cut (and the next job is ready
- * before the GPU runs out: 1/8 then the rest was worse, 16,384 x 32 KiB blocks over
- * shm on an H200 0.80x of copy_ against 0.84-0.87x). */
+ * starts copying sooner while the rest of the batch is cut, and the next job is ready
+ * before the GPU runs out (1/8 then the rest measured worse: bench/README.md). */
 static kvt_job_limits job_limits(const kvt_job_limits lim[2], int kind, int *dev_jobs)
 {
     const kvt_job_limits *cl = &lim[kind == KVT_MEM_HOST ? 0 : 1];
@@ -466,8 +465,8 @@ static int started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **o
 
 /* read_blocks' ranges, 256 entries at a time: how many entries lead the batch in
  * blocks of 256 with every local offset at most `last` and no offset negative (see
- * the caller). With AVX2 where the CPU has it (half the time of SSE2: 16,384
- * entries, 4.5 -> 2.3 us on a 2-core VM), chosen when the library loads. */
+ * the caller). With AVX2 where the CPU has it (half the time of SSE2), chosen when
+ * the library loads. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -488,16 +487,10 @@ static size_t good_blocks(const uint64_t *lo, const uint64_t *ro, size_t n, uint
  * waking the transport threads first hides their wake-up. */
 #define KICK_ENTRIES 256
 
-/* One local region and one remote region (read_blocks): cut lazily (cut_lazy). */
-static int one_to_one(const kvt_read_cols *c)
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, enum kvt_batch_kind kind,
+                       const kvt_job_limits lim[3], kvt_queue *q, kvt_transfer **out, kvt_err *err)
 {
-    return c->local_region.stride == 0 && c->remote_region.stride == 0 && c->remote_key.stride == 0 &&
-           c->remote_addr.stride == 0;
-}
-
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kvt_job_limits lim[3],
-                       kvt_queue *q, kvt_transfer **out, kvt_err *err)
-{
+    const int paged = kind == KVT_BATCH_PAGED; /* one local and one remote region: cut lazily (cut_lazy) */
     if (c->n == 0)
         return kvt_error(err, EINVAL, "read", "empty batch");
     kvt_transfer *t = calloc(1, sizeof *t);
@@ -521,10 +514,10 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
     }
     /* Sleeping transport threads wake while the ranges are checked and cut; not where
      * the caller will start the copies itself (a queue's direct hook, read_blocks into
-     * GPU memory): there the kick cost ~3.5 us before the first launch (an H200's host,
-     * threads asleep), and queueing the started jobs wakes the threads that settle them. */
+     * GPU memory): there the kick delays the first launch, and queueing the started
+     * jobs wakes the threads that settle them. */
     int kick = c->n >= KICK_ENTRIES;
-    if (kick && !(q->direct && one_to_one(c) && c->len.stride == 0)) {
+    if (kick && !(q->direct && paged && c->len.stride == 0)) {
         kvt_queue_kick(q);
         kick = 0;
     }
@@ -588,9 +581,9 @@ int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *c, const kv
         return rc;
     }
 
-    /* One local region and one remote region (read_blocks): copy the columns, cut
-     * jobs without pieces; the popping threads write them. */
-    if (one_to_one(c)) {
+    /* A paged batch: copy the columns, cut jobs without pieces; the popping threads
+     * write them. */
+    if (paged) {
         const kvt_job_limits lazy[2] = {lim[0], lim[2]};
         rc = cut_lazy(t, c, &ls.views[0], lazy, q, err);
         free(ls.views);
@@ -682,11 +675,10 @@ static int64_t spin_setting(const char *name, int64_t default_us, _Atomic int64_
     return v;
 }
 
-/* A waiter: a GPU batch finishes in hundreds of microseconds to a few milliseconds
- * (512 MiB from another GPU: ~1.5 ms), and waking a sleeping thread costs tens of
- * them (more in a VM): reading from another H200, 0.93x of the peer copy_ with 5 ms
- * against 0.89-0.91x with 1 ms, which slept through every pass. The spin ends when
- * the transfer does. */
+/* A waiter: a GPU batch finishes in hundreds of microseconds to a few milliseconds,
+ * and waking a sleeping thread costs tens of microseconds (more in a VM); 5 ms covers
+ * a 512 MiB read from another GPU (bench/README.md). The spin ends when the transfer
+ * does. */
 static int64_t spin_ns(void)
 {
     static _Atomic int64_t cached = -1;

@@ -158,13 +158,15 @@ void kvt_queue_kick(kvt_queue *q);
 void kvt_queue_close(kvt_queue *q, const char *why);
 void kvt_queue_destroy(kvt_queue *q);
 
-/* Starts a batch: checks every local range first (an error names the entry, and
+/* Starts a batch (of a kind: KVT_BATCH_PAGED's regions, keys and addresses are one for
+ * every entry, its jobs cut lazily): checks every local range first (an error names the entry, and
  * nothing is queued), holds the local regions, then cuts the entries into jobs of at
  * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination, and
  * whether the batch is cut lazily; a longer entry is split) and pushes each job to q
  * as soon as it is cut, so transports start on the first while the rest are cut. A
  * job lands in one memory kind and device. */
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, const kvt_job_limits lim[3],
-                       kvt_queue *q, kvt_transfer **out, kvt_err *err);
+enum kvt_batch_kind { KVT_BATCH_ENTRIES, KVT_BATCH_PAGED };
+int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, enum kvt_batch_kind kind,
+                       const kvt_job_limits lim[3], kvt_queue *q, kvt_transfer **out, kvt_err *err);
 
 #endif

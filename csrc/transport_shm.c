@@ -25,15 +25,10 @@
 #include <unistd.h>
 
 #include "transport_shm.h"
+#include "transport_shm_cuda.h"
 
 #define SHM_MAX_PIECES 1024 /* IOV_MAX */
 #define SHM_MAX_BYTES (4u << 20)
-
-static int target_alive(const shm_peer *s)
-{
-    struct pollfd pf = {.fd = s->pidfd, .events = POLLIN};
-    return poll(&pf, 1, 0) == 0; /* a pidfd turns readable when the process exits */
-}
 
 /* The entry of the piece that holds byte `at` of the job. */
 static int64_t entry_at(const kvt_job *job, uint64_t at)
@@ -44,62 +39,6 @@ static int64_t entry_at(const kvt_job *job, uint64_t at)
         at -= job->pieces[i].len;
     }
     return (int64_t)job->pieces[job->n - 1].entry;
-}
-
-int kvt_shm_readv(shm_peer *s, struct iovec *liov, struct iovec *riov, size_t n, uint64_t bytes, uint64_t *done,
-                  kvt_err *err)
-{
-    /* Local and remote lists have equal element lengths, so a short count advances
-     * both the same way. */
-    size_t first = 0;
-    *done = 0;
-    while (*done < bytes) {
-        ssize_t got = process_vm_readv(s->pid, liov + first, n - first, riov + first, n - first, 0);
-        if (got <= 0) {
-            int en = got < 0 ? errno : EFAULT;
-            if (!target_alive(s))
-                en = ESRCH;
-            return kvt_syserr(err, en, "process_vm_readv", "pid=%d, iovcnt=%zu, after %lu of %lu bytes", (int)s->pid,
-                              n - first, (unsigned long)*done, (unsigned long)bytes);
-        }
-        *done += (uint64_t)got;
-        size_t left = (size_t)got;
-        while (left && left >= liov[first].iov_len) {
-            left -= liov[first].iov_len;
-            first++;
-        }
-        if (left) {
-            liov[first].iov_base = (char *)liov[first].iov_base + left;
-            liov[first].iov_len -= left;
-            riov[first].iov_base = (char *)riov[first].iov_base + left;
-            riov[first].iov_len -= left;
-        }
-    }
-    return 0;
-}
-
-int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
-{
-    /* Seqlock check: the bytes count only if every source region outlived the copy
-     * and the target is the process we connected to. */
-    uint64_t last = 0;
-    const size_t n = job->batch ? 1 : job->n; /* a lazy job reads one region */
-    for (size_t i = 0; i < n; i++) {
-        uint64_t id = job->batch ? job->batch->remote_region : job->pieces[i].remote_region;
-        if (id == last)
-            continue;
-        last = id;
-        if (!kvt_shared_still_valid(s->table, id)) {
-            *entry = (int64_t)job->pieces[i].entry;
-            return kvt_error(e, ESTALE, "read", "remote region 0x%lx was deregistered during the read",
-                             (unsigned long)id);
-        }
-    }
-    if (!target_alive(s)) {
-        *entry = (int64_t)job->pieces[0].entry;
-        return kvt_error(e, ESRCH, "read", "target process %d exited during the read", (int)s->pid);
-    }
-    return 0;
 }
 
 /* Host memory on both sides. Returns 1 without doing anything when a source is CUDA
@@ -178,102 +117,77 @@ static void shm_close(kvt_peer *p)
         pthread_join(s->threads[i], NULL);
     kvt_shm_direct_end(s); /* after the threads: every job is settled */
     kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */
-    munmap((void *)s->table, sizeof(kvt_shared_table));
-    close(s->pidfd);
+    kvt_shm_peer_release(s);
     free(s);
 }
 
-static int map_table(const kvt_engine_info *peer, const kvt_shared_table **out, kvt_err *err)
+static int shm_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
 {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)peer->pid, (int)peer->table_fd);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return kvt_syserr(err, errno, "open", "\"%s\", O_RDONLY", path);
-    struct stat st;
-    if (fstat(fd, &st) < 0 || (size_t)st.st_size < sizeof(kvt_shared_table)) {
-        close(fd);
-        return kvt_error(err, EPROTO, "connect", "%s is not a kvtransfer region table", path);
-    }
-    void *m = mmap(NULL, sizeof(kvt_shared_table), PROT_READ, MAP_SHARED, fd, 0);
-    int en = errno;
-    close(fd);
-    if (m == MAP_FAILED)
-        return kvt_syserr(err, en, "mmap", "%s, PROT_READ", path);
-    const kvt_shared_table *t = m;
-    if (t->magic != KVT_TABLE_MAGIC || t->version != KVT_TABLE_VERSION ||
-        memcmp(t->engine_id, peer->id, sizeof peer->id) != 0) {
-        munmap(m, sizeof(kvt_shared_table));
-        return kvt_error(err, ESTALE, "connect", "%s belongs to another engine (pid reused?)", path);
-    }
-    *out = t;
-    return 0;
+    if (!kvt_same_host(&e->info, peer, r))
+        return 0;
+    size_t n = strlen(r->why);
+    snprintf(r->why + n, sizeof r->why - n, ": process_vm_readv / CUDA IPC");
+    return 1;
 }
 
-int kvt_shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+static int shm_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap)
 {
-    if (peer->pid <= 0)
-        return kvt_error(err, EINVAL, "connect", "peer has no pid");
+    if (!e->info.boot_id[0]) {
+        snprintf(why, cap, "shm needs Linux and a boot id");
+        return 0;
+    }
+    f[0] = (kvt_fact){.key = "boot_id"};
+    snprintf(f[0].s, sizeof f[0].s, "%s", e->info.boot_id);
+    f[1] = (kvt_fact){.key = "pidns", .is_int = 1, .i = (long long)e->info.pidns};
+    *n = 2;
+    return 1;
+}
+
+static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+{
     shm_peer *s = calloc(1, sizeof *s);
     if (!s)
         return kvt_syserr(err, ENOMEM, "calloc", "shm peer");
-    s->pid = peer->pid;
-    s->same_process = peer->pid == getpid();
-    s->queue = &p->queue;
     s->ipc = kvt_ipc_cache_create();
     if (!s->ipc) {
         free(s);
         return kvt_syserr(err, ENOMEM, "calloc", "ipc cache");
     }
-    s->pidfd = (int)syscall(SYS_pidfd_open, s->pid, 0);
-    if (s->pidfd < 0) {
-        int rc = kvt_syserr(err, errno, "pidfd_open", "pid=%d", (int)s->pid);
-        kvt_ipc_cache_destroy(s->ipc);
-        free(s);
-        return rc;
-    }
-    int rc = map_table(peer, &s->table, err);
+    int rc = kvt_shm_peer_open(s, peer, err);
     if (rc < 0) {
-        close(s->pidfd);
         kvt_ipc_cache_destroy(s->ipc);
         free(s);
         return rc;
     }
-    /* Prove process_vm_readv works on this target (ptrace permission, right process)
-     * by reading its engine id out of its own copy of the table. */
-    uint8_t id[KVT_ENGINE_ID_LEN];
-    struct iovec l = {id, sizeof id};
-    struct iovec r = {(void *)(uintptr_t)(peer->table_addr + offsetof(kvt_shared_table, engine_id)), sizeof id};
-    ssize_t got = process_vm_readv(s->pid, &l, 1, &r, 1, 0);
-    if (got != (ssize_t)sizeof id || memcmp(id, peer->id, sizeof id) != 0) {
-        rc = got < 0 ? kvt_syserr(err, errno, "process_vm_readv", "pid=%d, probe of %zu bytes", (int)s->pid, sizeof id)
-                     : kvt_error(err, ESTALE, "connect", "pid %d is not the engine we were given", (int)s->pid);
-        munmap((void *)s->table, sizeof(kvt_shared_table));
-        close(s->pidfd);
-        kvt_ipc_cache_destroy(s->ipc);
-        free(s);
-        return rc;
-    }
+    s->queue = &p->queue;
     pthread_mutex_init(&s->direct_mu, NULL);
     p->queue.direct = kvt_shm_cuda_direct;
     p->queue.direct_ctx = s;
     s->nthreads = p->eng->opts.shm_threads;
     p->impl = s;
-    p->close = shm_close;
     p->max_pieces = SHM_MAX_PIECES;
     p->max_bytes = SHM_MAX_BYTES;
     p->dev_max_pieces = SHM_DEV_MAX_PIECES;
     p->dev_max_bytes = SHM_DEV_MAX_BYTES;
-    p->dev_lazy_max_pieces = SHM_DEV_LAZY_MAX_PIECES;
-    p->dev_lazy_max_bytes = SHM_DEV_LAZY_MAX_BYTES;
-    for (int i = 0; i < s->nthreads; i++) {
-        int e = pthread_create(&s->threads[i], NULL, worker, s);
-        if (e != 0) {
-            s->nthreads = i;
-            kvt_queue_close(&p->queue, "connect failed");
-            shm_close(p);
-            return kvt_syserr(err, e, "pthread_create", "shm worker %d", i);
-        }
-    }
-    return 0;
+    return kvt_shm_start_threads(p, s->threads, &s->nthreads, worker, s, err);
 }
+
+/* Paged batches into CUDA memory cost the CPU two offsets a block here
+ * (transport_shm_cuda.c): their jobs may be far larger than other CUDA jobs. */
+static int shm_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                      kvt_err *err)
+{
+    kvt_job_limits lim[3];
+    kvt_peer_limits(p, lim);
+    lim[2] = (kvt_job_limits){SHM_DEV_LAZY_MAX_PIECES, SHM_DEV_LAZY_MAX_BYTES};
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
+}
+
+const kvt_transport_ops kvt_shm_ops = {
+    .name = "shm",
+    .reach = shm_reach,
+    .connect = shm_connect,
+    .submit = shm_submit,
+    .close = shm_close,
+    .facts = shm_facts,
+};

@@ -9,8 +9,7 @@
  * shape) need no descriptors either, the kernel reading the job's two offset columns
  * (copied to the pinned buffer, the remote bounds checked on the way) and computing
  * each block's addresses; other lazy jobs get descriptors straight from the batch's
- * columns (a few ns a block; writing pieces first and checking each one cost ~30 ns a
- * block and left the GPU waiting). Other jobs go piece by piece. The first jobs of a
+ * columns (writing pieces first and checking each one left the GPU waiting). Other jobs go piece by piece. The first jobs of a
  * batch are small (transfer.c), so the GPU starts on them while the rest are cut. The
  * kernel runs on the destination's device, in its primary context; a reader on
  * another GPU reads over peer access. Each thread keeps two jobs in flight per
@@ -22,8 +21,7 @@
  * Whole-block jobs are launched by the thread that cuts them (kvt_shm_cuda_direct,
  * the queue's direct hook), on the peer's own lanes, and queued for a transport thread
  * to settle: the GPU starts without waiting for a transport thread to take the job
- * (16,384 x 32 KiB blocks, scratch probe alternating with copy_, two H200s: 0.894x ->
- * 0.901x of copy_ on one GPU, 0.938x -> 0.957x of the peer copy_ from the other).
+ * (bench/README.md has the gain).
  * Every other job, and a whole-block job finding the caller's lanes taken or full, is
  * run by the transport threads.
  *
@@ -39,7 +37,7 @@
 
 #include "cuda.h"
 #include "cuda_copy.h"
-#include "transport_shm.h"
+#include "transport_shm_cuda.h"
 
 /* room for the descriptors of any job: lazy ones are the larger (16-byte column
  * pairs of whole-block jobs fit in it too) */
@@ -423,7 +421,7 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
  * transfer.c checks the local ones), where the kernel reads them (blocks longer than
  * a descriptor: the launch uploads them to the slot's device buffer first; cuda_copy.h
  * says why), and the kernel computes each block's addresses (16 bytes copied a block,
- * against a 24-byte descriptor per 32 KiB built at ~6 ns a block: jobs can then be
+ * against a 24-byte descriptor per 32 KiB: jobs can then be
  * large, few launches a batch). In a transport thread, or the caller's (cu NULL). 1
  * launched; 0 when the job is not of that shape, its source is not CUDA memory, the
  * device copies in batch mode or a range is out of bounds (the descriptor path takes

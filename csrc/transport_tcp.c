@@ -16,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "transport_tcp.h"
 #include "sock.h"
 #include "tcp_stage.h"
 #include "wire.h"
@@ -270,7 +270,27 @@ static void tcp_close(kvt_peer *p)
     free(tp);
 }
 
-int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+static int tcp_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
+{
+    if (peer->tcp_port <= 0 || !peer->tcp_host[0]) {
+        r->code = EHOSTUNREACH;
+        snprintf(r->why, sizeof r->why, "the peer engine has no tcp address");
+        return 0;
+    }
+    snprintf(r->why, sizeof r->why, "reaches any host: the peer's tcp server at %s:%d", peer->tcp_host,
+             (int)peer->tcp_port);
+    return 1;
+}
+
+static int tcp_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap)
+{
+    f[0] = (kvt_fact){.key = "listen"};
+    snprintf(f[0].s, sizeof f[0].s, "%s:%d", e->info.tcp_host, (int)e->info.tcp_port);
+    *n = 1;
+    return 1;
+}
+
+static int tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 {
     if (peer->tcp_port <= 0 || !peer->tcp_host[0])
         return kvt_error(err, EINVAL, "connect", "peer has no tcp address");
@@ -305,7 +325,6 @@ int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
             tp->nconns = i + 1;
     }
     p->impl = tp;
-    p->close = tcp_close;
     p->max_pieces = TCP_MAX_PIECES;
     p->max_bytes = TCP_MAX_BYTES;
     p->dev_max_pieces = TCP_MAX_PIECES;
@@ -322,3 +341,12 @@ int kvt_tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     }
     return 0;
 }
+
+const kvt_transport_ops kvt_tcp_ops = {
+    .name = "tcp",
+    .reach = tcp_reach,
+    .connect = tcp_connect,
+    .submit = kvt_submit_jobs,
+    .close = tcp_close,
+    .facts = tcp_facts,
+};

@@ -17,12 +17,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "transport_verbs.h"
 #include "sock.h"
 #include "verbs.h"
 
@@ -341,7 +342,49 @@ static void verbs_close(kvt_peer *p)
     free(vp);
 }
 
-int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
+static void gid_str(const uint8_t gid[16], char *out, size_t cap)
+{
+    if (!inet_ntop(AF_INET6, gid, out, (socklen_t)cap))
+        snprintf(out, cap, "?");
+}
+
+static int verbs_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
+{
+    r->code = ENODEV;
+    if (!e->verbs) {
+        snprintf(r->why, sizeof r->why, "this engine has no verbs: %s", e->info.verbs_why);
+        return 0;
+    }
+    if (!peer->verbs) {
+        snprintf(r->why, sizeof r->why, "the peer engine has no RDMA device");
+        return 0;
+    }
+    r->code = 0;
+    char mine[64], theirs[64];
+    gid_str(e->info.gid, mine, sizeof mine);
+    gid_str(peer->gid, theirs, sizeof theirs);
+    snprintf(r->why, sizeof r->why, "both engines have RDMA ports (%s %s -> %s %s): RDMA READ", e->info.ib_device,
+             mine, peer->ib_device, theirs);
+    return 1;
+}
+
+static int verbs_facts(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap)
+{
+    if (!e->verbs) {
+        snprintf(why, cap, "%s", e->info.verbs_why);
+        return 0;
+    }
+    f[0] = (kvt_fact){.key = "device"};
+    snprintf(f[0].s, sizeof f[0].s, "%s", e->info.ib_device);
+    f[1] = (kvt_fact){.key = "port", .is_int = 1, .i = e->info.ib_port};
+    f[2] = (kvt_fact){.key = "gid_index", .is_int = 1, .i = e->info.gid_index};
+    f[3] = (kvt_fact){.key = "gid"};
+    gid_str(e->info.gid, f[3].s, sizeof f[3].s);
+    *n = 4;
+    return 1;
+}
+
+static int verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
 {
     kvt_verbs *v = p->eng->verbs;
     if (!v)
@@ -378,7 +421,6 @@ int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     if (rc == 0) {
         p->queue.wake_fd = vp->wake_fd;
         p->impl = vp;
-        p->close = verbs_close;
         /* a job is one chain: it must fit an empty send queue */
         p->max_pieces = vp->qs->sq_depth < VERBS_MAX_PIECES ? (size_t)vp->qs->sq_depth : VERBS_MAX_PIECES;
         p->max_bytes = VERBS_MAX_BYTES;
@@ -398,3 +440,12 @@ int kvt_verbs_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     free(vp);
     return rc;
 }
+
+const kvt_transport_ops kvt_verbs_ops = {
+    .name = "verbs",
+    .reach = verbs_reach,
+    .connect = verbs_connect,
+    .submit = kvt_submit_jobs,
+    .close = verbs_close,
+    .facts = verbs_facts,
+};

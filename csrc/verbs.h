@@ -66,7 +66,5 @@ void kvt_qpset_local(const kvt_qpset *s, kvt_wire_verbs *out);
 int kvt_qpset_connect(kvt_qpset *s, const kvt_wire_verbs *remote, kvt_err *err);
 void kvt_qpset_destroy(kvt_qpset *s);
 
-/* One line per device and port for `kvtransfer doctor`; returns bytes written or -errno. */
-int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err);
 
 #endif

@@ -174,50 +174,54 @@ static const char *link_layer_str(uint8_t ll)
     return ll == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : ll == IBV_LINK_LAYER_INFINIBAND ? "InfiniBand" : "unknown";
 }
 
-int kvt_verbs_describe(char *buf, size_t cap, kvt_err *err)
+int kvt_rdma_devices(kvt_rdma_device *out, int cap, kvt_err *err)
 {
     int n = 0;
     struct ibv_device **list = ibv_get_device_list(&n);
     if (!list)
         return no_devices(err);
-    size_t used = 0;
-    buf[0] = 0;
-#define OUT(...) (used += (size_t)snprintf(buf + used, used < cap ? cap - used : 0, __VA_ARGS__))
-    for (int i = 0; i < n; i++) {
-        const char *name = ibv_get_device_name(list[i]);
+    int got = 0;
+    for (int i = 0; i < n && got < cap; i++) {
+        kvt_rdma_device *d = &out[got++];
+        memset(d, 0, sizeof *d);
+        snprintf(d->name, sizeof d->name, "%s", ibv_get_device_name(list[i]));
         struct ibv_context *ctx = ibv_open_device(list[i]);
         struct ibv_device_attr da;
         if (!ctx || ibv_query_device(ctx, &da) != 0) {
-            OUT("%s: cannot open: %s\n", name, strerror(errno));
+            snprintf(d->error, sizeof d->error, "cannot open: %s", strerror(errno));
             if (ctx)
                 ibv_close_device(ctx);
             continue;
         }
-        OUT("%s: fw %s, max_qp_wr %d, max_sge %d, max_qp_rd_atom %d, max_mr_size %llu\n", name, da.fw_ver,
-            da.max_qp_wr, da.max_sge, da.max_qp_rd_atom, (unsigned long long)da.max_mr_size);
-        for (int p = 1; p <= da.phys_port_cnt; p++) {
+        snprintf(d->fw, sizeof d->fw, "%s", da.fw_ver);
+        d->max_qp_wr = da.max_qp_wr;
+        d->max_sge = da.max_sge;
+        d->max_qp_rd_atom = da.max_qp_rd_atom;
+        d->max_mr_size = (unsigned long long)da.max_mr_size;
+        for (int p = 1; p <= da.phys_port_cnt && d->nports < KVT_RDMA_MAX_PORTS; p++) {
             struct ibv_port_attr pa;
             if (ibv_query_port(ctx, (uint8_t)p, &pa) != 0)
                 continue;
-            OUT("  port %d: %s, link layer %s, active MTU %d, lid %u, width code %u, speed code %u\n", p,
-                ibv_port_state_str(pa.state), link_layer_str(pa.link_layer), 128 << pa.active_mtu, pa.lid,
-                pa.active_width, pa.active_speed);
-            for (int g = 0; g < pa.gid_tbl_len && g < 16; g++) {
+            kvt_rdma_port *po = &d->ports[d->nports++];
+            po->port = p;
+            snprintf(po->state, sizeof po->state, "%s", ibv_port_state_str(pa.state));
+            snprintf(po->link_layer, sizeof po->link_layer, "%s", link_layer_str(pa.link_layer));
+            po->active_mtu = 128 << pa.active_mtu;
+            po->lid = pa.lid;
+            po->width_code = pa.active_width;
+            po->speed_code = pa.active_speed;
+            for (int g = 0; g < pa.gid_tbl_len && po->ngids < KVT_RDMA_MAX_GIDS; g++) {
                 union ibv_gid gid;
                 if (ibv_query_gid(ctx, (uint8_t)p, g, &gid) != 0 || !gid_nonzero(&gid))
                     continue;
-                char type[32] = "IB/RoCE v1";
-                if (pa.link_layer == IBV_LINK_LAYER_ETHERNET && gid_is_rocev2(name, p, g))
-                    snprintf(type, sizeof type, "RoCE v2");
-                OUT("    gid %d: ", g);
-                for (int b = 0; b < 16; b += 2)
-                    OUT("%02x%02x%s", gid.raw[b], gid.raw[b + 1], b < 14 ? ":" : "");
-                OUT(" (%s)\n", type);
+                kvt_rdma_gid *o = &po->gids[po->ngids++];
+                o->index = g;
+                memcpy(o->raw, gid.raw, 16);
+                o->rocev2 = pa.link_layer == IBV_LINK_LAYER_ETHERNET && gid_is_rocev2(d->name, p, g);
             }
         }
         ibv_close_device(ctx);
     }
-#undef OUT
     ibv_free_device_list(list);
-    return (int)(used < cap ? used : cap - 1);
+    return got;
 }

@@ -17,12 +17,14 @@ Sections, printed like perftest's header (aligned ``key : value`` lines):
 - **CUDA**: the driver (``libcuda.so.1``, loaded at run time), the devices (through
   torch or cupy when importable: both optional), dma-buf export of a small device
   buffer (what ``ibv_reg_dmabuf_mr`` needs), and whether nvidia-peermem is loaded.
-- **Engine**: the transports an :class:`~kvtransfer.engine.Engine` made here offers:
-  verbs (device, port, GID index) or why not, shm (Linux, same host), tcp (its address).
+- **Engine**: the transports an :class:`~kvtransfer.engine.Engine` made here offers
+  (``Engine.transports()``, the C core's facts): verbs (device, port, GID index), shm
+  (same host), tcp (its address), or why not.
 - **Peer** (``--peer FILE`` holding ``EngineDescriptor.to_bytes()``, or ``--peer-hex``):
-  the ordered candidates from the engine's own choice (``Engine._candidates``: forced
-  by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else verbs, shm, tcp), the pick and why;
-  with ``--connect`` the transport ``Engine.connect`` really got, or its error.
+  the ordered candidates from the engine's own choice (``Engine.plan``, which asks the C
+  core's transport table: forced by ``KVTRANSFER_TRANSPORT`` / ``--transport``, else the
+  table's order), the pick and why; with ``--connect`` the transport ``Engine.connect``
+  really got (and those that failed first), or its error.
 - **Exposure**: the kvtransfer processes of this host that listen on TCP beyond loopback,
   each with a warning unless its command line configures CurveZMQ keys (without them
   anyone who reaches those ports can read registered memory).
@@ -36,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import logging
 import os
 import platform
 import re
@@ -46,7 +47,7 @@ from typing import Any, Callable
 from . import __version__, _C
 from .control.security import exposed_listeners
 from .descriptors import EngineDescriptor
-from .engine import TRANSPORTS, Engine
+from .engine import TRANSPORTS, Engine, forced_transport
 from .errors import KVTransferError
 
 # --- verbs codes (infiniband/verbs.h) --------------------------------------------------
@@ -193,8 +194,6 @@ def rdma_via_pyverbs(pvd: Any) -> dict[str, Any]:
 
 # --- RDMA: through the extension ----------------------------------------------------------
 
-_DEV_RE = re.compile(r"^(\S+): fw (.*?), max_qp_wr (\d+), max_sge (\d+), max_qp_rd_atom (\d+), max_mr_size (\d+)$")
-_DEV_ERR_RE = re.compile(r"^(\S+): cannot open: (.*)$")
 def port_state_name(text: str) -> str:
     """ibv_port_state_str()'s words ('active', 'no state change (NOP)', 'PORT_ACTIVE' in
     older rdma-core) -> the enum's name, as pyverbs' numbers are shown: 'ACTIVE'."""
@@ -202,47 +201,23 @@ def port_state_name(text: str) -> str:
     return "NOP" if "NOP" in t else t.replace(" ", "_")
 
 
-_PORT_RE = re.compile(r"^\s+port (\d+): (.+?), link layer (\S+), active MTU (\d+), lid (\d+), "
-                      r"width code (\d+), speed code (\d+)$")
-_GID_RE = re.compile(r"^\s+gid (\d+): ([0-9a-fA-F:]+) \((.*)\)$")
-
-
-def parse_verbs_devices(text: str) -> dict[str, Any]:
-    """``_C.verbs_devices()`` text -> the structure ``rdma_via_pyverbs`` returns. Lines it
-    does not understand are kept under ``unparsed``, never dropped."""
-    devices: list[dict[str, Any]] = []
-    unparsed: list[str] = []
-    port: dict[str, Any] | None = None
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        if m := _DEV_RE.match(line):
-            devices.append({"name": m[1], "fw": m[2], "max_qp_wr": int(m[3]), "max_sge": int(m[4]),
-                            "max_qp_rd_atom": int(m[5]), "max_mr_size": int(m[6]), "ports": []})
-            port = None
-        elif m := _DEV_ERR_RE.match(line):
-            devices.append({"name": m[1], "error": f"cannot open: {m[2]}", "ports": []})
-            port = None
-        elif (m := _PORT_RE.match(line)) and devices:
-            state = port_state_name(m[2])
-            port = {"port": int(m[1]), "state": state, "link_layer": m[3], "active_mtu": int(m[4]), "lid": int(m[5]),
-                    **decode_rate(int(m[6]), int(m[7])), "gids": []}
-            devices[-1]["ports"].append(port)
-        elif (m := _GID_RE.match(line)) and port is not None:
-            name, p, i = devices[-1]["name"], port["port"], int(m[1])
-            try:
-                raw = gid_from_words(m[2])
-            except ValueError:
-                unparsed.append(line)
-                continue
-            gtype = "RoCE v2" if "v2" in m[3] else ("RoCE v1" if port["link_layer"] == "Ethernet" else "IB")
-            port["gids"].append(_gid_entry(name, p, i, raw, gtype))
-        else:
-            unparsed.append(line)
-    out: dict[str, Any] = {"devices": devices}
-    if unparsed:
-        out["unparsed"] = unparsed
-    return out
+def rdma_via_extension(raw: list[dict[str, Any]]) -> dict[str, Any]:
+    """``_C.verbs_devices()`` (libibverbs' facts as the C core reads them) -> the
+    structure ``rdma_via_pyverbs`` returns: states named, rates and GIDs decoded."""
+    devices = []
+    for d in raw:
+        dev = {k: v for k, v in d.items() if k != "ports"}
+        dev["ports"] = []
+        for p in d["ports"]:
+            ll = p["link_layer"]
+            gids = [_gid_entry(d["name"], p["port"], g["index"], g["raw"],
+                               "RoCE v2" if g["rocev2"] else ("RoCE v1" if ll == "Ethernet" else "IB"))
+                    for g in p["gids"]]
+            dev["ports"].append({"port": p["port"], "state": port_state_name(p["state"]), "link_layer": ll,
+                                 "active_mtu": p["active_mtu"], "lid": p["lid"],
+                                 **decode_rate(p["width_code"], p["speed_code"]), "gids": gids})
+        devices.append(dev)
+    return {"devices": devices}
 
 
 def _no_device_hint() -> str:
@@ -280,13 +255,13 @@ def collect_rdma(via: str) -> dict[str, Any]:
     use_ext = via == "extension" or (via == "auto" and out["source"] is None)
     if use_ext or not out["devices"]:  # the extension's error says best why there is none
         try:
-            text: str | None = _C.verbs_devices()
+            raw: list[dict[str, Any]] | None = _C.verbs_devices()
         except KVTransferError as e:
-            text, ext_error = None, str(e)
+            raw, ext_error = None, str(e)
         if use_ext:
             out["source"] = "kvtransfer._C.verbs_devices"
-            if text is not None:
-                out.update(parse_verbs_devices(text))
+            if raw is not None:
+                out.update(rdma_via_extension(raw))
     if not out["devices"]:
         out["reason"] = ext_error or (pv_failed if via == "pyverbs" else None) or _no_device_hint()
     if notes:
@@ -417,19 +392,15 @@ ENV_KNOBS = ("KVTRANSFER_TRANSPORT", "KVTRANSFER_IB_DEVICE", "KVTRANSFER_IB_PORT
 
 
 def collect_engine(eng: Engine) -> dict[str, Any]:
-    info = eng._c.info()  # ib_port and gid_index are not on the descriptor
+    """The transports this engine offers, as the C core's table reports them."""
     d = eng.descriptor
-    transports: list[dict[str, Any]] = []
-    if eng.verbs_unavailable is None:
-        transports.append({"name": "verbs", "device": info["ib_device"], "port": info["ib_port"],
-                           "gid_index": info["gid_index"], "gid": gid_text(info["gid"])})
-    shm_ok = sys.platform.startswith("linux") and bool(d.boot_id)
-    if shm_ok:
-        transports.append({"name": "shm", "boot_id": d.boot_id, "pidns": d.pidns})
-    transports.append({"name": "tcp", "listen": f"{d.tcp_host}:{d.tcp_port}"})
-    return {"id": eng.id, "hostname": d.hostname, "pid": d.pid, "transports": transports,
-            "verbs_unavailable": eng.verbs_unavailable,
-            "shm_unavailable": None if shm_ok else "shm needs Linux and a boot id",
+    offers = eng.transports()
+    why_not = {o.name: o.why_not for o in offers if not o.offered}
+    return {"id": eng.id, "hostname": d.hostname, "pid": d.pid,
+            "table": [o.name for o in offers],
+            "transports": [{"name": o.name, **o.facts} for o in offers if o.offered],
+            "unavailable": why_not,
+            "verbs_unavailable": why_not.get("verbs"), "shm_unavailable": why_not.get("shm"),
             "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ},
             "tcp_server": {"limits": eng.tcp_limits, "stats": eng.server_stats()}}
 
@@ -440,85 +411,57 @@ def describe_peer(desc: EngineDescriptor) -> dict[str, Any]:
             "ib_device": desc.ib_device or None, "gid": gid_text(desc.gid) if len(desc.gid) == 16 else None}
 
 
-def explain(eng: Engine, desc: EngineDescriptor, name: str) -> str:
-    """Why ``name`` is (or is not) among the candidates: words for what
-    ``Engine._candidates`` decided, read from the same descriptors."""
-    me = eng.descriptor
-    if name == "verbs":
-        if not me.verbs:
-            return f"this engine has no verbs: {eng.verbs_unavailable}"
-        if not desc.verbs:
-            return "the peer engine has no RDMA device"
-        return (f"both engines have RDMA ports ({me.ib_device} {gid_text(me.gid)} -> "
-                f"{desc.ib_device} {gid_text(desc.gid)}): RDMA READ")
-    if name == "shm":
-        if me.same_host_as(desc):
-            return f"same host (boot id {desc.boot_id}, pid namespace {desc.pidns}): process_vm_readv / CUDA IPC"
-        return (f"not the same host (boot id {me.boot_id} vs {desc.boot_id}, pid namespace {me.pidns} vs "
-                f"{desc.pidns})")
-    return f"reaches any host: the peer's tcp server at {desc.tcp_host}:{desc.tcp_port}"
-
-
 def collect_peer(eng: Engine, desc: EngineDescriptor, forced_arg: str | None, connect: bool) -> dict[str, Any]:
-    env_forced = os.environ.get("KVTRANSFER_TRANSPORT") or None
-    forced = forced_arg or env_forced  # as Engine.connect reads it
+    """What :meth:`Engine.plan` says of the peer (candidates, pick and why), and with
+    ``connect`` what :meth:`Engine.connect` got (``.tried``: what failed first)."""
+    forced, by = forced_transport(forced_arg)
+    reasons = {r.name: r.why for r in eng.plan(desc, transport="auto")}
     out: dict[str, Any] = {"descriptor": describe_peer(desc), "same_host": eng.descriptor.same_host_as(desc),
-                           "forced": forced,
-                           "forced_by": ("--transport" if forced_arg else "KVTRANSFER_TRANSPORT") if forced else None,
-                           "candidates": None, "pick": None, "why": None, "error": None,
-                           "reasons": {t: explain(eng, desc, t) for t in TRANSPORTS}}
+                           "forced": forced, "forced_by": ("--transport" if by == "argument" else by),
+                           "candidates": None, "pick": None, "why": None, "error": None, "reasons": reasons}
     try:
-        cands = eng._candidates(desc, forced)
+        plan = eng.plan(desc, transport=forced_arg)
     except KVTransferError as e:
         out["error"] = f"{type(e).__name__}: {e}"
     else:
-        out["candidates"] = cands
-        out["pick"] = cands[0]
+        cands = [r for r in plan if r.ok]
+        out["candidates"] = [r.name for r in cands]
+        out["pick"] = cands[0].name
         if forced:
             out["why"] = f"forced by {out['forced_by']}={forced}"
         else:
-            out["why"] = out["reasons"][cands[0]]
-            out["skipped"] = {t: out["reasons"][t] for t in TRANSPORTS if t not in cands}
+            out["why"] = cands[0].why
+            out["skipped"] = {r.name: r.why for r in plan if not r.ok}
     if connect:
         out["connect"] = try_connect(eng, desc, forced_arg)
     return out
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def try_connect(eng: Engine, desc: EngineDescriptor, forced_arg: str | None) -> dict[str, Any]:
-    """``Engine.connect`` for real; the engine's log lines (transports it tried and
-    gave up on) come back under ``log``."""
-    logger = logging.getLogger("kvtransfer")
-    cap = _Capture()
-    old_level = logger.level
-    logger.addHandler(cap)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    old_propagate = logger.propagate
-    logger.propagate = False  # the doctor reports these; no stray lines on stderr
+    """``Engine.connect`` for real: the transport it got, and those that failed first."""
     try:
         peer = eng.connect(desc, transport=forced_arg)
     except KVTransferError as e:
-        return {"transport": None, "error": f"{type(e).__name__}: {e}", "log": cap.messages}
-    finally:
-        logger.removeHandler(cap)
-        logger.setLevel(old_level)
-        logger.propagate = old_propagate
-    try:
-        return {"transport": peer.transport, "error": None, "log": cap.messages}
-    finally:
-        peer.close()
+        return {"transport": None, "error": f"{type(e).__name__}: {e}", "log": []}
+    with peer:
+        log = [f"{t.name} failed: {t.why}" for t in peer.tried] + [f"connected via {peer.transport}"]
+        return {"transport": peer.transport, "error": None, "log": log}
 
 
 # --- text output ---------------------------------------------------------------------------
+
+def _facts_text(x: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in x.items() if k != "name")
+
+
+#: How the Engine section words each transport's facts (others: "key value, ...").
+OFFER_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
+    "verbs": lambda x: f"{x['device']} port {x['port']}, GID index {x['gid_index']} ({x['gid']})",
+    "map": lambda x: f"same-host peers' shared memory ({x['mappable_regions']} such regions registered here)",
+    "shm": lambda x: f"same-host peers (boot id {x['boot_id']}, pid namespace {x['pidns']})",
+    "tcp": lambda x: f"listening on {x['listen']}",
+}
+
 
 class _Text:
     def __init__(self) -> None:
@@ -593,8 +536,6 @@ def render_text(facts: dict[str, Any]) -> str:
                 extra = f", {g['netdev']}" if g.get("netdev") else ""
                 mark = "  <- the engine's GID" if mine and used["gid_index"] == g["index"] else ""
                 t.kv(f"GID {g['index']}", f"{g['gid']} ({g['type']}{extra}){mark}", 4)
-    for line in r.get("unparsed", []):
-        t.kv("unparsed", line.strip())
     for n in r.get("notes", []):
         t.kv("note", n)
 
@@ -614,17 +555,11 @@ def render_text(facts: dict[str, Any]) -> str:
 
     t.section("Engine", f"id {eng['id'][:16]}, pid {eng['pid']}")
     offered = {x["name"]: x for x in eng["transports"]}
-    if "verbs" in offered:
-        x = offered["verbs"]
-        t.kv("verbs", f"yes: {x['device']} port {x['port']}, GID index {x['gid_index']} ({x['gid']})")
-    else:
-        t.kv("verbs", f"no: {eng['verbs_unavailable']}")
-    if "shm" in offered:
-        x = offered["shm"]
-        t.kv("shm", f"yes: same-host peers (boot id {x['boot_id']}, pid namespace {x['pidns']})")
-    else:
-        t.kv("shm", f"no: {eng['shm_unavailable']}")
-    t.kv("tcp", f"yes: listening on {offered['tcp']['listen']}")
+    for name in eng["table"]:
+        if name in offered:
+            t.kv(name, "yes: " + OFFER_TEXT.get(name, _facts_text)(offered[name]))
+        else:
+            t.kv(name, f"no: {eng['unavailable'][name]}")
     t.kv("offers", ", ".join(x["name"] for x in eng["transports"]))
     if "tcp_server" in eng:
         _tcp_server_lines(t, eng["tcp_server"]["limits"], eng["tcp_server"]["stats"])

@@ -10,14 +10,17 @@ Reads are one-sided: the target's Python code never runs to serve them; C thread
 do the work on both sides. Only descriptors cross the wire; the handles returned here
 keep registrations alive and must be closed (or used as context managers).
 
-Transports, chosen per peer in :meth:`Engine.connect`, in this order: ``verbs`` when both
-engines have an RDMA port and queue pairs connect (RDMA READ, the NIC does the work),
-``shm`` when both share a boot id and pid namespace (``process_vm_readv``), else ``tcp``
-(a C server thread on the target). ``KVTRANSFER_TRANSPORT=verbs|shm|tcp`` (or
-``transport=``) forces one; a forced transport that cannot run raises
-:class:`TransportUnavailableError`, never falls back. ``KVTRANSFER_IB_DEVICE``,
-``KVTRANSFER_IB_PORT`` and ``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and
-GID (default: the first active port, a RoCEv2 GID on Ethernet).
+Transports, chosen per peer in :meth:`Engine.connect` from the C core's table (see
+:meth:`Engine.plan`), in this order: ``verbs`` when both engines have an RDMA port and
+queue pairs connect (RDMA READ, the NIC does the work), ``map`` when both share a boot
+id and pid namespace and the peer holds regions in shared memory
+(``alloc_host(shared=True)``: mapped once, copied with memcpy), ``shm`` on one host
+otherwise (``process_vm_readv``, CUDA IPC), else ``tcp`` (a C server thread on the
+target). ``KVTRANSFER_TRANSPORT=verbs|map|shm|tcp`` (or ``transport=``) forces one; a
+forced transport that cannot run raises :class:`TransportUnavailableError`, never
+falls back. ``KVTRANSFER_IB_DEVICE``, ``KVTRANSFER_IB_PORT`` and
+``KVTRANSFER_IB_GID_INDEX`` pick the RDMA device, port and GID (default: the first
+active port, a RoCEv2 GID on Ethernet).
 
 CUDA memory (torch CUDA tensors, cupy arrays, DLPack, raw ``(ptr, nbytes, "cuda:N")``)
 registers like host memory and is read by every transport: ``shm`` copies device to
@@ -52,7 +55,7 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -64,8 +67,45 @@ from .memory import MemoryRange, describe, find_nvrtc
 
 log = logging.getLogger("kvtransfer")
 
-TRANSPORTS = ("verbs", "shm", "tcp")
-_TRANSPORT_CODES = {"verbs": _C.TRANSPORT_VERBS, "shm": _C.TRANSPORT_SHM, "tcp": _C.TRANSPORT_TCP}
+#: The transports of the C core's table, in the order :meth:`Engine.connect` prefers them.
+TRANSPORTS: tuple[str, ...] = _C.TRANSPORTS
+
+
+def _unavailable(e: KVTransferError) -> KVTransferError:
+    """A connect or plan error of the C core as raised here: an unknown transport name
+    (op ``transport``) is the caller's mistake; anything else means no way through."""
+    if e.op == "transport":
+        return InvalidArgumentError(str(e), errno=e.errno, op=e.op)
+    return TransportUnavailableError(str(e), errno=e.errno, op=e.op)
+
+
+class Reach(NamedTuple):
+    """Whether one transport reaches a peer: ``why`` says how, or (``errno`` set) why not."""
+    name: str
+    ok: bool
+    errno: int
+    why: str
+
+
+class Offer(NamedTuple):
+    """What one transport offers on this engine: ``facts`` (e.g. ``listen`` for tcp),
+    or ``why_not`` when it offers nothing."""
+    name: str
+    offered: bool
+    why_not: str | None
+    facts: dict[str, Any]
+
+
+def forced_transport(transport: str | None) -> tuple[str | None, str | None]:
+    """The transport a caller forces, and by what: ``transport=`` (``"argument"``),
+    else ``KVTRANSFER_TRANSPORT``; ``(None, None)`` for the automatic choice (also
+    what ``transport="auto"`` asks for, whatever the environment says)."""
+    if transport == "auto":
+        return None, None
+    if transport:
+        return transport, "argument"
+    env = os.environ.get("KVTRANSFER_TRANSPORT") or None
+    return env, "KVTRANSFER_TRANSPORT" if env else None
 
 #: One READ as the C core takes it; ``Peer.read`` packs entries into this.
 READ_REQ_DTYPE = np.dtype([("local_region", "<u8"), ("local_off", "<u8"), ("remote_region", "<u8"),
@@ -234,10 +274,12 @@ class Transfer:
 class _Columns:
     """A batch kept as the columns it was given (int64 arrays, or one int for every
     entry), so that vectorized reads pass them to the C core without packing;
-    ``batch[i]["field"]`` reads one entry back for error messages."""
+    ``batch[i]["field"]`` reads one entry back for error messages. ``paged``: one local
+    and one remote region (read_blocks), which the C core takes as a paged batch."""
 
-    def __init__(self, n: int, **cols: Any):
+    def __init__(self, n: int, paged: bool = False, **cols: Any):
         self._n = n
+        self._paged = paged
         self._cols = cols
 
     def __len__(self) -> int:
@@ -248,8 +290,9 @@ class _Columns:
 
     def submit(self, c: Any) -> Any:
         k = self._cols
-        return c.read_cols(self._n, k["local_region"], k["local_off"], k["remote_region"], k["remote_key"],
-                           k["remote_addr"], k["remote_off"], k["len"])
+        read = c.read_paged if self._paged else c.read_cols
+        return read(self._n, k["local_region"], k["local_off"], k["remote_region"], k["remote_key"],
+                    k["remote_addr"], k["remote_off"], k["len"])
 
 
 def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
@@ -265,11 +308,14 @@ def _length_column(lengths: Any, shape: tuple) -> tuple[Any, int]:
 class Peer:
     """A connection to another engine, over one transport (``.transport``)."""
 
-    def __init__(self, engine: "Engine", c: Any, descriptor: EngineDescriptor, transport: str):
+    def __init__(self, engine: "Engine", c: Any, descriptor: EngineDescriptor, transport: str,
+                 tried: Sequence[Reach] = ()):
         self._engine = engine
         self._c = c
         self.descriptor = descriptor
         self.transport = transport
+        #: transports that reached the peer but failed to connect before this one did
+        self.tried: tuple[Reach, ...] = tuple(tried)
         self._closed = False
 
     def read(self, entries: Sequence[Entry]) -> Transfer:
@@ -315,10 +361,11 @@ class Peer:
             # the usual call, without the conversions below: ~3 us sooner to the C core,
             # which checks every range (and starts the first copy) itself
             n = len(local_offsets)
-            batch = _Columns(n, local_region=local.id, local_off=local_offsets, remote_region=remote.region_id,
-                             remote_key=remote.key, remote_addr=remote.addr, remote_off=remote_offsets, len=lengths)
-            c = self._c.read_cols(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
-                                  remote_offsets, lengths)
+            batch = _Columns(n, True, local_region=local.id, local_off=local_offsets,
+                             remote_region=remote.region_id, remote_key=remote.key, remote_addr=remote.addr,
+                             remote_off=remote_offsets, len=lengths)
+            c = self._c.read_paged(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
+                                   remote_offsets, lengths)
             return Transfer(c, batch, self.transport, (local,), lengths * n)
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
@@ -328,7 +375,7 @@ class Peer:
             raise InvalidArgumentError(f"read_blocks: offsets must be 1-D of one length, got {lo.shape} and "
                                        f"{ro.shape}", op="read")
         ln, nbytes = _length_column(lengths, lo.shape)
-        batch = _Columns(len(lo), local_region=local.id, local_off=lo, remote_region=remote.region_id,
+        batch = _Columns(len(lo), True, local_region=local.id, local_off=lo, remote_region=remote.region_id,
                          remote_key=remote.key, remote_addr=remote.addr, remote_off=ro, len=ln)
         return self._submit(batch, (local,), nbytes)
 
@@ -363,7 +410,8 @@ class Peer:
         def column(values: list[int], index: np.ndarray) -> Any:
             return values[0] if len(values) == 1 else np.array(values, np.uint64)[index]
 
-        batch = _Columns(len(lo), local_region=column([r.id for r in locals_], li), local_off=lo,
+        one_to_one = len(locals_) == 1 and len(remotes) == 1  # a paged batch, as read_blocks'
+        batch = _Columns(len(lo), one_to_one, local_region=column([r.id for r in locals_], li), local_off=lo,
                          remote_region=column([d.region_id for d in remotes], ri),
                          remote_key=column([d.key for d in remotes], ri),
                          remote_addr=column([d.addr for d in remotes], ri), remote_off=ro, len=ln)
@@ -492,8 +540,9 @@ class Engine:
                 raise InvalidArgumentError(f"{name} must be in [1, {MAX_THREADS}], got {value}", op="engine")
         if not 1 <= verbs_qps <= _C.VERBS_MAX_QPS:
             raise InvalidArgumentError(f"verbs_qps must be in [1, {_C.VERBS_MAX_QPS}], got {verbs_qps}", op="engine")
-        self._c = _C.Engine(listen_host, listen_port, round(io_timeout * 1000), tcp_connections, shm_threads,
-                            verbs_qps, use_verbs)
+        self._c = _C.Engine(listen_host=listen_host, listen_port=listen_port, io_timeout_ms=round(io_timeout * 1000),
+                            tcp_conns=tcp_connections, shm_threads=shm_threads, verbs_qps=verbs_qps,
+                            use_verbs=use_verbs)
         limits = {"tcp_idle_timeout": tcp_idle_timeout, "tcp_max_connections": tcp_max_connections,
                   "tcp_max_connections_per_peer": tcp_max_connections_per_peer,
                   "tcp_max_frame_bytes": tcp_max_frame_bytes}
@@ -592,64 +641,56 @@ class Engine:
 
     def connect(self, peer: EngineDescriptor | bytes, *, transport: str | None = None,
                 token: bytes | None = None) -> Peer:
-        """Connects to another engine, choosing the transport (see module docs).
+        """Connects to another engine over the first transport of :meth:`plan` that
+        reaches it and connects (see module docs); ``.tried`` on the peer lists those
+        that failed first. A forced transport that cannot run raises
+        :class:`TransportUnavailableError`, as does a peer no transport reaches.
         ``token`` (32 bytes): presented in every tcp hello (tcp reads, verbs setup), for
         a peer that requires tokens (:meth:`require_tokens`); one it refuses raises
-        with errno EACCES. shm reads do not pass the tcp server and need none."""
+        with errno EACCES. shm and map reads do not pass the tcp server and need none."""
         self._require_open("connect")
         if token is not None:
             _check_token(token, "connect")
+        desc = self._descriptor_of(peer)
+        forced, _ = forced_transport(transport)
+        try:
+            c, tried = self._c.connect(desc, forced, token)
+        except KVTransferError as e:
+            raise _unavailable(e) from e
+        tried = [Reach(*t) for t in tried]
+        for t in tried:
+            log.info("engine %s: %s to %s failed (%s); tried the next transport", self.id[:8], t.name,
+                     desc.engine_id.hex()[:8], t.why)
+        p = Peer(self, c, desc, c.transport, tried)
+        self._peers.add(p)
+        log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], p.transport,
+                 " (forced)" if forced else "")
+        return p
+
+    def plan(self, peer: EngineDescriptor | bytes, *, transport: str | None = None) -> list[Reach]:
+        """The transports :meth:`connect` would try for ``peer``, in its order, each with
+        whether it reaches the peer and why (not); forced (``transport=`` or
+        ``KVTRANSFER_TRANSPORT``): that one alone. The C core's table decides; this
+        asks it. Raises :class:`InvalidArgumentError` for an unknown name and
+        :class:`TransportUnavailableError` for a forced one that cannot reach the peer."""
+        self._require_open("plan")
+        desc = self._descriptor_of(peer)
+        try:
+            return [Reach(*r) for r in self._c.plan(desc, forced_transport(transport)[0])]
+        except KVTransferError as e:
+            raise _unavailable(e) from e
+
+    def transports(self) -> list[Offer]:
+        """What each transport of the table offers on this engine, in preference order."""
+        self._require_open("transports")
+        return [Offer(*t) for t in self._c.transports()]
+
+    @staticmethod
+    def _descriptor_of(peer: EngineDescriptor | bytes) -> EngineDescriptor:
         desc = EngineDescriptor.from_bytes(peer) if isinstance(peer, (bytes, bytearray, memoryview)) else peer
         if not isinstance(desc, EngineDescriptor):
             raise InvalidArgumentError(f"connect needs an EngineDescriptor, got {type(peer).__name__}", op="connect")
-        forced = transport or os.environ.get("KVTRANSFER_TRANSPORT") or None
-        candidates = self._candidates(desc, forced)
-        failures: list[str] = []
-        codes: set[int] = set()
-        for name in candidates:
-            try:
-                c = self._c.connect(_TRANSPORT_CODES[name], desc.engine_id, desc.pid, desc.table_fd,
-                                    desc.table_addr, desc.tcp_host, desc.tcp_port, desc.verbs, token)
-            except KVTransferError as e:
-                failures.append(f"{name}: {e}")
-                codes.add(e.errno)
-                if forced:
-                    raise TransportUnavailableError(
-                        f"forced transport {name} cannot reach engine {desc.engine_id.hex()}: {e}",
-                        errno=e.errno, op=e.op) from e
-                log.info("engine %s: %s to %s unavailable (%s); trying the next transport", self.id[:8], name,
-                         desc.engine_id.hex()[:8], e)
-                continue
-            p = Peer(self, c, desc, name)
-            self._peers.add(p)
-            log.info("engine %s: peer %s via %s%s", self.id[:8], desc.engine_id.hex()[:8], name,
-                     " (forced)" if forced else "")
-            return p
-        # one cause for every failure (a token refused, a server full) is the errno to see
-        raise TransportUnavailableError(f"no transport reaches engine {desc.engine_id.hex()}: "
-                                        + "; ".join(failures),
-                                        errno=codes.pop() if len(codes) == 1 else _errno.EHOSTUNREACH, op="connect")
-
-    def _candidates(self, desc: EngineDescriptor, forced: str | None) -> list[str]:
-        """The one place transports are chosen: forced, or verbs when both ends have RDMA,
-        then shm on the same host, then tcp."""
-        same_host = self.descriptor.same_host_as(desc)
-        if forced:
-            if forced not in TRANSPORTS:
-                raise InvalidArgumentError(f"unknown transport {forced!r}; choose one of {', '.join(TRANSPORTS)}",
-                                           op="connect")
-            if forced == "shm" and not same_host:
-                raise TransportUnavailableError(
-                    f"forced transport shm needs both engines on one host (boot id {self.descriptor.boot_id} vs "
-                    f"{desc.boot_id}, pid namespace {self.descriptor.pidns} vs {desc.pidns})",
-                    errno=_errno.EHOSTUNREACH, op="connect")
-            if forced == "verbs" and not (self.descriptor.verbs and desc.verbs):
-                why = self.verbs_unavailable if not self.descriptor.verbs else "the peer engine has no RDMA device"
-                raise TransportUnavailableError(f"forced transport verbs is unavailable: {why}",
-                                                errno=_errno.ENODEV, op="connect")
-            return [forced]
-        verbs = ["verbs"] if self.descriptor.verbs and desc.verbs else []
-        return verbs + (["shm", "tcp"] if same_host else ["tcp"])
+        return desc
 
     def close(self) -> None:
         """Closes peers, then regions (waiting for reads they serve), then the engine."""

@@ -156,17 +156,27 @@ def describe(obj: Any) -> MemoryRange:
                                    "tensor, a CUDA array or (ptr, nbytes, device)", op="register") from None
 
 
-def alloc_host(nbytes: int, *, hugepages: bool = True, prefault: bool = True) -> np.ndarray:
+def alloc_host(nbytes: int, *, hugepages: bool = True, prefault: bool = True, shared: bool = False) -> np.ndarray:
     """A page-aligned uint8 array of ``nbytes`` for KV pools and benchmarks.
 
     ``hugepages`` asks for transparent huge pages (2 MiB-aligned, ``MADV_HUGEPAGE``),
     which make ``process_vm_readv`` and memcpy faster; ``prefault`` touches every page
-    now, so the first transfer does not pay for page faults.
+    now, so the first transfer does not pay for page faults. ``shared`` backs the
+    array with a memfd (kept open by the array's mmap), which same-host readers map
+    once and copy from with memcpy: the ``map`` transport.
     """
     if nbytes <= 0:
         raise InvalidArgumentError(f"nbytes must be > 0, got {nbytes}", op="alloc_host")
     pad = HUGE_PAGE if hugepages else 0
-    m = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if shared:
+        fd = os.memfd_create("kvtransfer-shared", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes + pad)
+            m = mmap.mmap(fd, nbytes + pad, flags=mmap.MAP_SHARED)  # holds a dup of fd
+        finally:
+            os.close(fd)
+    else:
+        m = mmap.mmap(-1, nbytes + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = np.frombuffer(m, dtype=np.uint8)
     start = (-int(base.ctypes.data)) % HUGE_PAGE if hugepages else 0
     if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):

@@ -33,9 +33,10 @@ from kvtransfer.testing.target import seeded_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The transports every transfer test is parametrized over: shm and tcp on any Linux
-#: machine; the soft-RoCE guest (scripts/rxe/) sets KVTRANSFER_TEST_TRANSPORTS=verbs.
-TRANSPORTS = tuple(os.environ.get("KVTRANSFER_TEST_TRANSPORTS", "shm,tcp").split(","))
+#: The transports every transfer test is parametrized over: map, shm and tcp on any
+#: Linux machine (targets hold their bytes in shared memory, which map needs); the
+#: soft-RoCE guest (scripts/rxe/) sets KVTRANSFER_TEST_TRANSPORTS=verbs.
+TRANSPORTS = tuple(os.environ.get("KVTRANSFER_TEST_TRANSPORTS", "map,shm,tcp").split(","))
 
 
 def refusal_errno(transport: str, code: int) -> int:
@@ -185,7 +186,7 @@ class TargetLauncher:
         with os.fdopen(fd, "w") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kvtransfer.testing.target", "--bytes", str(nbytes), "--seed", str(seed),
-                 *extra],
+                 "--shared", *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: "queue.Queue[str | None]" = queue.Queue()

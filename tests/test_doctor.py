@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtransfer import Engine, _C
-from kvtransfer.doctor import RULE, decode_rate, gid_text, parse_verbs_devices, rate_text
+from kvtransfer import TRANSPORTS, Engine, _C
+from kvtransfer.doctor import RULE, decode_rate, gid_text, rate_text, rdma_via_extension
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 120.0  # one doctor run takes ~0.5 s here; the rxe guest under TCG is far slower
@@ -131,7 +131,7 @@ def test_rdma(text_report, json_report, here):
         assert j["devices"] == [] and j["reason"] == here["devices_error"]
         assert values(r, "device") == [] and values(r, "port 1") == []
     else:
-        names = re.findall(r"^(\S+): fw ", here["devices"], re.M)
+        names = [d["name"] for d in here["devices"]]
         assert [d["name"] for d in j["devices"]] == names
         if names:
             assert one(r, "devices").startswith(f"{len(names)} (")
@@ -167,15 +167,17 @@ def test_cuda(text_report, json_report, here):
 def test_engine(text_report, json_report, here):
     e = sections(text_report)["Engine"]
     names = [t["name"] for t in json_report["engine"]["transports"]]
+    assert json_report["engine"]["table"] == list(TRANSPORTS)
     if here["verbs_why"] is None:
-        assert names == ["verbs", "shm", "tcp"]
+        assert names == ["verbs", "map", "shm", "tcp"]
         assert re.fullmatch(r"yes: \S+ port \d+, GID index \d+ \(\S+\)", one(e, "verbs"))
-        assert one(e, "offers") == "verbs, shm, tcp"
+        assert one(e, "offers") == "verbs, map, shm, tcp"
     else:
-        assert names == ["shm", "tcp"]
+        assert names == ["map", "shm", "tcp"]
         assert one(e, "verbs") == f"no: {here['verbs_why']}"
         assert json_report["engine"]["verbs_unavailable"] == here["verbs_why"]
-        assert one(e, "offers") == "shm, tcp"
+        assert one(e, "offers") == "map, shm, tcp"
+    assert one(e, "map") == "yes: same-host peers' shared memory (0 such regions registered here)"
     assert one(e, "shm").startswith("yes: same-host peers (boot id ")
     assert re.fullmatch(r"yes: listening on 127\.0\.0\.1:\d+", one(e, "tcp"))
     tcp = json_report["engine"]["transports"][-1]
@@ -207,8 +209,9 @@ def peer(start_target):
 
 
 def expected_pick(here) -> str:
-    """Both engines live here: verbs when this machine has it (the rxe guest), else shm."""
-    return "verbs" if here["verbs_why"] is None else "shm"
+    """Both engines live here: verbs when this machine has it (the rxe guest), else map
+    (the target holds its bytes in shared memory)."""
+    return "verbs" if here["verbs_why"] is None else "map"
 
 
 def test_peer_pick_and_connect(peer, here):
@@ -218,13 +221,14 @@ def test_peer_pick_and_connect(peer, here):
     p = secs["Peer"]
     pick = expected_pick(here)
     assert one(p, "pick") == pick
-    assert one(p, "candidates") == ("verbs, shm, tcp" if pick == "verbs" else "shm, tcp")
+    assert one(p, "candidates") == ("verbs, map, shm, tcp" if pick == "verbs" else "map, shm, tcp")
     assert one(p, "same host") == "yes"
     assert one(p, "forced") == "no"
     assert one(p, "tcp") == f"{peer.engine.tcp_host}:{peer.engine.tcp_port}"
     assert f"pid {peer.pid}" in one(p, "host")
-    if pick == "shm":
+    if pick == "map":
         assert one(p, "why").startswith(f"same host (boot id {peer.engine.boot_id}")
+        assert one(p, "why").endswith("1 region in shared memory, mapped and copied with memcpy")
         assert one(p, "not verbs") == f"this engine has no verbs: {here['verbs_why']}"
     assert one(p, "connect") == f"ok: peer.transport = {pick}"
     assert any(f"via {pick}" in v for v in values(p, "log"))
@@ -273,9 +277,9 @@ def test_peer_forced_transport_that_cannot_run(peer, here):
     hexdesc = peer.engine.to_bytes().hex()
     p = sections(ok("--peer-hex", hexdesc, "--connect", env={"KVTRANSFER_TRANSPORT": "verbs"}))["Peer"]
     assert one(p, "pick") == "none"
-    assert one(p, "error") == ("TransportUnavailableError: forced transport verbs is unavailable: "
-                               f"{here['verbs_why']}")
-    assert one(p, "connect").startswith("failed: TransportUnavailableError: forced transport verbs")
+    assert one(p, "error").startswith("TransportUnavailableError: connect: forced transport verbs is unavailable: "
+                                      f"this engine has no verbs: {here['verbs_why']}")
+    assert one(p, "connect").startswith("failed: TransportUnavailableError: connect: forced transport verbs")
     p = sections(ok("--peer-hex", hexdesc, env={"KVTRANSFER_TRANSPORT": "carrier-pigeon"}))["Peer"]
     assert "unknown transport 'carrier-pigeon'" in one(p, "error")
 
@@ -308,22 +312,28 @@ def test_cli_dispatch():
 
 # --- decoding, in process ---------------------------------------------------------------------
 
-#: What the extension prints in the soft-RoCE guest (scripts/rxe/), abridged.
-RXE_TEXT = """\
-rxe0: fw 0.0.0, max_qp_wr 1048576, max_sge 32, max_qp_rd_atom 128, max_mr_size 18446744073709551615
-  port 1: active, link layer Ethernet, active MTU 1024, lid 0, width code 1, speed code 8
-    gid 0: fe80:0000:0000:0000:0024:13ff:fec5:518f (RoCE v2)
-    gid 1: 0000:0000:0000:0000:0000:ffff:0a63:0001 (RoCE v2)
-mlx5_0: fw 28.39.1002, max_qp_wr 32768, max_sge 30, max_qp_rd_atom 16, max_mr_size 18446744073709551615
-  port 1: active defer, link layer InfiniBand, active MTU 4096, lid 7, width code 2, speed code 128
-    gid 0: fe80:0000:0000:0000:b83f:d203:00a1:b2c3 (IB/RoCE v1)
-mlx5_1: cannot open: Permission denied
-"""
+def _gid(index: int, text: str, rocev2: bool) -> dict:
+    import ipaddress
+    return {"index": index, "raw": ipaddress.IPv6Address(text).packed, "rocev2": rocev2}
 
 
-def test_parse_verbs_devices():
-    got = parse_verbs_devices(RXE_TEXT)
-    assert "unparsed" not in got
+#: What the extension returns in the soft-RoCE guest (scripts/rxe/), abridged, with a
+#: second (InfiniBand) device and one that cannot be opened.
+RXE_DEVICES = [
+    {"name": "rxe0", "fw": "0.0.0", "max_qp_wr": 1048576, "max_sge": 32, "max_qp_rd_atom": 128,
+     "max_mr_size": 2**64 - 1,
+     "ports": [{"port": 1, "state": "active", "link_layer": "Ethernet", "active_mtu": 1024, "lid": 0, "width_code": 1,
+                "speed_code": 8, "gids": [_gid(0, "fe80::24:13ff:fec5:518f", True), _gid(1, "::ffff:10.99.0.1", True)]}]},
+    {"name": "mlx5_0", "fw": "28.39.1002", "max_qp_wr": 32768, "max_sge": 30, "max_qp_rd_atom": 16,
+     "max_mr_size": 2**64 - 1,
+     "ports": [{"port": 1, "state": "active defer", "link_layer": "InfiniBand", "active_mtu": 4096, "lid": 7,
+                "width_code": 2, "speed_code": 128, "gids": [_gid(0, "fe80::b83f:d203:a1:b2c3", False)]}]},
+    {"name": "mlx5_1", "error": "cannot open: Permission denied", "ports": []},
+]
+
+
+def test_rdma_via_extension():
+    got = rdma_via_extension(RXE_DEVICES)
     rxe, mlx, broken = got["devices"]
     assert rxe["name"] == "rxe0" and rxe["fw"] == "0.0.0" and rxe["max_qp_wr"] == 1048576
     assert rxe["max_qp_rd_atom"] == 128
@@ -336,7 +346,6 @@ def test_parse_verbs_devices():
     assert (port["state"], port["link_layer"], port["lid"], port["rate_gbps"]) == ("ACTIVE_DEFER", "InfiniBand", 7, 400)
     assert [(g["gid"], g["type"]) for g in port["gids"]] == [("fe80::b83f:d203:a1:b2c3", "IB")]
     assert broken == {"name": "mlx5_1", "error": "cannot open: Permission denied", "ports": []}
-    assert parse_verbs_devices(RXE_TEXT + "something new\n")["unparsed"] == ["something new"]
 
 
 def test_rates_and_gids():
@@ -395,8 +404,9 @@ def test_cuda_with_devices(monkeypatch):
     assert c["devices"][0]["dmabuf"] == {"ok": True, "offset": 0, "error": None}
     assert "CUDA_ERROR_NOT_SUPPORTED" in c["devices"][1]["dmabuf"]["error"]
     facts = {"build": doctor.collect_build(None), "rdma": {"source": "x", "devices": [], "reason": "none here"},
-             "cuda": c, "engine": {"id": "ab" * 16, "pid": 1, "transports": [{"name": "tcp", "listen": "h:1"}],
-                                   "verbs_unavailable": "no", "shm_unavailable": "no", "env": {}}}
+             "cuda": c, "engine": {"id": "ab" * 16, "pid": 1, "table": ["verbs", "shm", "tcp"], "transports": [{"name": "tcp", "listen": "h:1"}],
+                                   "unavailable": {"verbs": "no", "shm": "no"}, "verbs_unavailable": "no",
+                                   "shm_unavailable": "no", "env": {}}}
     s = sections(doctor.render_text(facts))["CUDA"]
     assert one(s, "driver") == "libcuda.so.1 loaded"
     assert one(s, "devices") == "2 (via torch 9.9.9+cu999)"

@@ -6,7 +6,7 @@ end they must be back near where they started, and every byte read and every tok
 generated must have been right.
 
 One minute in ``make test``; ``make soak`` runs it for ``SOAK_SECONDS`` (default 600)
-and prints the samples' summary. Real processes throughout: a ``kvtransfer.target``, a
+and prints the samples' summary. Real processes throughout: a ``kvtransfer.testing.target``, a
 prefill and a decode worker on a small random Llama.
 """
 

@@ -8,6 +8,7 @@ import os
 import msgspec
 import pytest
 
+import kvtransfer
 from kvtransfer import InvalidArgumentError, TransportUnavailableError
 from support import good_read
 
@@ -19,22 +20,34 @@ def no_env(monkeypatch):
 
 
 @pytest.mark.timeout(30)
-def test_automatic_choice_on_one_host_is_shm(engine, shared_target, no_env):
+def test_automatic_choice_on_one_host_is_map(engine, shared_target, no_env):
+    """The target holds its bytes in shared memory: map is preferred to shm."""
     assert engine.descriptor.boot_id == shared_target.engine.boot_id  # the premise: same host
     peer = engine.connect(shared_target.engine)
-    assert peer.transport == "shm"
+    assert peer.transport == "map"
     good_read(engine, peer, shared_target)
+
+
+@pytest.mark.timeout(30)
+def test_automatic_choice_without_shared_memory_is_shm(engine, engine_factory, no_env):
+    """A same-host peer with no region in shared memory: map does not reach it, shm does."""
+    target = engine_factory()
+    src = kvtransfer.alloc_host(1 << 20)
+    _region, _ = target.register(src)  # registered while the handle lives
+    (reach,) = [r for r in engine.plan(target.descriptor) if r.name == "map"]
+    assert not reach.ok and "no region in shared memory" in reach.why
+    assert engine.connect(target.descriptor).transport == "shm"
 
 
 @pytest.mark.timeout(30)
 def test_connect_accepts_descriptor_bytes(engine, shared_target, no_env):
     peer = engine.connect(shared_target.engine.to_bytes())
-    assert peer.transport == "shm"
+    assert peer.transport == "map"
     good_read(engine, peer, shared_target)
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("name", ["tcp", "shm"])
+@pytest.mark.parametrize("name", ["tcp", "shm", "map"])
 def test_environment_variable_forces_the_transport(engine, shared_target, no_env, name):
     no_env.setenv("KVTRANSFER_TRANSPORT", name)
     peer = engine.connect(shared_target.engine)
@@ -86,7 +99,7 @@ def test_automatic_choice_for_another_host_is_tcp(engine, shared_target, no_env)
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("transport_name", ["shm", "tcp"])
+@pytest.mark.parametrize("transport_name", ["map", "shm", "tcp"])
 def test_forced_transport_to_a_wrong_engine_id_is_unavailable(engine, shared_target, no_env, transport_name):
     """The descriptor's address is right but its engine id is not: both transports
     check whom they reached."""
@@ -109,12 +122,14 @@ def test_forced_tcp_to_a_closed_port_is_unavailable(engine, shared_target, no_en
 @pytest.mark.timeout(30)
 def test_automatic_choice_falls_back_to_tcp_when_shm_cannot_reach(engine, shared_target, no_env):
     """Same host, but the target's region table cannot be opened (a wrong fd number):
-    the automatic choice moves on to tcp and says so through peer.transport."""
+    map does not reach it, shm fails to connect, and the automatic choice moves on to
+    tcp and says so through peer.transport and peer.tried."""
     broken = msgspec.structs.replace(shared_target.engine, table_fd=987654)
     with pytest.raises(TransportUnavailableError):
         engine.connect(broken, transport="shm")
     peer = engine.connect(broken)
     assert peer.transport == "tcp"
+    assert [t.name for t in peer.tried] == ["shm"] and "/fd/987654" in peer.tried[0].why
     good_read(engine, peer, shared_target)
 
 

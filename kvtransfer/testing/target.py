@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-timeout", type=float, default=None, help="tcp server idle timeout, seconds")
     ap.add_argument("--max-conns", type=int, default=None, help="tcp server connections in total")
     ap.add_argument("--max-conns-per-peer", type=int, default=None, help="tcp server connections per address")
+    ap.add_argument("--shared", action="store_true", help="hold the bytes in shared memory (readable over map)")
     ap.add_argument("--require-tokens", action="store_true", help="admit tcp hellos with an allowed token only")
     args = ap.parse_args(argv)
 
-    buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes))
+    buf = seeded_bytes(args.bytes, args.seed, alloc_host(args.bytes, shared=args.shared))
     with Engine(listen_host=args.listen_host, io_timeout=args.io_timeout, tcp_idle_timeout=args.idle_timeout,
                 tcp_max_connections=args.max_conns, tcp_max_connections_per_peer=args.max_conns_per_peer) as eng:
         region, desc = eng.register(buf)

@@ -25,7 +25,7 @@ static int passed, failed;
         }                                                                                         \
     } while (0)
 
-static void run(int transport, const char *name)
+static void run(const char *name)
 {
     kvt_err err;
     kvt_engine_opts o = {.io_timeout_ms = 5000};
@@ -46,8 +46,9 @@ static void run(int transport, const char *name)
     kvt_engine_info ai;
     kvt_engine_info_get(a, &ai);
     kvt_peer *p = NULL;
-    int rc = kvt_connect(b, &ai, transport, &p, &err);
+    int rc = kvt_connect(b, &ai, name, &p, NULL, NULL, &err);
     CHECK(rc == 0, "%s connect: %s", name, err.msg);
+    CHECK(rc < 0 || strcmp(kvt_peer_transport(p), name) == 0, "%s: connected over %s", name, kvt_peer_transport(p));
     if (rc == 0) {
         kvt_read_req *reqs = calloc(N_BLOCKS, sizeof *reqs);
         for (size_t i = 0; i < N_BLOCKS; i++) /* block i <- block (N-1-i): scattered */
@@ -89,10 +90,38 @@ static void run(int transport, const char *name)
     free(dst);
 }
 
+/* The transport table answers for a peer without connecting: tcp reaches any host,
+ * shm this one; an unknown name is refused. */
+static void plan(void)
+{
+    kvt_err err;
+    kvt_engine_opts o = {.io_timeout_ms = 5000};
+    kvt_engine *a = NULL;
+    CHECK(kvt_engine_create(&o, &a, &err) == 0, "create: %s", err.msg);
+    if (!a)
+        return;
+    kvt_engine_info ai;
+    kvt_engine_info_get(a, &ai);
+    kvt_reach r[KVT_MAX_TRANSPORTS];
+    int n = kvt_plan(a, &ai, NULL, r, &err);
+    CHECK(n == (int)kvt_transport_count(), "plan: %d entries for %zu transports", n, kvt_transport_count());
+    int shm = 0, tcp = 0;
+    for (int i = 0; i < n; i++) {
+        shm |= strcmp(r[i].name, "shm") == 0 && r[i].ok;
+        tcp |= strcmp(r[i].name, "tcp") == 0 && r[i].ok && i == n - 1;
+    }
+    CHECK(shm && tcp, "plan: shm and (last) tcp must reach this engine");
+    CHECK(kvt_plan(a, &ai, "pigeon", r, &err) == -EINVAL, "an unknown transport must be EINVAL");
+    ai.boot_id[0] ^= 1; /* another host */
+    CHECK(kvt_plan(a, &ai, "shm", r, &err) == -EHOSTUNREACH, "forced shm to another host: %s", err.msg);
+    kvt_engine_destroy(a);
+}
+
 int main(void)
 {
-    run(KVT_TRANSPORT_TCP, "tcp");
-    run(KVT_TRANSPORT_SHM, "shm");
+    run("tcp");
+    run("shm");
+    plan();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

@@ -36,8 +36,8 @@ static void setup(void)
     for (int i = 0; i < 2; i++) {
         mem[i] = malloc(sizes[i]);
         memset(mem[i], 0x5a, sizes[i]);
-        if (kvt_table_add(&table, (uint64_t)(uintptr_t)mem[i], sizes[i], KVT_MEM_HOST, 0, 0, 0, NULL, &ids[i], &keys[i],
-                          &err) < 0) {
+        if (kvt_table_add(&table, (uint64_t)(uintptr_t)mem[i], sizes[i], KVT_MEM_HOST, 0, 0, 0, NULL, NULL, &ids[i],
+                          &keys[i], &err) < 0) {
             fprintf(stderr, "%s\n", err.msg);
             abort();
         }

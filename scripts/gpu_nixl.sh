@@ -16,6 +16,7 @@ BACKEND=${GPU_NIXL_BACKEND:-cuda}  # sm: the same loop on host memory (a dry run
 TLS_LIST=${GPU_NIXL_TLS:-"cuda_ipc,cuda_copy,sm,self cuda_ipc,cuda_copy,tcp cuda_ipc,cuda_copy ^ib,rc,ud,dc,rdmacm"}
 SIZES=(32768 262144 4194304)
 ITERS=${GPU_NIXL_ITERS:-20}
+# GPU_NIXL_TIMEOUT: seconds each configuration may take (a READ that never completes ends there)
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
@@ -33,11 +34,11 @@ commands() {  # bench/peer_common.py's commands: verify, 3 warmup passes, ITERS 
 }
 n=0
 for tls in $TLS_LIST; do  # the last default: every transport UCX finds but RDMA's (none on one GPU)
-  for mode in none peer; do
+  for mode in ${GPU_NIXL_MODES:-none peer}; do
     for tthread in 0 1; do
       n=$((n + 1)); tag="c$n"
       echo "$tag UCX_TLS=$tls error_mode=$mode target_thread=$tthread" > "$OUT/nixl_$tag.cfg"
-      commands | timeout 150 python3 bench/peer_nixl.py --backend "$BACKEND" --bytes "$TOTAL" --ucx-tls "$tls" \
+      commands | timeout "${GPU_NIXL_TIMEOUT:-150}" python3 bench/peer_nixl.py --backend "$BACKEND" --bytes "$TOTAL" --ucx-tls "$tls" \
         --error-mode "$mode" --target-thread "$tthread" > "$OUT/nixl_$tag.jsonl" 2> "$OUT/nixl_$tag.err"
       echo "rc $?" >> "$OUT/nixl_$tag.cfg"
     done
@@ -66,7 +67,7 @@ for cfg in sorted(glob.glob(f"{out}/nixl_c*.cfg"), key=lambda p: int(p.rsplit("_
         got = lines[1 + 3 * k: 4 + 3 * k]
         bad = next((g["error"] for g in got if "error" in g), None)
         if bad or len(got) < 3:
-            cells.append(f"{s >> 10}K FAILED: {bad or 'no answer (rc 124: the 150 s timeout)'}")
+            cells.append(f"{s >> 10}K FAILED: {bad or 'no answer (rc 124: its time limit, GPU_NIXL_TIMEOUT)'}")
             break
         gbps = (total // s) * s / statistics.median(got[2]["pass_ns"])
         ratio = f" (ours/nixl {ours[s] / gbps:.2f}x)" if s in ours else ""

@@ -46,6 +46,7 @@ from kvtransfer.control import ControlClient  # noqa: E402
 from kvtransfer.kv import BlockPool, CompatInfo, KVLayout, plan_reads  # noqa: E402
 from kvtransfer.testing.synthetic import check_request  # noqa: E402
 from kvtransfer.testing.children import start_child, stop_child  # noqa: E402
+from report import exit_with  # noqa: E402  (bench/report.py; this folder is on the path)
 
 MODEL = "llama-3-8b-shape"
 LLAMA3_8B = dict(kind="flash", num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -169,11 +170,4 @@ def run(args, c: ControlClient, layout: KVLayout, buf: np.ndarray, dst: list[int
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AssertionError as e:
-        print(f"VERIFY FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

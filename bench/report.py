@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 def kv_lines(pairs: list[tuple[str, str]]) -> list[str]:
@@ -46,3 +48,17 @@ if __name__ == "__main__":  # `python bench/report.py --check-out FILE`: the Mak
     problem = out_path_problem(sys.argv[2])
     if problem:
         sys.exit(f"refused: {problem}")
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """Runs a benchmark's ``main`` and exits with the status benchmarks share: its own, 1
+    when a verification failed (AssertionError), 2 for any other error, one line each."""
+    try:
+        status = main()
+    except AssertionError as e:
+        print(f"VERIFY FAILED: {e}", file=sys.stderr)
+        status = 1
+    except Exception as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        status = 2
+    sys.exit(status)

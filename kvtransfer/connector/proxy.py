@@ -198,18 +198,10 @@ class Proxy:
     async def models(self, request: Request) -> Response:
         with self.decode.take() as up:
             try:
-                req = self.client.build_request("GET", up.url + "/v1/models", headers=_headers(request))
-                resp = await self.client.send(req, stream=True)
-                try:
-                    data = await _read_bounded(resp, self.max_body_bytes, "decode", up)
-                finally:
-                    await resp.aclose()
-            except httpx.HTTPError as exc:
-                e = _transport_error("decode", up, exc)
-                return error_response(e.status, e.message, e.kind)
+                status, data = await self._fetch(request, "decode", up, "GET", "/v1/models")
             except UpstreamError as e:
                 return error_response(e.status, e.message, e.kind)
-        return Response(data, resp.status_code, media_type="application/json")
+        return Response(data, status, media_type="application/json")
 
     async def health(self, request: Request) -> Response:
         """200 when at least one producer and one consumer answer their /health."""
@@ -275,21 +267,26 @@ class Proxy:
             raise UpstreamError(400, "request body must be a JSON object", "BadRequestError")
         return body
 
+    async def _fetch(self, request: Request, side: str, up: Upstream, method: str, path: str,
+                     body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        """One whole (not streamed) upstream answer: its status and body, read within
+        ``max_body_bytes``; a transport failure raises :class:`UpstreamError` (502/504)."""
+        try:
+            req = self.client.build_request(method, up.url + path, json=body, headers=_headers(request))
+            resp = await self.client.send(req, stream=True)
+            try:
+                return resp.status_code, await _read_bounded(resp, self.max_body_bytes, side, up)
+            finally:
+                await resp.aclose()
+        except httpx.HTTPError as exc:
+            raise _transport_error(side, up, exc) from None
+
     async def _prefill(self, request: Request, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The producer's ``kv_transfer_params`` for this request."""
         with self.prefill.take() as up:
-            try:
-                req = self.client.build_request("POST", up.url + path, json=prefill_body(body),
-                                                headers=_headers(request))
-                resp = await self.client.send(req, stream=True)
-                try:
-                    data = await _read_bounded(resp, self.max_body_bytes, "prefill", up)
-                finally:
-                    await resp.aclose()
-            except httpx.HTTPError as exc:
-                raise _transport_error("prefill", up, exc) from None
-        if resp.status_code != 200:
-            raise UpstreamError(resp.status_code, f"prefill {up.url}: {_upstream_message(data)}",
+            status, data = await self._fetch(request, "prefill", up, "POST", path, prefill_body(body))
+        if status != 200:
+            raise UpstreamError(status, f"prefill {up.url}: {_upstream_message(data)}",
                                 "UpstreamError")
         try:
             params = json.loads(data).get("kv_transfer_params")

@@ -111,3 +111,14 @@ def test_layers_in_one_buffer_are_one_region():
     assert len(kv.buffers) == 1 and kv.layout.kind == "heads_major" and kv.layout_name == "LBHNC"
     kv = describe_kv_caches(make_caches("flash", **SHAPE))
     assert len(kv.buffers) == 3 and kv.layout.layer_regions == (0, 1, 2)
+
+
+def test_blocks_outside_the_cache_are_refused_and_nothing_stays_pinned():
+    from kvtransfer.connector.core import KVCacheSource
+    from kvtransfer.errors import InvalidArgumentError
+    with KVCacheSource(make_caches("LBHNC", **SHAPE, num_blocks=4), model=MODEL) as source:
+        with pytest.raises(InvalidArgumentError, match="outside the pool"):
+            source.serve("req-bad", [1, 99], SHAPE["block_size"] * 2)
+        assert source.pinned_blocks == 0 and source.serving == 0
+        source.serve("req-good", [1, 2], SHAPE["block_size"] * 2)  # the source still serves
+        assert source.pinned_blocks == 2 and source.serving == 1

@@ -207,7 +207,7 @@ class KVCacheSource:
         self.layout_name = self._reg.kv.layout_name
         self._pins = _SharedPins(self.layout.num_blocks)
         self._done: set[str] = set()
-        self._serving: dict[str, int] = {}  # request id -> blocks pinned
+        self._serving: set[str] = set()  # request ids offered and not yet freed
         self._lock = threading.Lock()
         try:
             self._server = ControlServer(endpoint, engine=self._reg.engine, regions=self._reg.regions,
@@ -231,20 +231,20 @@ class KVCacheSource:
         pinned until :meth:`take_done` names the request."""
         blocks = [int(b) for b in block_ids][:self.layout.blocks_for(num_tokens)]
         req = self._server.open_request(request_id, readers=readers, timeout=timeout)
-        self._pins.pin(blocks)
-        with self._lock:
-            self._serving[request_id] = len(blocks)
         try:
-            req.pin(blocks, num_tokens)
-            req.layer_ready(*range(self.layout.num_layers))
+            req.pin(blocks, num_tokens)  # checks the ids; the server frees them into _pins from now on
         except BaseException:
             req.fail("could not pin the blocks")
             raise
+        self._pins.pin(blocks)
+        with self._lock:
+            self._serving.add(request_id)
+        req.layer_ready(*range(self.layout.num_layers))
         req.finish()
 
     def _freed(self, request_id: str) -> None:
         with self._lock:
-            self._serving.pop(request_id, None)
+            self._serving.discard(request_id)
             self._done.add(request_id)
 
     def take_done(self) -> set[str]:
@@ -364,6 +364,8 @@ class KVCacheSink:
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_exception(InvalidArgumentError(f"load of {request_id!r}: {message}", op="start"))
         with self._lock:
+            if request_id in self._loads:  # its running pull stays tracked, and reports itself
+                raise InvalidArgumentError(f"request {request_id!r} is already loading", op="start")
             self._loads[request_id] = _Load(request_id, future)
 
     def wait(self, request_ids: Sequence[str], timeout: float) -> None:

@@ -41,7 +41,10 @@ def served(tmp_path_factory):
     proxy = None
     try:
         for i, role in enumerate(("producer", "consumer")):
-            args = serve_args(model, free_port(), connector_config(f"kv_{role}", free_port()))
+            config = connector_config(f"kv_{role}", free_port())
+            if role == "consumer":  # a failed load fails the request: equal tokens prove the KV moved
+                config["kv_load_failure_policy"] = "fail"
+            args = serve_args(model, free_port(), config)
             servers.append(VllmServer(VLLM_PYTHON, args, cpu=str(i), log=tmp / f"{role}.log"))
         deadline = time.monotonic() + START_S
         for s in servers:

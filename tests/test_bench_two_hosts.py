@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -54,8 +55,12 @@ def test_serve_and_connect_across_two_namespaces(two_hosts, tmp_path):
                                "--port", str(port), "--total", "4M", "--seed", "5", "--serve-seconds", "90"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        first = server.stdout.readline()  # the server says where it is once it listens
-        assert first.startswith("transfer_bw: serving 4194304 bytes (seed 5)"), first + server.stderr.read()
+        # the server says where it is once it listens; its stderr is read only once it is stopped
+        ready, _, _ = select.select([server.stdout], [], [], 60)
+        first = server.stdout.readline() if ready else ""
+        if not first.startswith("transfer_bw: serving 4194304 bytes (seed 5)"):
+            stop_child(server, 20, sig=signal.SIGTERM)
+            pytest.fail(f"no serving line within 60 s: {first!r}; stderr: {server.stderr.read()}")
         out = tmp_path / "two_hosts.json"
         reader = subprocess.run(["ip", "netns", "exec", b, sys.executable, BW, "--connect", f"{addr}:{port}",
                                  "--sizes", "16K,1M", "--iters", "2", "--warmup", "0", "--json", str(out)],

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -45,10 +46,10 @@ int kvt_map_export(uint64_t addr, uint64_t len, kvt_map_src *out)
         return 0;
     char line[512];
     unsigned long long start = 0, end = 0, off = 0, ino = 0;
+    unsigned maj = 0, min = 0;
     int found = 0;
     while (!found && fgets(line, sizeof line, f)) {
         char perms[8] = "", path[256] = "";
-        unsigned maj, min;
         if (sscanf(line, "%llx-%llx %7s %llx %x:%x %llu %255[^\n]", &start, &end, perms, &off, &maj, &min, &ino,
                    path) < 7)
             continue;
@@ -64,7 +65,10 @@ int kvt_map_export(uint64_t addr, uint64_t len, kvt_map_src *out)
     char fdpath[64];
     for (int fd = 0; fd < 4096; fd++) {
         struct stat st;
-        if (fstat(fd, &st) != 0 || (unsigned long long)st.st_ino != ino || !S_ISREG(st.st_mode))
+        /* the device too: a memfd and a /dev/shm file live on different tmpfs instances,
+         * whose inode numbers may be equal */
+        if (fstat(fd, &st) != 0 || (unsigned long long)st.st_ino != ino || major(st.st_dev) != maj ||
+            minor(st.st_dev) != min || !S_ISREG(st.st_mode))
             continue;
         snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
         if (access(fdpath, R_OK) != 0)

@@ -217,6 +217,9 @@ def test_bad_bodies(engines, proxy):
     assert r.status_code == 400
     r = _post(url + "/v1/completions", {"prompt": list(range(1000))})
     assert r.status_code == 413 and "exceeds 1000" in r.json()["error"]["message"]
+    deep = proxy([p], [d], max_body_bytes=1 << 20)
+    r = httpx.post(deep + "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=5)
+    assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
     assert p.requests == [] and d.requests == []
 
 

@@ -261,6 +261,8 @@ class Proxy:
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
+        except RecursionError:  # a hostile body nesting past the interpreter's limit
+            raise UpstreamError(400, "request body nests too deeply", "BadRequestError") from None
         except ValueError as exc:
             raise UpstreamError(400, f"request body is not JSON: {exc}", "BadRequestError") from None
         if not isinstance(body, dict):

@@ -319,8 +319,9 @@ void kvt_peer_close(kvt_peer *p)
 {
     if (!p)
         return;
-    kvt_queue_close(&p->queue, "peer closed before the read ran");
+    kvt_queue_close(&p->queue);
     p->ops->close(p);
+    kvt_queue_cancel(&p->queue, "peer closed before the read ran");
     kvt_queue_destroy(&p->queue);
     free(p);
 }
@@ -338,7 +339,8 @@ int kvt_submit_jobs(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind 
 {
     kvt_job_limits lim[3];
     kvt_peer_limits(p, lim);
-    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
+    const kvt_job_sink sink = {.q = &p->queue};
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &sink, out, err);
 }
 
 int kvt_peer_read_cols(kvt_peer *p, const kvt_read_cols *cols, kvt_transfer **out, kvt_err *err)

@@ -6,6 +6,8 @@
 
 #include "kvt.h"
 #include "region.h"
+#include "cut.h"
+#include "queue.h"
 #include "transfer.h"
 
 typedef struct kvt_tcp_server kvt_tcp_server;
@@ -37,7 +39,9 @@ typedef struct kvt_transport_ops {
        cuts it into jobs no larger than the peer's limits and queues them. */
     int (*submit)(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
                   kvt_err *err);
-    /* After the queue is closed: joins the threads, frees p->impl. */
+    /* After the queue is closed: joins the threads, frees p->impl. Jobs left in the
+       queue that the transport started itself are its own to finish; engine.c cancels
+       the rest. */
     void (*close)(kvt_peer *p);
     /* What it offers on this engine: facts and 1, or 0 and why not. */
     int (*facts)(const kvt_engine *e, kvt_fact *f, size_t *n, char *why, size_t cap);

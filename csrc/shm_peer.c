@@ -60,9 +60,9 @@ int kvt_shm_verify(shm_peer *s, const kvt_job *job, kvt_err *e, int64_t *entry)
     /* Seqlock check: the bytes count only if every source region outlived the copy
      * and the target is the process we connected to. */
     uint64_t last = 0;
-    const size_t n = job->batch ? 1 : job->n; /* a lazy job reads one region */
+    const size_t n = job->paged ? 1 : job->n; /* a paged job reads one region */
     for (size_t i = 0; i < n; i++) {
-        uint64_t id = job->batch ? job->batch->remote_region : job->pieces[i].remote_region;
+        uint64_t id = job->paged ? job->paged->remote_region : job->pieces[i].remote_region;
         if (id == last)
             continue;
         last = id;
@@ -160,7 +160,7 @@ int kvt_shm_start_threads(kvt_peer *p, pthread_t *threads, int *n, void *(*fn)(v
         int e = pthread_create(&threads[i], NULL, fn, arg);
         if (e != 0) {
             *n = i;
-            kvt_queue_close(&p->queue, "connect failed");
+            kvt_queue_close(&p->queue);
             p->ops->close(p);
             return kvt_syserr(err, e, "pthread_create", "%s worker %d", p->ops->name, i);
         }

@@ -15,11 +15,11 @@
  * kernel starts early. The CUDA path sizes its descriptor buffers from these. */
 #define SHM_DEV_MAX_PIECES 4096
 #define SHM_DEV_MAX_BYTES (64u << 20)
-/* read_blocks jobs into CUDA memory: the CPU's work is copying two offsets a block
+/* Paged jobs into CUDA memory: the CPU's work is copying two offsets a block
  * (transport_shm_cuda.c), so they can be large: fewer launches, each kernel's ramp
- * and tail paid fewer times (bench/README.md). The first ones stay small (transfer.c). */
-#define SHM_DEV_LAZY_MAX_PIECES 16384
-#define SHM_DEV_LAZY_MAX_BYTES (512ull << 20)
+ * and tail paid fewer times (bench/README.md). The first ones stay small (cut.c). */
+#define SHM_DEV_PAGED_MAX_PIECES 16384
+#define SHM_DEV_PAGED_MAX_BYTES (512ull << 20)
 
 typedef struct kvt_shm_cuda kvt_shm_cuda;
 struct lane;
@@ -33,11 +33,11 @@ typedef struct shm_peer {
     kvt_ipc_cache *ipc; /* the target's CUDA allocations opened here (cuda_ipc.c) */
     int nthreads;
     pthread_t threads[KVT_MAX_THREADS];
-    /* the callers' CUDA lanes, one per device (kvt_shm_cuda_direct), shared by every
+    /* the callers' CUDA lanes, one per device (kvt_shm_cuda_take), shared by every
        thread reading over the peer: one at a time (a caller finding them taken leaves
        its jobs to the transport threads) */
-    pthread_mutex_t direct_mu;
-    struct lane *direct[KVT_CUDA_MAX_DEVICES];
+    pthread_mutex_t caller_mu;
+    struct lane *caller_lanes[KVT_CUDA_MAX_DEVICES];
 } shm_peer;
 
 /* After a job's bytes are in place: 0 if every source region outlived the copy and

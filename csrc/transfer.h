@@ -1,9 +1,9 @@
-/* Transfers, the jobs they are cut into, and the queue transports pull jobs from.
+/* Transfers and the jobs they are cut into (transfer.c).
  *
- * A batch of reads becomes one kvt_transfer and a list of jobs, each a run of
- * pieces small enough for one system call or one wire frame. Transports complete
- * jobs from their own threads; the transfer finishes when its last job does, and
- * keeps the first error with the index of the entry that caused it. */
+ * A batch of reads becomes one kvt_transfer and a list of jobs (cut.c), each a run of
+ * pieces small enough for one system call, wire frame or kernel launch. Transports
+ * complete jobs from their own threads; the transfer finishes when its last job does,
+ * and keeps the first error with the index of the entry that caused it. */
 #ifndef KVT_TRANSFER_H
 #define KVT_TRANSFER_H
 
@@ -26,25 +26,18 @@ typedef struct kvt_piece {
     uint32_t lkey;  /* of the local region (verbs) */
 } kvt_piece;
 
-/* A batch of one local and one remote region, kept as columns: its jobs are cut
- * without writing pieces, and the thread that pops a job writes them (kvt_queue_pop),
- * so that cutting a batch of thousands of blocks costs the caller little and the
- * pieces are written in parallel, by the transport threads, while copies run. */
-typedef struct kvt_batch {
-    uint64_t *lo, *ro, *ln; /* local and remote offsets, lengths (ln NULL: len0 each) */
-    size_t cap;             /* bytes of the buffer lo points into (ro, ln follow) */
-    uint64_t len0;
-    uint64_t local_base;
-    uint32_t lkey;
-    uint64_t remote_region, remote_key, remote_addr;
-} kvt_batch;
+struct kvt_queue;
+struct kvt_paged_cols;
 
 typedef struct kvt_job {
     struct kvt_job *next;
     kvt_transfer *t;
-    /* lazy jobs (batch != NULL): entries e0..e1 (inclusive), the first from byte off0,
-       the last up to byte end1; pieces[0].entry is set, the rest written at pop */
-    const kvt_batch *batch;
+    /* A job of a paged batch (cut.h) comes as a range of the batch's columns: entries
+       e0..e1 (inclusive), the first from byte off0, the last up to byte end1.
+       pieces[0].entry is set; the rest are written by kvt_job_materialize, where the
+       transport needs them (shm's CUDA path reads the columns instead). NULL once
+       written, and for jobs of a list of entries. */
+    const struct kvt_paged_cols *paged;
     size_t e0, e1;
     uint64_t off0, end1;
     struct kvt_queue *home; /* whose pool the job returns to when done */
@@ -53,27 +46,16 @@ typedef struct kvt_job {
     uint64_t bytes;
     int local_kind; /* every piece of a job lands in one kind of memory ... */
     int local_dev;  /* ... on one device (CUDA ordinal, -1 for host) */
-    /* A job its queue's direct hook started in the caller's thread (see kvt_queue):
-       settle waits for its copy and completes it. Whoever takes it from the queue (a
-       transport thread, or kvt_queue_close) calls settle, never kvt_job_done. NULL
-       for every other job. */
-    void (*settle)(struct kvt_job *job);
-    void *settle_arg;
+    void *tp; /* the transport's own word about the job (shm: the GPU slot its caller
+                 launched it on); NULL when cut, never read outside the transport */
     kvt_piece pieces[];
 } kvt_job;
-
-/* How big a job may be: lim[0] into host memory, lim[1] into CUDA memory, lim[2] into
- * CUDA memory for a batch of one region to one region (read_blocks), cut lazily. */
-typedef struct kvt_job_limits {
-    size_t pieces;
-    uint64_t bytes;
-} kvt_job_limits;
 
 struct kvt_transfer {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     _Atomic int refs;       /* the caller's handle + one while jobs are outstanding */
-    _Atomic int64_t pending; /* jobs not yet completed */
+    _Atomic int64_t pending; /* jobs not yet completed, + 1 while jobs are being cut */
     int status;             /* 1 running, 0 ok, -errno failed (under mu) */
     int finished;           /* every job completed: nothing writes the destination anymore */
     _Atomic int done;       /* finished, readable without mu (waiters spin on it) */
@@ -84,89 +66,42 @@ struct kvt_transfer {
     kvt_region_table *table;
     uint64_t *local_ids;
     size_t n_local;
-    kvt_batch *batch; /* the columns of a lazily cut batch, or NULL */
+    struct kvt_paged_cols *paged; /* the columns of a paged batch, or NULL */
+    /* The transport's own state about the transfer (shm: the GPU's view, for the
+       trace), handed to tp_end when the transfer finishes, which frees it and may add
+       a note to the trace line. */
+    void *_Atomic tp;
+    void (*tp_end)(void *tp, char *note, size_t cap);
     /* KVTRANSFER_TRACE=1: when it started, had its local ranges checked, was cut,
-       first popped, first and last launched on a GPU (ns, CLOCK_MONOTONIC; 0 unset);
-       printed when it finishes */
+       first popped, a transport first and last started a copy (ns, CLOCK_MONOTONIC;
+       0 unset); printed when it finishes */
     int64_t tr_start, tr_checked, tr_cut;
-    _Atomic int64_t tr_pop, tr_launch1, tr_launchn;
-    /* a CUDA path's GPU view (shm): an event it recorded before the first copy, freed
-       by tr_gpu_free when the transfer finishes, and the longest time from it to a
-       job's end (ns): how long the GPU worked on the batch */
-    void *_Atomic tr_gpu_mark;
-    void (*tr_gpu_free)(void *);
-    _Atomic int64_t tr_gpu_ns;
+    _Atomic int64_t tr_pop, tr_copy1, tr_copyn;
     size_t tr_entries, tr_jobs;
 };
+
+/* A running transfer of n entries into regions of table, with one pending job (the
+ * cutting guard kvt_transfer_started drops). NULL: out of memory. */
+kvt_transfer *kvt_transfer_new(kvt_region_table *table, size_t n);
+/* Undoes kvt_transfer_new before any job: lets the local regions go and frees t. */
+void kvt_transfer_discard(kvt_transfer *t);
+/* Every job is handed over (rc < 0: cutting failed, the transfer fails with err while
+ * what was handed over still finishes): the transfer is the caller's (*out). */
+void kvt_transfer_started(kvt_transfer *t, int rc, const kvt_err *err, kvt_transfer **out);
+/* A job of t was cut: counted before it is handed over. */
+void kvt_transfer_add_job(kvt_transfer *t);
+/* Completes a job: rc 0, or -errno with err and the failing entry. Frees the job. */
+void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry);
+/* If the job's transfer has already failed, completes the job without running it and
+ * returns 1: one error fails a batch at once, not after every remaining job timed out. */
+int kvt_job_skip_if_failed(kvt_job *job);
 
 /* Tracing (KVTRANSFER_TRACE=1: one line per finished transfer of 1,000 entries or
  * more on stderr, at most ten a second): where a batch's time goes. */
 int kvt_trace_on(void);
 int64_t kvt_now_ns(void);
-void kvt_trace_launch(kvt_transfer *t);
-
-/* If the job's transfer has already failed, completes the job without running it and
- * returns 1: one error fails a batch at once, not after every remaining job timed out. */
-int kvt_job_skip_if_failed(kvt_job *job);
-/* Completes a job: rc 0, or -errno with err and the failing entry. Frees the job. */
-void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry);
-
-/* A FIFO of jobs with blocking pop; closing it wakes every waiter. */
-typedef struct kvt_queue {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    kvt_job *head, *tail;
-    _Atomic long queued; /* jobs in the queue, read without mu by threads that spin */
-    int closed;
-    unsigned kicks; /* kvt_queue_kick: sleeping poppers go back to spinning */
-    int wake_fd; /* an eventfd written on every push and on close, for consumers that
-                    poll() other fds too (verbs); -1 when unused */
-    /* finished jobs kept for reuse: a batch of 16,384 blocks is ~1 MiB of pieces, and
-       fresh memory for it each time costs page faults in the reading call */
-    pthread_mutex_t pool_mu;
-    kvt_job *pool;
-    size_t pool_n;
-    /* Set by a transport that can start some jobs in the thread that cuts them (shm:
-       read_blocks into GPU memory, so the first copy starts without a hand-off to its
-       threads): called for each job as it is cut; 1 when it took the job (started it
-       and queued it with settle set, or completed it with an error), 0 to leave it to
-       the queue. */
-    int (*direct)(void *ctx, kvt_job *job);
-    void *direct_ctx;
-} kvt_queue;
-
-void kvt_queue_init(kvt_queue *q);
-void kvt_queue_push(kvt_queue *q, kvt_job *j);
-int kvt_queue_is_closed(kvt_queue *q);
-/* NULL once closed; with wait == 0, NULL when empty. With wait, an empty queue is
- * polled for KVTRANSFER_WORKER_SPIN_US (default 200) before the thread sleeps: the
- * next batch usually comes right after the last one, and waking a sleeping thread
- * costs tens of microseconds (more in a VM). A job may come lazy (job->batch set, its
- * pieces not written): the consumer writes them with kvt_job_materialize where it
- * needs them (shm's CUDA path copies from the batch's columns instead). */
-kvt_job *kvt_queue_pop(kvt_queue *q, int wait);
-/* Writes the pieces of a lazy job, in the popping thread (so the pieces of a batch of
- * thousands of blocks are written in parallel, while copies run); nothing for a job
- * that is not lazy. */
-void kvt_job_materialize(kvt_job *j);
-/* Wakes threads asleep in kvt_queue_pop to spin for jobs about to be pushed (a large
- * batch starts: waking them first hides the wake-up); nothing where threads do not
- * spin (KVTRANSFER_WORKER_SPIN_US=0, or fewer than 8 CPUs by default). */
-void kvt_queue_kick(kvt_queue *q);
-/* Closes the queue and fails what is left in it with ECANCELED (jobs already started,
- * with settle set, are settled: their copies finish first). */
-void kvt_queue_close(kvt_queue *q, const char *why);
-void kvt_queue_destroy(kvt_queue *q);
-
-/* Starts a batch (of a kind: KVT_BATCH_PAGED's regions, keys and addresses are one for
- * every entry, its jobs cut lazily): checks every local range first (an error names the entry, and
- * nothing is queued), holds the local regions, then cuts the entries into jobs of at
- * most lim[kind].pieces pieces and lim[kind].bytes bytes (kind: of the destination, and
- * whether the batch is cut lazily; a longer entry is split) and pushes each job to q
- * as soon as it is cut, so transports start on the first while the rest are cut. A
- * job lands in one memory kind and device. */
-enum kvt_batch_kind { KVT_BATCH_ENTRIES, KVT_BATCH_PAGED };
-int kvt_transfer_start(kvt_region_table *table, const kvt_read_cols *cols, enum kvt_batch_kind kind,
-                       const kvt_job_limits lim[3], kvt_queue *q, kvt_transfer **out, kvt_err *err);
+void kvt_trace_popped(kvt_transfer *t);
+/* A transport started copying a job of t (shm's CUDA path: a launch). */
+void kvt_trace_copy(kvt_transfer *t);
 
 #endif

@@ -88,8 +88,8 @@ static void *worker(void *arg)
             kvt_shm_cuda_retire(s, cu);
             continue;
         }
-        if (job->settle) { /* started by the caller (kvt_shm_cuda_direct): wait for it */
-            job->settle(job);
+        if (job->tp) { /* started by its caller (kvt_shm_cuda_take): wait for it */
+            kvt_shm_cuda_settle(job);
             continue;
         }
         if (kvt_job_skip_if_failed(job))
@@ -101,7 +101,7 @@ static void *worker(void *arg)
             continue;
         }
         if (job->local_kind == KVT_MEM_HOST)
-            kvt_job_materialize(job); /* the CUDA path copies lazy jobs from their columns */
+            kvt_job_materialize(job); /* the CUDA path copies paged jobs from their columns */
         if (job->local_kind != KVT_MEM_HOST || run_job(s, job, liov, liov + SHM_MAX_PIECES))
             kvt_shm_cuda_job(s, &cu, job);
     }
@@ -115,7 +115,18 @@ static void shm_close(kvt_peer *p)
     shm_peer *s = p->impl;
     for (int i = 0; i < s->nthreads; i++)
         pthread_join(s->threads[i], NULL);
-    kvt_shm_direct_end(s); /* after the threads: every job is settled */
+    /* Jobs their callers started on the GPU finish when their copies do, the rest as
+       the engine cancels them; then the lanes can go. */
+    kvt_err e;
+    kvt_error(&e, ECANCELED, "read", "peer closed before the read ran");
+    for (kvt_job *j = kvt_queue_take_all(&p->queue), *n; j; j = n) {
+        n = j->next;
+        if (j->tp)
+            kvt_shm_cuda_settle(j);
+        else
+            kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
+    }
+    kvt_shm_caller_lanes_end(s);
     kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */
     kvt_shm_peer_release(s);
     free(s);
@@ -160,9 +171,7 @@ static int shm_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         return rc;
     }
     s->queue = &p->queue;
-    pthread_mutex_init(&s->direct_mu, NULL);
-    p->queue.direct = kvt_shm_cuda_direct;
-    p->queue.direct_ctx = s;
+    pthread_mutex_init(&s->caller_mu, NULL);
     s->nthreads = p->eng->opts.shm_threads;
     p->impl = s;
     p->max_pieces = SHM_MAX_PIECES;
@@ -179,8 +188,9 @@ static int shm_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kin
 {
     kvt_job_limits lim[3];
     kvt_peer_limits(p, lim);
-    lim[2] = (kvt_job_limits){SHM_DEV_LAZY_MAX_PIECES, SHM_DEV_LAZY_MAX_BYTES};
-    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &p->queue, out, err);
+    lim[2] = (kvt_job_limits){SHM_DEV_PAGED_MAX_PIECES, SHM_DEV_PAGED_MAX_BYTES};
+    const kvt_job_sink sink = {.q = &p->queue, .take = kvt_shm_cuda_take, .ctx = p->impl};
+    return kvt_transfer_start(&p->eng->table, cols, kind, lim, &sink, out, err);
 }
 
 const kvt_transport_ops kvt_shm_ops = {

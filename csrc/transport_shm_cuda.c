@@ -1,36 +1,16 @@
-/* shm transport, CUDA memory: same-host reads through CUDA IPC and batched copies.
+/* shm transport, CUDA memory: same-host reads through CUDA IPC and the gather kernel.
  *
- * Device <- device (the case that matters): the target's region table names each
- * CUDA region's allocation and IPC handle; the reader opens each allocation once
- * (cuda_ipc.c) and copies a job's blocks with the gather kernel (cuda_copy.c): the
- * job's (src, dst, len) descriptors are written to pinned, device-mapped memory and
- * copied by one launch that reads them there. A job cut lazily from one region to
- * one region (read_blocks) needs no pieces: whole blocks of one length (the usual
- * shape) need no descriptors either, the kernel reading the job's two offset columns
- * (copied to the pinned buffer, the remote bounds checked on the way) and computing
- * each block's addresses; other lazy jobs get descriptors straight from the batch's
- * columns (writing pieces first and checking each one left the GPU waiting). Other jobs go piece by piece. The first jobs of a
- * batch are small (transfer.c), so the GPU starts on them while the rest are cut. The
- * kernel runs on the destination's device, in its primary context; a reader on
- * another GPU reads over peer access. Each thread keeps two jobs in flight per
- * device, each with its own descriptor buffer and stream (a job's copy may start
- * while the one before drains) and an event marking its end; a job is completed (and
- * its transfer may finish) only after its event: nothing writes the destination after
- * that.
- *
- * Whole-block jobs are launched by the thread that cuts them (kvt_shm_cuda_direct,
- * the queue's direct hook), on the peer's own lanes, and queued for a transport thread
- * to settle: the GPU starts without waiting for a transport thread to take the job
- * (bench/README.md has the gain).
- * Every other job, and a whole-block job finding the caller's lanes taken or full, is
- * run by the transport threads.
- *
- * Mixed kinds, correct rather than fast (and said so here): device <- host memory
- * goes through a pinned bounce buffer (process_vm_readv, then cuMemcpyHtoDAsync per
- * block); host <- device memory is one cuMemcpyDtoH per block. Both complete before
- * the job does. */
+ * Each of the target's CUDA allocations is opened once (cuda_ipc.c); a job's blocks
+ * are copied by one launch of cuda_copy.c's kernel on the destination's device. A
+ * thread keeps up to two jobs in flight per device (a slot each: stream, pinned
+ * descriptors, event), and a job completes only after its event: nothing writes the
+ * destination after that. Paged jobs of whole blocks launch from their offset columns,
+ * without descriptors, and from the caller's thread where its lane is free
+ * (kvt_shm_cuda_take). Host memory on either side is correct, not fast: a bounce
+ * buffer one way, cuMemcpyDtoH per block the other. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -39,10 +19,10 @@
 #include "cuda_copy.h"
 #include "transport_shm_cuda.h"
 
-/* room for the descriptors of any job: lazy ones are the larger (16-byte column
+/* room for the descriptors of any job: paged ones are the larger (16-byte column
  * pairs of whole-block jobs fit in it too) */
-#define SLOT_DESCS (SHM_DEV_LAZY_MAX_PIECES + SHM_DEV_LAZY_MAX_BYTES / KVT_COPY_CHUNK)
-#define COLS_BYTES (2 * SHM_DEV_LAZY_MAX_PIECES * sizeof(uint64_t))
+#define SLOT_DESCS (SHM_DEV_PAGED_MAX_PIECES + SHM_DEV_PAGED_MAX_BYTES / KVT_COPY_CHUNK)
+#define COLS_BYTES (2 * SHM_DEV_PAGED_MAX_PIECES * sizeof(uint64_t))
 #define BOUNCE_BYTES (4u << 20)
 #define BOUNCE_IOVS 1024
 #define FIFO_MAX (2 * KVT_CUDA_MAX_DEVICES)
@@ -63,14 +43,14 @@ typedef struct slot {
     CUevent ev;
     CUdeviceptr cols; /* device memory: a whole-block job's offset columns (kvt_copy_launch_cols) */
     kvt_job *job; /* in flight, or NULL */
-    /* a caller's slot (kvt_shm_cuda_direct): in use from the launch until the job is
+    /* a caller's slot (kvt_shm_cuda_take): in use from the launch until the job is
        settled; where settling looks for its device and peer */
     _Atomic int busy;
     int dev;
     shm_peer *peer;
 } slot;
 
-/* A transport thread's lane uses two slots, a caller's lane (kvt_shm_cuda_direct) all
+/* A transport thread's lane uses two slots, a caller's lane (kvt_shm_cuda_take) all
  * four: a batch's first jobs are launched one right after the other. */
 #define LANE_SLOTS 4
 
@@ -226,33 +206,51 @@ static int resolve(shm_peer *s, kvt_shm_cuda *cu, remote *r, int dev, const kvt_
     return 0;
 }
 
-/* KVTRANSFER_TRACE=1: the GPU's view of a batch. The first job launched records an
- * event before its copy (the transfer keeps it); each job's end is timed against it
- * when the job retires; the trace line prints the longest. */
-static void gpu_mark_free(void *ev) { kvt_cu_get(NULL)->EventDestroy((CUevent)ev); }
+/* KVTRANSFER_TRACE=1: the GPU's view of a batch, kept as the transfer's tp. The first
+ * job launched records an event before its copy; each job's end is timed against it
+ * when the job retires; the trace line gets the longest. */
+typedef struct gpu_view {
+    CUevent mark;
+    _Atomic int64_t ns;
+} gpu_view;
+
+static void gpu_view_end(void *tp, char *note, size_t cap)
+{
+    gpu_view *v = tp;
+    if (atomic_load(&v->ns) > 0)
+        snprintf(note, cap, "; gpu %.1f us", atomic_load(&v->ns) / 1000.0);
+    kvt_cu_get(NULL)->EventDestroy(v->mark);
+    free(v);
+}
 
 static void gpu_mark(kvt_transfer *t, CUstream s)
 {
     const kvt_cu *c = kvt_cu_get(NULL);
-    CUevent ev;
-    if (atomic_load(&t->tr_gpu_mark) || !c->EventElapsedTime || c->EventCreate(&ev, 0) != CUDA_SUCCESS)
+    gpu_view *v;
+    if (atomic_load(&t->tp) || !c->EventElapsedTime || !(v = calloc(1, sizeof *v)))
         return;
     void *none = NULL;
-    if (c->EventRecord(ev, s) != CUDA_SUCCESS || !atomic_compare_exchange_strong(&t->tr_gpu_mark, &none, (void *)ev))
-        c->EventDestroy(ev);
-    else
-        t->tr_gpu_free = gpu_mark_free; /* read by finish(), after every job is done */
+    if (c->EventCreate(&v->mark, 0) != CUDA_SUCCESS) {
+        free(v);
+        return;
+    }
+    if (c->EventRecord(v->mark, s) != CUDA_SUCCESS || !atomic_compare_exchange_strong(&t->tp, &none, (void *)v)) {
+        c->EventDestroy(v->mark);
+        free(v);
+    } else {
+        t->tp_end = gpu_view_end; /* read when the transfer finishes, after every job is done */
+    }
 }
 
 static void gpu_span(kvt_transfer *t, CUevent end)
 {
     const kvt_cu *c = kvt_cu_get(NULL);
-    void *mark = atomic_load(&t->tr_gpu_mark);
+    gpu_view *v = atomic_load(&t->tp);
     float ms = 0;
-    if (!mark || c->EventElapsedTime(&ms, (CUevent)mark, end) != CUDA_SUCCESS)
+    if (!v || c->EventElapsedTime(&ms, v->mark, end) != CUDA_SUCCESS)
         return;
-    int64_t ns = (int64_t)(ms * 1e6), seen = atomic_load(&t->tr_gpu_ns);
-    while (ns > seen && !atomic_compare_exchange_weak(&t->tr_gpu_ns, &seen, ns))
+    int64_t ns = (int64_t)(ms * 1e6), seen = atomic_load(&v->ns);
+    while (ns > seen && !atomic_compare_exchange_weak(&v->ns, &seen, ns))
         ;
 }
 
@@ -265,7 +263,7 @@ static int launch(lane *l, slot *sl, size_t n, kvt_transfer *t, kvt_err *e)
         gpu_mark(t, sl->s);
     int rc = kvt_copy_launch(l->dev, sl->s, sl->h, sl->d, n, e);
     if (rc == 0)
-        kvt_trace_launch(t);
+        kvt_trace_copy(t);
     return rc;
 }
 
@@ -387,14 +385,14 @@ void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu)
     complete(s, job, rc, &e, (int64_t)job->pieces[0].entry);
 }
 
-/* A lazy job's descriptors straight from its batch's columns, without pieces: the
+/* A paged job's descriptors straight from its batch's columns, without pieces: the
  * source region is looked up once and every range's bounds are checked in the same
  * loop. The number of descriptors; 0 when the pieces path must take the job (the
  * source is host memory, or a range is out of bounds: that path names the entry);
  * -errno when the source region is not there. */
-static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job, kvt_copy_desc *out, kvt_err *e)
+static long paged_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *job, kvt_copy_desc *out, kvt_err *e)
 {
-    const kvt_batch *b = job->batch;
+    const kvt_paged_cols *b = job->paged;
     const kvt_piece whole = {.remote_region = b->remote_region, .remote_key = b->remote_key, .entry = job->e0};
     uint64_t src0;
     int rc = resolve(s, cu, &l->last, l->dev, &whole, &src0, e);
@@ -415,20 +413,15 @@ static long lazy_descs(shm_peer *s, kvt_shm_cuda *cu, lane *l, const kvt_job *jo
     return bad ? 0 : (long)n;
 }
 
-/* A lazy job of whole blocks of one length (read_blocks' usual shape), launched
- * without descriptors: its two offset columns go to the slot's pinned buffer, the
- * remote ones checked against the source region on the way (subtractions and ORs, as
- * transfer.c checks the local ones), where the kernel reads them (blocks longer than
- * a descriptor: the launch uploads them to the slot's device buffer first; cuda_copy.h
- * says why), and the kernel computes each block's addresses (16 bytes copied a block,
- * against a 24-byte descriptor per 32 KiB: jobs can then be
- * large, few launches a batch). In a transport thread, or the caller's (cu NULL). 1
- * launched; 0 when the job is not of that shape, its source is not CUDA memory, the
- * device copies in batch mode or a range is out of bounds (the descriptor path takes
- * it, and names the entry); -errno. */
+/* A paged job of whole blocks of one length, launched without descriptors: its two
+ * offset columns go to the slot's pinned buffer (remote bounds checked on the way)
+ * and the kernel computes each block's addresses: 16 bytes a block, so jobs can be
+ * large. cu is NULL in the caller's thread. 1 launched; 0 when the job is not of that
+ * shape, its source is not CUDA memory, or a range is out of bounds (the descriptor
+ * path takes it, and names the entry); -errno. */
 static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const kvt_job *job, kvt_err *e)
 {
-    const kvt_batch *b = job->batch;
+    const kvt_paged_cols *b = job->paged;
     if (b->ln || job->off0 != 0 || job->end1 != b->len0)
         return 0;
     const kvt_piece whole = {.remote_region = b->remote_region, .remote_key = b->remote_key, .entry = job->e0};
@@ -455,7 +448,7 @@ static int cols_launch(shm_peer *s, kvt_shm_cuda *cu, lane *l, slot *sl, const k
     if (rc == -EOPNOTSUPP)
         return 0;
     if (rc == 0)
-        kvt_trace_launch(job->t);
+        kvt_trace_copy(job->t);
     return rc < 0 ? rc : 1;
 }
 
@@ -506,11 +499,11 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
     }
     l->next ^= 1;
     size_t nhost = 0;
-    rc = job->batch ? cols_launch(s, cu, l, sl, job, &e) : 0;
+    rc = job->paged ? cols_launch(s, cu, l, sl, job, &e) : 0;
     if (rc == 0) {
-        long n = job->batch ? lazy_descs(s, cu, l, job, sl->h, &e) : 0;
-        if (n == 0) { /* not lazy, or the lazy path handed it over */
-            if (job->batch)
+        long n = job->paged ? paged_descs(s, cu, l, job, sl->h, &e) : 0;
+        if (n == 0) { /* not paged, or the paged path handed it over */
+            if (job->paged)
                 kvt_job_materialize(job);
             n = piece_descs(s, cu, l, sl, job, &nhost, &e, &entry);
         }
@@ -540,10 +533,9 @@ static void dev_job(shm_peer *s, kvt_shm_cuda *cu, kvt_job *job)
     complete(s, job, rc, &e, entry);
 }
 
-/* A caller's job, once its copy is done: its slot is free again, the job complete. */
-static void direct_settle(kvt_job *job)
+void kvt_shm_cuda_settle(kvt_job *job)
 {
-    slot *sl = job->settle_arg;
+    slot *sl = job->tp;
     kvt_err e;
     int rc = kvt_cuda_push(sl->dev, &e);
     if (rc == 0) {
@@ -555,21 +547,21 @@ static void direct_settle(kvt_job *job)
     complete(sl->peer, job, rc, &e, (int64_t)job->e0);
 }
 
-int kvt_shm_cuda_direct(void *ctx, kvt_job *job)
+int kvt_shm_cuda_take(void *ctx, kvt_job *job)
 {
     shm_peer *s = ctx;
-    const kvt_batch *b = job->batch;
+    const kvt_paged_cols *b = job->paged;
     const int dev = job->local_dev;
     if (!b || job->local_kind != KVT_MEM_CUDA || dev < 0 || dev >= KVT_CUDA_MAX_DEVICES ||
-        pthread_mutex_trylock(&s->direct_mu) != 0)
+        pthread_mutex_trylock(&s->caller_mu) != 0)
         return 0;
     kvt_err e;
     int rc = kvt_cuda_push(dev, &e);
     if (rc < 0) {
-        pthread_mutex_unlock(&s->direct_mu);
+        pthread_mutex_unlock(&s->caller_mu);
         return 0; /* the transport thread says why */
     }
-    lane *l = s->direct[dev] ? s->direct[dev] : (s->direct[dev] = lane_new(dev, LANE_SLOTS, s, &e, &rc));
+    lane *l = s->caller_lanes[dev] ? s->caller_lanes[dev] : (s->caller_lanes[dev] = lane_new(dev, LANE_SLOTS, s, &e, &rc));
     slot *sl = NULL;
     for (int i = 0; l && !sl && i < l->nslots; i++) {
         slot *c = &l->slots[(l->next + i) % l->nslots];
@@ -586,29 +578,28 @@ int kvt_shm_cuda_direct(void *ctx, kvt_job *job)
     if (rc > 0) {
         atomic_store(&sl->busy, 1);
         l->next = (int)(sl - l->slots + 1) % l->nslots;
-        job->settle = direct_settle;
-        job->settle_arg = sl;
+        job->tp = sl;
     }
     kvt_cuda_pop();
-    pthread_mutex_unlock(&s->direct_mu);
-    if (rc > 0)
-        kvt_queue_push(s->queue, job); /* a transport thread settles it */
+    pthread_mutex_unlock(&s->caller_mu);
+    if (rc > 0 && kvt_queue_push(s->queue, job) < 0) /* a transport thread settles it ... */
+        kvt_shm_cuda_settle(job); /* ... or, the peer closing, this one */
     else if (rc < 0)
         kvt_job_done(job, rc, &e, (int64_t)job->e0);
     return rc != 0;
 }
 
-void kvt_shm_direct_end(shm_peer *s)
+void kvt_shm_caller_lanes_end(shm_peer *s)
 {
     kvt_err e;
     const kvt_cu *c = kvt_cu_get(&e);
     for (int dev = 0; dev < KVT_CUDA_MAX_DEVICES; dev++) {
-        if (s->direct[dev] && kvt_cuda_push(dev, &e) == 0) {
-            lane_free(c, s->direct[dev]);
+        if (s->caller_lanes[dev] && kvt_cuda_push(dev, &e) == 0) {
+            lane_free(c, s->caller_lanes[dev]);
             kvt_cuda_pop();
         }
     }
-    pthread_mutex_destroy(&s->direct_mu);
+    pthread_mutex_destroy(&s->caller_mu);
 }
 
 /* Host destination, some source in CUDA memory: one cuMemcpyDtoH per block. */

@@ -15,14 +15,15 @@ int kvt_shm_cuda_busy(const kvt_shm_cuda *cu);
 void kvt_shm_cuda_retire(shm_peer *s, kvt_shm_cuda *cu);
 void kvt_shm_cuda_end(shm_peer *s, kvt_shm_cuda *cu);
 
-/* The peer queue's direct hook (kvt_queue): a read_blocks job into GPU memory from GPU
- * memory is launched in the caller's thread, on a lane of the peer's own (the first
- * copy starts without waiting for a transport thread), and queued for a transport
- * thread to settle (wait for and complete). 0 (the job is left to the queue) when the
- * job has another shape, the lane is taken by another caller or all its slots are in
- * use, or a range is out of bounds (the transport thread names the entry). end: frees
- * the lanes, once every job is settled. */
-int kvt_shm_cuda_direct(void *ctx, kvt_job *job);
-void kvt_shm_direct_end(shm_peer *s);
+/* shm's job sink (cut.h): a paged job of whole blocks into GPU memory from GPU memory
+ * is launched in the caller's thread, on a lane of the peer's own (the first copy
+ * starts without waiting for a transport thread), marked (job->tp: its slot) and
+ * queued for a transport thread to settle: wait for its copy, then complete it. 0
+ * (queue it) when the job has another shape, the lane is taken by another caller or
+ * full, or a range is out of bounds (the transport thread names the entry).
+ * caller_lanes_end frees the lanes, once every job is settled. */
+int kvt_shm_cuda_take(void *ctx, kvt_job *job);
+void kvt_shm_cuda_settle(kvt_job *job);
+void kvt_shm_caller_lanes_end(shm_peer *s);
 
 #endif

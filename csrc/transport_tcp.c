@@ -330,7 +330,7 @@ static int tcp_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
     p->dev_max_pieces = TCP_MAX_PIECES;
     p->dev_max_bytes = dev_job_bytes();
     if (rc < 0) {
-        kvt_queue_close(&p->queue, "connect failed");
+        kvt_queue_close(&p->queue);
         for (int i = tp->nconns; i < n; i++) {
             if (tp->conns[i].fd >= 0)
                 close(tp->conns[i].fd);

@@ -7,7 +7,7 @@
 #   device tool: run(command="bash scripts/gpu_before_after.sh", carry=[".whl", ".before"])
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-3}  # TRANSPORTS: the systems compared (default shm,d2d)
 [ -f .before/setup.py ] || { echo ".before/ holds no tree (see the header)"; exit 2; }
 (cd .before && python3 setup.py -q build_ext --inplace) > "$OUT/build_before.txt" 2>&1 || { tail -20 "$OUT/build_before.txt"; exit 1; }
 python3 setup.py -q build_ext --inplace > "$OUT/build_after.txt" 2>&1 || { tail -20 "$OUT/build_after.txt"; exit 1; }
@@ -15,7 +15,7 @@ site=${PYTHONPATH#"$PWD"}
 for r in $(seq "$ROUNDS"); do
   for tree in before after; do
     dir=$PWD; [ "$tree" = before ] && dir=$PWD/.before
-    (cd "$dir" && PYTHONPATH=$dir$site timeout 150 python3 bench/transfer_bw.py --device cuda --transports shm,d2d \
+    (cd "$dir" && PYTHONPATH=$dir$site timeout 150 python3 bench/transfer_bw.py --device cuda --transports "${TRANSPORTS:-shm,d2d}" \
       --sizes 32K,256K --iters 20 --json "$OUT/$tree-$r.json") > "$OUT/$tree-$r.txt" 2>&1
     echo "$tree round $r: $(sed -n '/Ratios of BW avg/,/^-/p' "$OUT/$tree-$r.txt" | grep -o '[0-9.]*x' | tr '\n' ' ')"
   done

@@ -13,25 +13,16 @@
 
 #define BATCH_CALL_MAX 8192 /* descriptors per cuMemcpyBatchAsync call */
 
-/* The gather kernel: a CTA copies a descriptor with 16-byte vectors when source and
- * destination agree modulo 16: a byte head up to the first aligned address, U
- * independent 16-byte loads per thread before their stores, a byte tail; otherwise
- * bytes (correct, slow, rare). Sources are read through the read-only path (they are
- * not written during a copy). Two shapes, each best where it is used:
- *   0 "device"  device memory to device memory (shm, also over peer access): one CTA
- *               of 256 threads per descriptor (U = 8: a 32 KiB descriptor is one load
- *               and one store a thread), eight CTAs per SM, the hardware handing
- *               descriptors out as CTAs finish. Each CTA reads its descriptor from
- *               pinned host memory itself. kvt_gather_cols is this shape reading
- *               read_blocks' offset columns instead of descriptors.
- *   1 "staged"  to or from pinned host memory (tcp staging, over PCIe): 256 threads,
- *               U = 8, as many CTAs as fit, each walking descriptors blockIdx.x,
- *               + gridDim.x, ... and loading the next while it copies one.
- * One CTA per descriptor beat persistent CTAs taking groups of descriptors (they
- * stop at barriers between groups) and warps taking descriptors alone; 32 KiB
- * descriptors beat 64 KiB (KVT_COPY_CHUNK). Figures: bench/README.md.
- * KVTRANSFER_GATHER_VARIANT=0|1 forces one shape on every descriptor list (read_blocks
- * jobs over shm, which carry no descriptors, always run kvt_gather_cols). */
+/* The gather kernel: a CTA copies a descriptor with 16-byte vectors where source and
+ * destination agree modulo 16 (U independent loads per thread before their stores),
+ * bytes otherwise. Two shapes, each the one measured best where it runs
+ * (bench/README.md):
+ *   0 "device"  device to device memory (shm, also over peer access): one CTA of 256
+ *               threads per descriptor, which reads it from pinned memory itself;
+ *               kvt_gather_cols is this shape reading offset columns instead.
+ *   1 "staged"  to or from pinned host memory (tcp staging): as many CTAs as fit,
+ *               each walking the descriptors and loading the next while it copies.
+ * KVTRANSFER_GATHER_VARIANT=0|1 forces one shape on every descriptor list. */
 #define N_VARIANTS 2 /* descriptor kernels, which KVTRANSFER_GATHER_VARIANT picks from */
 #define VARIANT_DEVICE 0
 #define VARIANT_STAGED 1

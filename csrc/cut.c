@@ -210,7 +210,7 @@ static int cut_paged(kvt_transfer *t, const kvt_read_cols *c, const kvt_region_v
     if (!b->ln && whole_entries(lim, kind, b->len0)) {
         /* one length dividing every job's byte limit (the usual shape): the same jobs
            as the loop below makes, each a count of whole entries, cut without visiting
-           the entries (16,384 blocks: a column copy, not ~5 ns per block) */
+           the entries: a column copy, not a visit per block */
         for (size_t i = 0; i < n;) {
             jl = job_limits(lim, kind, &dev_jobs);
             size_t k = (size_t)(jl.bytes / b->len0);

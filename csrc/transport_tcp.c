@@ -1,5 +1,5 @@
-/* tcp transport, reader side. Each peer has several connections (one loopback stream
- * carries ~2 GB/s; several carry more), each driven by its own thread that pulls jobs
+/* tcp transport, reader side. Each peer has several connections (one stream is bound
+ * by one core's copies; several carry more), each driven by its own thread that pulls jobs
  * from the peer's queue. A thread keeps two requests in flight on its connection so
  * the next request is at the server while the current response streams in, and it
  * receives the bytes straight into the destination with readv. A broken connection

@@ -24,6 +24,8 @@
 
 #include <stdint.h>
 
+#include "kvt.h" /* KVT_VERBS_MAX_QPS: queue pairs a verbs hello carries */
+
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "kvtransfer's wire format is little-endian; add byte swapping for this target"
 #endif
@@ -34,7 +36,6 @@
 #define KVT_RESP_MAGIC 0x4154564bu  /* "KVTA" */
 #define KVT_VERBS_MAGIC 0x5654564bu /* "KVTV" */
 #define KVT_WIRE_MAX_ENTRIES 1024
-#define KVT_VERBS_MAX_QPS 8
 #define KVT_HELLO_TOKEN 0x1u   /* hello flag: a token follows */
 #define KVT_WIRE_TOKEN_LEN 32
 #define KVT_REFUSED_TOTAL 1    /* hello.reserved of an -EBUSY refusal */

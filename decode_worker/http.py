@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvtransfer.errors import KVTransferError
+from kvtransfer.json_body import BodyError, read_json_body
 
 from .openai_api import BadRequest, CompletionRequest, error_body, models_body, parse_chat, parse_completion, \
     response_body
@@ -89,17 +90,6 @@ class _LoopSink:
             pass
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of decoded JSON, iteratively (a recursive walk could overflow)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
 async def _until_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
     """Returns when the client has gone (the request's body was read already)."""
     while (await receive())["type"] != "http.disconnect":
@@ -135,23 +125,11 @@ class OpenAIApp:
 
     async def _body(self, request: Request) -> Any:
         """The request's JSON, within the size and nesting limits."""
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limits.max_body):
-            raise _Problem(413, f"the body is {length} bytes; the limit is {self.limits.max_body}")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.limits.max_body:
-                raise _Problem(413, f"the body is over the limit of {self.limits.max_body} bytes")
         try:
-            body = json.loads(raw)
-        except RecursionError:
-            raise _Problem(400, f"the body nests deeper than {self.limits.max_depth} levels") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _Problem(400, f"the body is not valid JSON: {e}") from None
-        if _depth(body) > self.limits.max_depth:
-            raise _Problem(400, f"the body nests deeper than {self.limits.max_depth} levels")
-        return body
+            return await read_json_body(request.stream(), request.headers.get("content-length"),
+                                        max_bytes=self.limits.max_body, max_depth=self.limits.max_depth)
+        except BodyError as e:
+            raise _Problem(e.status, e.message) from None
 
     # --- routes --------------------------------------------------------------------------
 

@@ -212,11 +212,13 @@ def test_bad_bodies(engines, proxy):
     p, d = engines(), engines()
     url = proxy([p], [d], max_body_bytes=1000)
     r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=5)
-    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = _post(url + "/v1/completions", [1, 2])
     assert r.status_code == 400
     r = _post(url + "/v1/completions", {"prompt": list(range(1000))})
-    assert r.status_code == 413 and "exceeds 1000" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "the limit is 1000" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b"[" * 65 + b"]" * 65, timeout=5)  # within any recursion limit
+    assert r.status_code == 400 and "deeper than 64" in r.json()["error"]["message"]
     deep = proxy([p], [d], max_body_bytes=1 << 20)
     r = httpx.post(deep + "/v1/completions", content=b"[" * 100_000 + b"]" * 100_000, timeout=5)
     assert r.status_code == 400 and "nests" in r.json()["error"]["message"]

@@ -40,10 +40,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..json_body import BodyError, read_json_body
+
 log = logging.getLogger("kvtransfer.proxy")
 
 #: the largest request body accepted, and the largest non-streamed upstream answer read
 MAX_BODY_BYTES = 16 << 20
+#: JSON nesting accepted in a request body (an OpenAI request needs about 5)
+MAX_BODY_DEPTH = 64
 #: request headers passed on to the engines (an engine started with --api-key needs the first)
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 
@@ -249,22 +253,11 @@ class Proxy:
             return error_response(e.status, e.message, e.kind)
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise UpstreamError(413, f"request body of {declared} bytes exceeds {self.max_body_bytes}",
-                                "BadRequestError")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise UpstreamError(413, f"request body exceeds {self.max_body_bytes} bytes", "BadRequestError")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except RecursionError:  # a hostile body nesting past the interpreter's limit
-            raise UpstreamError(400, "request body nests too deeply", "BadRequestError") from None
-        except ValueError as exc:
-            raise UpstreamError(400, f"request body is not JSON: {exc}", "BadRequestError") from None
+            body = await read_json_body(request.stream(), request.headers.get("content-length"),
+                                        max_bytes=self.max_body_bytes, max_depth=MAX_BODY_DEPTH)
+        except BodyError as e:
+            raise UpstreamError(e.status, e.message, "BadRequestError") from None
         if not isinstance(body, dict):
             raise UpstreamError(400, "request body must be a JSON object", "BadRequestError")
         return body

@@ -2,9 +2,9 @@
  * can map (a memfd from kvtransfer.memory.alloc_host(shared=True), a /dev/shm file).
  * The reader maps each such region read-only once (through /proc/PID/fd/N) and copies
  * blocks with memcpy on its own threads: no system call per block. Regions that are
- * not in such a file are read with process_vm_readv, as shm does; CUDA memory is
- * shm's (unless forced, map does not reach a peer without a region in shared memory,
- * so the automatic choice gives such peers shm).
+ * not in such a file are read with process_vm_readv, as shm does. A batch that touches
+ * CUDA memory on either side goes whole to an shm peer that the map peer opens on first
+ * need (unless forced, map does not reach a peer without a region in shared memory).
  *
  * Keys and bounds are checked in the target's region table, as for shm; after each
  * copy the source region's id is checked again (a deregistered region fails the
@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "shm_peer.h"
+#include "transport_shm.h"
 
 #define MAP_MAX_PIECES 1024 /* IOV_MAX, for the pieces that fall back to process_vm_readv */
 #define MAP_MAX_BYTES (4u << 20)
@@ -99,6 +100,9 @@ typedef struct map_peer {
     unsigned next; /* the slot the next new mapping takes */
     int nthreads;
     pthread_t threads[KVT_MAX_THREADS];
+    kvt_engine_info info;  /* the target, for the shm peer */
+    pthread_mutex_t sub_mu; /* connects sub */
+    kvt_peer *sub;          /* shm, for batches that touch CUDA memory; NULL until one comes */
 } map_peer;
 
 /* Maps region id's file (snapshot: its slot, key checked) for reading; base NULL
@@ -205,7 +209,7 @@ static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec 
         kvt_region_view v;
         rc = kvt_shared_check(m->s.table, p->remote_region, p->remote_key, p->remote_off, p->len, &v, &e);
         if (rc == 0 && v.mem_kind != KVT_MEM_HOST)
-            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory: read it over shm",
+            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory: map copies host memory only",
                            (unsigned long)p->remote_region);
         if (rc == 0 && (!c || c->id != p->remote_region) && !(c = lookup(m, p->remote_region, p->remote_key, &e)))
             rc = e.code;
@@ -243,7 +247,7 @@ static void *worker(void *arg)
             continue;
         kvt_err e;
         if (!iov || job->local_kind != KVT_MEM_HOST) {
-            int rc = iov ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory; read into CUDA memory over shm")
+            int rc = iov ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory only")
                          : kvt_syserr(&e, ENOMEM, "malloc", "iovecs");
             kvt_job_done(job, rc, &e, (int64_t)job->pieces[0].entry);
             continue;
@@ -261,11 +265,79 @@ static void map_close(kvt_peer *p)
     map_peer *m = p->impl;
     for (int i = 0; i < m->nthreads; i++)
         pthread_join(m->threads[i], NULL);
+    if (m->sub) {
+        kvt_queue_close(&m->sub->queue); /* as kvt_peer_close */
+        kvt_shm_ops.close(m->sub);
+        kvt_queue_cancel(&m->sub->queue, "peer closed before the read ran");
+        kvt_queue_destroy(&m->sub->queue);
+        free(m->sub);
+    }
+    pthread_mutex_destroy(&m->sub_mu);
     for (int i = 0; i < MAP_CACHE; i++)
         unmap(&m->cache[i]);
     pthread_rwlock_destroy(&m->lock);
     kvt_shm_peer_release(&m->s);
     free(m);
+}
+
+/* 1 if a batch touches CUDA memory: a local region, or a remote one (unknown remote
+ * regions stay here, where the worker names the entry and why). */
+static int touches_cuda(kvt_peer *p, const map_peer *m, const kvt_read_cols *c)
+{
+    uint64_t lid = 0, rid = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        uint64_t l = c->local_region.p[i * c->local_region.stride], r = c->remote_region.p[i * c->remote_region.stride];
+        kvt_shared_slot slot;
+        kvt_err e;
+        if (l != lid && kvt_table_snapshot(&p->eng->table, l, &slot, &e) == 0 && slot.mem_kind != KVT_MEM_HOST)
+            return 1;
+        if (r != rid && kvt_shared_snapshot(m->s.table, r, c->remote_key.p[i * c->remote_key.stride], &slot, &e) == 0 &&
+            slot.mem_kind != KVT_MEM_HOST)
+            return 1;
+        lid = l;
+        rid = r;
+        if (c->local_region.stride == 0 && c->remote_region.stride == 0)
+            break; /* a paged batch: one region each side */
+    }
+    return 0;
+}
+
+/* The shm peer, connected on first use. */
+static int shm_sub(kvt_peer *p, map_peer *m, kvt_peer **out, kvt_err *err)
+{
+    int rc = 0;
+    pthread_mutex_lock(&m->sub_mu);
+    if (!m->sub) {
+        kvt_peer *sub = calloc(1, sizeof *sub);
+        if (!sub)
+            rc = kvt_syserr(err, ENOMEM, "calloc", "shm peer");
+        else {
+            sub->eng = p->eng;
+            sub->ops = &kvt_shm_ops;
+            kvt_queue_init(&sub->queue);
+            rc = kvt_shm_ops.connect(sub, &m->info, err);
+            if (rc < 0) {
+                kvt_queue_destroy(&sub->queue);
+                free(sub);
+            } else
+                m->sub = sub;
+        }
+    }
+    *out = m->sub;
+    pthread_mutex_unlock(&m->sub_mu);
+    return rc;
+}
+
+/* Whole batches: host to host here, anything touching CUDA memory over shm. */
+static int map_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                      kvt_err *err)
+{
+    map_peer *m = p->impl;
+    if (!touches_cuda(p, m, cols))
+        return kvt_submit_jobs(p, cols, kind, out, err);
+    kvt_peer *sub;
+    int rc = shm_sub(p, m, &sub, err);
+    return rc < 0 ? rc : kvt_shm_ops.submit(sub, cols, kind, out, err);
 }
 
 static int map_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
@@ -314,6 +386,8 @@ static int map_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         return rc;
     }
     pthread_rwlock_init(&m->lock, NULL);
+    pthread_mutex_init(&m->sub_mu, NULL);
+    m->info = *peer;
     m->queue = &p->queue;
     m->nthreads = p->eng->opts.shm_threads;
     p->impl = m;
@@ -326,7 +400,7 @@ const kvt_transport_ops kvt_map_ops = {
     .name = "map",
     .reach = map_reach,
     .connect = map_connect,
-    .submit = kvt_submit_jobs,
+    .submit = map_submit,
     .close = map_close,
     .facts = map_facts,
 };

@@ -2,9 +2,12 @@
  * can map (a memfd from kvtransfer.memory.alloc_host(shared=True), a /dev/shm file).
  * The reader maps each such region read-only once (through /proc/PID/fd/N) and copies
  * blocks with memcpy on its own threads: no system call per block. Regions that are
- * not in such a file are read with process_vm_readv, as shm does. A batch that touches
- * CUDA memory on either side goes whole to an shm peer that the map peer opens on first
- * need (unless forced, map does not reach a peer without a region in shared memory).
+ * not in such a file are read with process_vm_readv, as shm does, and so are files not
+ * sealed against shrinking (F_SEAL_SHRINK, as alloc_host seals its memfd; /dev/shm
+ * files cannot be sealed): a target cutting a mapped file would kill us with SIGBUS.
+ * A batch that touches CUDA memory on either side goes whole to an shm peer that the
+ * map peer opens on first need (unless forced, map does not reach a peer without a
+ * region in shared memory).
  *
  * Keys and bounds are checked in the target's region table, as for shm; after each
  * copy the source region's id is checked again (a deregistered region fails the
@@ -106,7 +109,7 @@ typedef struct map_peer {
 } map_peer;
 
 /* Maps region id's file (snapshot: its slot, key checked) for reading; base NULL
- * when the region is not in a shareable file. Under the exclusive lock. */
+ * when the region is not in a shareable file that cannot shrink. Under the exclusive lock. */
 static void map_region(map_peer *m, const kvt_shared_slot *slot, mapping *out)
 {
     *out = (mapping){.id = atomic_load(&slot->id)};
@@ -123,8 +126,9 @@ static void map_region(map_peer *m, const kvt_shared_slot *slot, mapping *out)
     size_t len = (size_t)(slot->map.off - start + slot->len);
     /* the fd may have been reused for another file since registration */
     void *p = MAP_FAILED;
+    int seals = fcntl(fd, F_GET_SEALS);
     if (fstat(fd, &st) == 0 && (uint64_t)st.st_ino == slot->map.ino && (uint64_t)st.st_dev == slot->map.dev &&
-        (uint64_t)st.st_size >= slot->map.off + slot->len)
+        (uint64_t)st.st_size >= slot->map.off + slot->len && seals >= 0 && (seals & F_SEAL_SHRINK))
         p = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)start);
     close(fd);
     if (p == MAP_FAILED)

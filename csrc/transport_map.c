@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include "transport_map.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -65,25 +66,29 @@ int kvt_map_export(uint64_t addr, uint64_t len, kvt_map_src *out)
     if (!found || ino == 0)
         return 0;
     /* The file's fd in this process, by identity: whoever made the mapping keeps it
-     * open (Python's mmap keeps a dup of the memfd). */
-    char fdpath[64];
-    for (int fd = 0; fd < 4096; fd++) {
+     * open (Python's mmap keeps a dup of the memfd). Any fd number: /proc lists them. */
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return 0;
+    struct dirent *de;
+    while (out->fd < 0 && (de = readdir(d))) {
+        char *tail, fdpath[64];
+        long fd = strtol(de->d_name, &tail, 10);
         struct stat st;
         /* the device too: a memfd and a /dev/shm file live on different tmpfs instances,
          * whose inode numbers may be equal */
-        if (fstat(fd, &st) != 0 || (unsigned long long)st.st_ino != ino || major(st.st_dev) != maj ||
-            minor(st.st_dev) != min || !S_ISREG(st.st_mode))
+        if (*tail || tail == de->d_name || fd == dirfd(d) || fstat((int)fd, &st) != 0 ||
+            (unsigned long long)st.st_ino != ino || major(st.st_dev) != maj || minor(st.st_dev) != min ||
+            !S_ISREG(st.st_mode))
             continue;
-        snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+        snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%ld", fd);
         if (access(fdpath, R_OK) != 0)
             continue;
-        out->fd = fd;
-        out->off = off + (addr - start);
-        out->dev = (uint64_t)st.st_dev;
-        out->ino = (uint64_t)st.st_ino;
-        return 1;
+        *out = (kvt_map_src){.fd = (int32_t)fd, .off = off + (addr - start), .dev = (uint64_t)st.st_dev,
+                             .ino = (uint64_t)st.st_ino};
     }
-    return 0;
+    closedir(d);
+    return out->fd >= 0;
 }
 
 /* ------------------------------------------------------------- reader side */

@@ -134,7 +134,35 @@ def test_file_shrunk_by_its_target_fails_the_read_not_the_reader():
     assert "shrunk: refused" in p.stdout, p.stdout
 
 
+@pytest.mark.timeout(120)
+def test_region_of_a_process_with_many_files_is_mapped(engine):
+    """The region's fd is found whatever its number (here above 4,096)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < MANY_FDS + 256:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is below {MANY_FDS + 256}")
+    from kvtransfer import EngineDescriptor, RegionDescriptor
+    from kvtransfer.testing.children import start_child, stop_child
+    from kvtransfer.testing.target import seeded_bytes
+
+    proc, hello = start_child([sys.executable, __file__, "target", "sealed", f"fds={MANY_FDS}"], CHILD_S,
+                              "target with many files", env={"PYTHONPATH": pythonpath()})
+    try:
+        assert hello["fd"] > 4096, hello
+        peer = engine.connect(EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"])))
+        assert peer.transport == "map", peer.transport
+        before = memfd_mappings()
+        dst, region = alloc_dst(engine, MiB)
+        peer.read([(region, 0, RegionDescriptor.from_bytes(bytes.fromhex(hello["region"])), 0, MiB)]).wait(WAIT_S)
+        assert_bytes(dst, seeded_bytes(MiB, 7))
+        assert memfd_mappings() == before + 1, "the region was not mapped"
+    finally:
+        stop_child(proc, CHILD_S)
+
+
 # ---------------------------------------------------------------------- the child side
+
+MANY_FDS = 4200
 
 def pythonpath() -> str:
     here = Path(__file__).resolve().parent
@@ -144,17 +172,32 @@ def pythonpath() -> str:
 
 def target_main(args: list[str]) -> int:
     """A target with one region of ``MiB`` seeded bytes (seed 7) in a memfd it made
-    itself, without seals; stdin ``truncate`` cuts the file to 0 bytes."""
+    itself, without seals (``sealed``: from alloc_host(shared=True)), after opening
+    ``fds=N`` files (N: how many); stdin ``truncate`` cuts the file to 0 bytes."""
+    import resource
+
     from kvtransfer import Engine
     from kvtransfer.testing.target import seeded_bytes
 
-    fd = os.memfd_create("kvtransfer-unsealed", os.MFD_CLOEXEC)
-    os.ftruncate(fd, MiB)
-    m = mmap.mmap(fd, MiB, flags=mmap.MAP_SHARED)
-    arr = seeded_bytes(MiB, 7, np.frombuffer(m, dtype=np.uint8))
+    opts = dict(a.split("=") for a in args if "=" in a)
+    n = int(opts.get("fds", 0))
+    if n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(n)]
+    if "sealed" in args:
+        arr = seeded_bytes(MiB, 7, kvtransfer.alloc_host(MiB, shared=True))
+        fd = memfd_of(arr)
+    else:
+        fd = os.memfd_create("kvtransfer-unsealed", os.MFD_CLOEXEC)
+        os.ftruncate(fd, MiB)
+        m = mmap.mmap(fd, MiB, flags=mmap.MAP_SHARED)
+        arr = seeded_bytes(MiB, 7, np.frombuffer(m, dtype=np.uint8))
+    for h in held:
+        os.close(h)
     with Engine() as eng:
         _reg, desc = eng.register(arr)
-        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex()}), flush=True)
+        print(json.dumps({"engine": eng.descriptor.to_bytes().hex(), "region": desc.to_bytes().hex(), "fd": fd}),
+              flush=True)
         for line in sys.stdin:
             if line.strip() == "truncate":
                 os.ftruncate(fd, 0)

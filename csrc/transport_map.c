@@ -197,8 +197,23 @@ static const mapping *lookup(map_peer *m, uint64_t id, uint64_t key, kvt_err *e)
     return lookup(m, id, key, e);
 }
 
+/* A worker's lists for the pieces read with process_vm_readv, and each one's piece. */
+typedef struct scratch {
+    struct iovec liov[MAP_MAX_PIECES], riov[MAP_MAX_PIECES];
+    size_t piece[MAP_MAX_PIECES];
+} scratch;
+
+/* The entry of the piece that holds byte `at` of the ones read with process_vm_readv. */
+static int64_t entry_at(const kvt_job *job, const scratch *sc, size_t nv, uint64_t at)
+{
+    size_t k = 0;
+    while (k + 1 < nv && at >= job->pieces[sc->piece[k]].len)
+        at -= job->pieces[sc->piece[k++]].len;
+    return (int64_t)job->pieces[sc->piece[k]].entry;
+}
+
 /* Copies a job's pieces: memcpy from mapped regions, process_vm_readv for the rest. */
-static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec *riov)
+static void run_job(map_peer *m, kvt_job *job, scratch *sc)
 {
     kvt_err e;
     int rc = 0;
@@ -230,42 +245,40 @@ static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec 
             memcpy((void *)(uintptr_t)p->local_addr, c->base + p->remote_off, p->len);
             continue;
         }
-        liov[nv] = (struct iovec){(void *)(uintptr_t)p->local_addr, p->len};
-        riov[nv] = (struct iovec){(void *)(uintptr_t)v.addr, p->len};
-        nv++;
+        sc->liov[nv] = (struct iovec){(void *)(uintptr_t)p->local_addr, p->len};
+        sc->riov[nv] = (struct iovec){(void *)(uintptr_t)v.addr, p->len};
+        sc->piece[nv++] = i;
         vbytes += p->len;
     }
     pthread_rwlock_unlock(&m->lock);
     uint64_t done = 0;
-    if (rc == 0 && nv > 0)
-        rc = kvt_shm_readv(&m->s, liov, riov, nv, vbytes, &done, &e);
+    if (rc == 0 && nv > 0 && (rc = kvt_shm_readv(&m->s, sc->liov, sc->riov, nv, vbytes, &done, &e)) < 0)
+        entry = entry_at(job, sc, nv, done);
     if (rc == 0)
         rc = kvt_shm_verify(&m->s, job, &e, &entry);
-    else if (entry < 0)
-        entry = (int64_t)job->pieces[0].entry;
     kvt_job_done(job, rc, rc < 0 ? &e : NULL, entry);
 }
 
 static void *worker(void *arg)
 {
     map_peer *m = arg;
-    struct iovec *iov = malloc(2 * MAP_MAX_PIECES * sizeof *iov);
+    scratch *sc = malloc(sizeof *sc);
     kvt_job *job;
     while ((job = kvt_queue_pop(m->queue, 1))) {
         if (kvt_job_skip_if_failed(job))
             continue;
         kvt_err e;
-        if (!iov || job->local_kind != KVT_MEM_HOST) {
-            int rc = iov ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory only")
+        if (!sc || job->local_kind != KVT_MEM_HOST) {
+            int rc = sc ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory only")
                          : kvt_syserr(&e, ENOMEM, "malloc", "iovecs");
             kvt_job_done(job, rc, &e, (int64_t)job->pieces[0].entry);
             continue;
         }
         kvt_job_materialize(job);
         drop_stale(m);
-        run_job(m, job, iov, iov + MAP_MAX_PIECES);
+        run_job(m, job, sc);
     }
-    free(iov);
+    free(sc);
     return NULL;
 }
 

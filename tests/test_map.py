@@ -126,12 +126,28 @@ def test_shared_memory_is_sealed_and_mapped(engine, engine_factory):
 
 def test_file_shrunk_by_its_target_fails_the_read_not_the_reader():
     """A region in a memfd without seals: read with process_vm_readv, not mapped; once the
-    target cuts the file to nothing, the read fails with an error and the reader lives
-    (a mapping would have taken SIGBUS)."""
+    target cuts the file in half, a paged read with block 999 in the cut half fails
+    with EFAULT naming that block, over map as over shm, and the reader lives (a
+    mapping would have taken SIGBUS)."""
     p = subprocess.run([sys.executable, __file__, "shrink-reader"], capture_output=True, text=True,
                        timeout=2 * CHILD_S, env={**os.environ, "PYTHONPATH": pythonpath()})
     assert p.returncode == 0, f"reader exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    assert "shrunk: refused" in p.stdout, p.stdout
+    assert "shrunk: refused over map" in p.stdout, p.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", [999, 2500])
+def test_paged_batch_names_the_block_out_of_bounds(engine, shared_target, bad):
+    """Over map as over shm, whichever job holds it."""
+    dst, region = alloc_dst(engine, 3000 * 64)
+    lo = np.arange(3000, dtype=np.int64) * 64
+    ro = lo.copy()
+    ro[bad] = shared_target.nbytes - 32
+    for transport in ("map", "shm"):
+        peer = connect(engine, shared_target, transport)
+        with pytest.raises(RemoteAccessError) as ei:
+            peer.read_blocks(region, lo, shared_target.region, ro, 64).wait(WAIT_S)
+        assert (ei.value.errno, ei.value.entry) == (errno.ERANGE, bad), (transport, ei.value)
 
 
 @pytest.mark.timeout(120)
@@ -173,7 +189,7 @@ def pythonpath() -> str:
 def target_main(args: list[str]) -> int:
     """A target with one region of ``MiB`` seeded bytes (seed 7) in a memfd it made
     itself, without seals (``sealed``: from alloc_host(shared=True)), after opening
-    ``fds=N`` files (N: how many); stdin ``truncate`` cuts the file to 0 bytes."""
+    ``fds=N`` files (N: how many); stdin ``truncate`` cuts the file in half."""
     import resource
 
     from kvtransfer import Engine
@@ -200,7 +216,7 @@ def target_main(args: list[str]) -> int:
               flush=True)
         for line in sys.stdin:
             if line.strip() == "truncate":
-                os.ftruncate(fd, 0)
+                os.ftruncate(fd, MiB // 2)
                 print("truncated", flush=True)
     return 0
 
@@ -225,12 +241,17 @@ def shrink_reader_main() -> int:
             proc.stdin.write("truncate\n")
             proc.stdin.flush()
             assert proc.stdout.readline().strip() == "truncated"
-            try:
-                peer.read([(local, 0, rdesc, 4096, 8192)]).wait(CHILD_S)
-                raise AssertionError("a read of a truncated file succeeded")
-            except TransferError as e:
-                assert e.errno == errno.EFAULT, e
-                print(f"shrunk: refused: {e}")
+            lo = np.arange(1200, dtype=np.int64) * 64
+            ro = lo.copy()
+            ro[999] = MiB // 2 + 4096  # cut off
+            for transport in ("map", "shm"):
+                other = eng.connect(edesc, transport=transport)
+                try:
+                    other.read_blocks(local, lo, rdesc, ro, 64).wait(CHILD_S)
+                    raise AssertionError("a read of a truncated file succeeded")
+                except TransferError as e:
+                    assert (e.errno, e.entry) == (errno.EFAULT, 999), (transport, e)
+                    print(f"shrunk: refused over {transport}: {e}")
             local.close()
     finally:
         stop_child(proc, CHILD_S)

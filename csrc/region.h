@@ -22,7 +22,8 @@
 /* Where a host region's bytes live in a file a same-host reader can map (a memfd, a
  * /dev/shm file): the file's fd in the registering process (the reader opens
  * /proc/PID/fd/N), the region's first byte's offset in it, and the file's identity,
- * which the reader checks after opening. fd -1: not shareable. */
+ * which the reader checks after opening (it maps only files sealed against shrinking).
+ * fd -1: not shareable. */
 typedef struct kvt_map_src {
     int32_t fd;
     uint32_t pad;

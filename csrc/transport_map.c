@@ -2,9 +2,12 @@
  * can map (a memfd from kvtransfer.memory.alloc_host(shared=True), a /dev/shm file).
  * The reader maps each such region read-only once (through /proc/PID/fd/N) and copies
  * blocks with memcpy on its own threads: no system call per block. Regions that are
- * not in such a file are read with process_vm_readv, as shm does; CUDA memory is
- * shm's (unless forced, map does not reach a peer without a region in shared memory,
- * so the automatic choice gives such peers shm).
+ * not in such a file are read with process_vm_readv, as shm does, and so are files not
+ * sealed against shrinking (F_SEAL_SHRINK, as alloc_host seals its memfd; /dev/shm
+ * files cannot be sealed): a target cutting a mapped file would kill us with SIGBUS.
+ * A batch that touches CUDA memory on either side goes whole to an shm peer that the
+ * map peer opens on first need (unless forced, map does not reach a peer without a
+ * region in shared memory).
  *
  * Keys and bounds are checked in the target's region table, as for shm; after each
  * copy the source region's id is checked again (a deregistered region fails the
@@ -13,6 +16,7 @@
 #define _GNU_SOURCE
 #include "transport_map.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -26,6 +30,7 @@
 #include <unistd.h>
 
 #include "shm_peer.h"
+#include "transport_shm.h"
 
 #define MAP_MAX_PIECES 1024 /* IOV_MAX, for the pieces that fall back to process_vm_readv */
 #define MAP_MAX_BYTES (4u << 20)
@@ -61,25 +66,29 @@ int kvt_map_export(uint64_t addr, uint64_t len, kvt_map_src *out)
     if (!found || ino == 0)
         return 0;
     /* The file's fd in this process, by identity: whoever made the mapping keeps it
-     * open (Python's mmap keeps a dup of the memfd). */
-    char fdpath[64];
-    for (int fd = 0; fd < 4096; fd++) {
+     * open (Python's mmap keeps a dup of the memfd). Any fd number: /proc lists them. */
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return 0;
+    struct dirent *de;
+    while (out->fd < 0 && (de = readdir(d))) {
+        char *tail, fdpath[64];
+        long fd = strtol(de->d_name, &tail, 10);
         struct stat st;
         /* the device too: a memfd and a /dev/shm file live on different tmpfs instances,
          * whose inode numbers may be equal */
-        if (fstat(fd, &st) != 0 || (unsigned long long)st.st_ino != ino || major(st.st_dev) != maj ||
-            minor(st.st_dev) != min || !S_ISREG(st.st_mode))
+        if (*tail || tail == de->d_name || fd == dirfd(d) || fstat((int)fd, &st) != 0 ||
+            (unsigned long long)st.st_ino != ino || major(st.st_dev) != maj || minor(st.st_dev) != min ||
+            !S_ISREG(st.st_mode))
             continue;
-        snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
+        snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%ld", fd);
         if (access(fdpath, R_OK) != 0)
             continue;
-        out->fd = fd;
-        out->off = off + (addr - start);
-        out->dev = (uint64_t)st.st_dev;
-        out->ino = (uint64_t)st.st_ino;
-        return 1;
+        *out = (kvt_map_src){.fd = (int32_t)fd, .off = off + (addr - start), .dev = (uint64_t)st.st_dev,
+                             .ino = (uint64_t)st.st_ino};
     }
-    return 0;
+    closedir(d);
+    return out->fd >= 0;
 }
 
 /* ------------------------------------------------------------- reader side */
@@ -99,10 +108,13 @@ typedef struct map_peer {
     unsigned next; /* the slot the next new mapping takes */
     int nthreads;
     pthread_t threads[KVT_MAX_THREADS];
+    kvt_engine_info info;  /* the target, for the shm peer */
+    pthread_mutex_t sub_mu; /* connects sub */
+    kvt_peer *sub;          /* shm, for batches that touch CUDA memory; NULL until one comes */
 } map_peer;
 
 /* Maps region id's file (snapshot: its slot, key checked) for reading; base NULL
- * when the region is not in a shareable file. Under the exclusive lock. */
+ * when the region is not in a shareable file that cannot shrink. Under the exclusive lock. */
 static void map_region(map_peer *m, const kvt_shared_slot *slot, mapping *out)
 {
     *out = (mapping){.id = atomic_load(&slot->id)};
@@ -119,8 +131,9 @@ static void map_region(map_peer *m, const kvt_shared_slot *slot, mapping *out)
     size_t len = (size_t)(slot->map.off - start + slot->len);
     /* the fd may have been reused for another file since registration */
     void *p = MAP_FAILED;
+    int seals = fcntl(fd, F_GET_SEALS);
     if (fstat(fd, &st) == 0 && (uint64_t)st.st_ino == slot->map.ino && (uint64_t)st.st_dev == slot->map.dev &&
-        (uint64_t)st.st_size >= slot->map.off + slot->len)
+        (uint64_t)st.st_size >= slot->map.off + slot->len && seals >= 0 && (seals & F_SEAL_SHRINK))
         p = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)start);
     close(fd);
     if (p == MAP_FAILED)
@@ -184,8 +197,23 @@ static const mapping *lookup(map_peer *m, uint64_t id, uint64_t key, kvt_err *e)
     return lookup(m, id, key, e);
 }
 
+/* A worker's lists for the pieces read with process_vm_readv, and each one's piece. */
+typedef struct scratch {
+    struct iovec liov[MAP_MAX_PIECES], riov[MAP_MAX_PIECES];
+    size_t piece[MAP_MAX_PIECES];
+} scratch;
+
+/* The entry of the piece that holds byte `at` of the ones read with process_vm_readv. */
+static int64_t entry_at(const kvt_job *job, const scratch *sc, size_t nv, uint64_t at)
+{
+    size_t k = 0;
+    while (k + 1 < nv && at >= job->pieces[sc->piece[k]].len)
+        at -= job->pieces[sc->piece[k++]].len;
+    return (int64_t)job->pieces[sc->piece[k]].entry;
+}
+
 /* Copies a job's pieces: memcpy from mapped regions, process_vm_readv for the rest. */
-static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec *riov)
+static void run_job(map_peer *m, kvt_job *job, scratch *sc)
 {
     kvt_err e;
     int rc = 0;
@@ -205,7 +233,7 @@ static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec 
         kvt_region_view v;
         rc = kvt_shared_check(m->s.table, p->remote_region, p->remote_key, p->remote_off, p->len, &v, &e);
         if (rc == 0 && v.mem_kind != KVT_MEM_HOST)
-            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory: read it over shm",
+            rc = kvt_error(&e, EOPNOTSUPP, "read", "remote region 0x%lx is CUDA memory: map copies host memory only",
                            (unsigned long)p->remote_region);
         if (rc == 0 && (!c || c->id != p->remote_region) && !(c = lookup(m, p->remote_region, p->remote_key, &e)))
             rc = e.code;
@@ -217,42 +245,40 @@ static void run_job(map_peer *m, kvt_job *job, struct iovec *liov, struct iovec 
             memcpy((void *)(uintptr_t)p->local_addr, c->base + p->remote_off, p->len);
             continue;
         }
-        liov[nv] = (struct iovec){(void *)(uintptr_t)p->local_addr, p->len};
-        riov[nv] = (struct iovec){(void *)(uintptr_t)v.addr, p->len};
-        nv++;
+        sc->liov[nv] = (struct iovec){(void *)(uintptr_t)p->local_addr, p->len};
+        sc->riov[nv] = (struct iovec){(void *)(uintptr_t)v.addr, p->len};
+        sc->piece[nv++] = i;
         vbytes += p->len;
     }
     pthread_rwlock_unlock(&m->lock);
     uint64_t done = 0;
-    if (rc == 0 && nv > 0)
-        rc = kvt_shm_readv(&m->s, liov, riov, nv, vbytes, &done, &e);
+    if (rc == 0 && nv > 0 && (rc = kvt_shm_readv(&m->s, sc->liov, sc->riov, nv, vbytes, &done, &e)) < 0)
+        entry = entry_at(job, sc, nv, done);
     if (rc == 0)
         rc = kvt_shm_verify(&m->s, job, &e, &entry);
-    else if (entry < 0)
-        entry = (int64_t)job->pieces[0].entry;
     kvt_job_done(job, rc, rc < 0 ? &e : NULL, entry);
 }
 
 static void *worker(void *arg)
 {
     map_peer *m = arg;
-    struct iovec *iov = malloc(2 * MAP_MAX_PIECES * sizeof *iov);
+    scratch *sc = malloc(sizeof *sc);
     kvt_job *job;
     while ((job = kvt_queue_pop(m->queue, 1))) {
         if (kvt_job_skip_if_failed(job))
             continue;
         kvt_err e;
-        if (!iov || job->local_kind != KVT_MEM_HOST) {
-            int rc = iov ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory; read into CUDA memory over shm")
+        if (!sc || job->local_kind != KVT_MEM_HOST) {
+            int rc = sc ? kvt_error(&e, EOPNOTSUPP, "read", "map reads into host memory only")
                          : kvt_syserr(&e, ENOMEM, "malloc", "iovecs");
             kvt_job_done(job, rc, &e, (int64_t)job->pieces[0].entry);
             continue;
         }
         kvt_job_materialize(job);
         drop_stale(m);
-        run_job(m, job, iov, iov + MAP_MAX_PIECES);
+        run_job(m, job, sc);
     }
-    free(iov);
+    free(sc);
     return NULL;
 }
 
@@ -261,11 +287,79 @@ static void map_close(kvt_peer *p)
     map_peer *m = p->impl;
     for (int i = 0; i < m->nthreads; i++)
         pthread_join(m->threads[i], NULL);
+    if (m->sub) {
+        kvt_queue_close(&m->sub->queue); /* as kvt_peer_close */
+        kvt_shm_ops.close(m->sub);
+        kvt_queue_cancel(&m->sub->queue, "peer closed before the read ran");
+        kvt_queue_destroy(&m->sub->queue);
+        free(m->sub);
+    }
+    pthread_mutex_destroy(&m->sub_mu);
     for (int i = 0; i < MAP_CACHE; i++)
         unmap(&m->cache[i]);
     pthread_rwlock_destroy(&m->lock);
     kvt_shm_peer_release(&m->s);
     free(m);
+}
+
+/* 1 if a batch touches CUDA memory: a local region, or a remote one (unknown remote
+ * regions stay here, where the worker names the entry and why). */
+static int touches_cuda(kvt_peer *p, const map_peer *m, const kvt_read_cols *c)
+{
+    uint64_t lid = 0, rid = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        uint64_t l = c->local_region.p[i * c->local_region.stride], r = c->remote_region.p[i * c->remote_region.stride];
+        kvt_shared_slot slot;
+        kvt_err e;
+        if (l != lid && kvt_table_snapshot(&p->eng->table, l, &slot, &e) == 0 && slot.mem_kind != KVT_MEM_HOST)
+            return 1;
+        if (r != rid && kvt_shared_snapshot(m->s.table, r, c->remote_key.p[i * c->remote_key.stride], &slot, &e) == 0 &&
+            slot.mem_kind != KVT_MEM_HOST)
+            return 1;
+        lid = l;
+        rid = r;
+        if (c->local_region.stride == 0 && c->remote_region.stride == 0)
+            break; /* a paged batch: one region each side */
+    }
+    return 0;
+}
+
+/* The shm peer, connected on first use. */
+static int shm_sub(kvt_peer *p, map_peer *m, kvt_peer **out, kvt_err *err)
+{
+    int rc = 0;
+    pthread_mutex_lock(&m->sub_mu);
+    if (!m->sub) {
+        kvt_peer *sub = calloc(1, sizeof *sub);
+        if (!sub)
+            rc = kvt_syserr(err, ENOMEM, "calloc", "shm peer");
+        else {
+            sub->eng = p->eng;
+            sub->ops = &kvt_shm_ops;
+            kvt_queue_init(&sub->queue);
+            rc = kvt_shm_ops.connect(sub, &m->info, err);
+            if (rc < 0) {
+                kvt_queue_destroy(&sub->queue);
+                free(sub);
+            } else
+                m->sub = sub;
+        }
+    }
+    *out = m->sub;
+    pthread_mutex_unlock(&m->sub_mu);
+    return rc;
+}
+
+/* Whole batches: host to host here, anything touching CUDA memory over shm. */
+static int map_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kind kind, kvt_transfer **out,
+                      kvt_err *err)
+{
+    map_peer *m = p->impl;
+    if (!touches_cuda(p, m, cols))
+        return kvt_submit_jobs(p, cols, kind, out, err);
+    kvt_peer *sub;
+    int rc = shm_sub(p, m, &sub, err);
+    return rc < 0 ? rc : kvt_shm_ops.submit(sub, cols, kind, out, err);
 }
 
 static int map_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)
@@ -314,6 +408,8 @@ static int map_connect(kvt_peer *p, const kvt_engine_info *peer, kvt_err *err)
         return rc;
     }
     pthread_rwlock_init(&m->lock, NULL);
+    pthread_mutex_init(&m->sub_mu, NULL);
+    m->info = *peer;
     m->queue = &p->queue;
     m->nthreads = p->eng->opts.shm_threads;
     p->impl = m;
@@ -326,7 +422,7 @@ const kvt_transport_ops kvt_map_ops = {
     .name = "map",
     .reach = map_reach,
     .connect = map_connect,
-    .submit = kvt_submit_jobs,
+    .submit = map_submit,
     .close = map_close,
     .facts = map_facts,
 };

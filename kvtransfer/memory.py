@@ -14,6 +14,7 @@ cupy's) ship, for the gather kernel the shm and tcp transports compile at run ti
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import glob
 import math
 import mmap
@@ -169,9 +170,10 @@ def alloc_host(nbytes: int, *, hugepages: bool = True, prefault: bool = True, sh
         raise InvalidArgumentError(f"nbytes must be > 0, got {nbytes}", op="alloc_host")
     pad = HUGE_PAGE if hugepages else 0
     if shared:
-        fd = os.memfd_create("kvtransfer-shared", os.MFD_CLOEXEC)
+        fd = os.memfd_create("kvtransfer-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, nbytes + pad)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             m = mmap.mmap(fd, nbytes + pad, flags=mmap.MAP_SHARED)  # holds a dup of fd
         finally:
             os.close(fd)

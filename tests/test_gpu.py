@@ -49,9 +49,9 @@ def pythonpath() -> str:
 
 # --------------------------------------------------------------------------- the target process
 
-def target_main(nbytes: int, seed: int, device: str = "cuda:0") -> int:
+def target_main(nbytes: int, seed: int, device: str = "cuda:0", host_memory: str = "private") -> int:
     dev = torch.from_numpy(seeded_bytes(nbytes, seed)).to(device)
-    host = alloc_host(nbytes)
+    host = alloc_host(nbytes, shared=host_memory == "shared")
     host[:] = seeded_bytes(nbytes, seed + 1)
     torch.cuda.synchronize()
     serve_device_and_host(dev, host)
@@ -60,9 +60,10 @@ def target_main(nbytes: int, seed: int, device: str = "cuda:0") -> int:
 
 class Target:
     def __init__(self, nbytes: int = TARGET_BYTES, seed: int = SEED, env: dict | None = None,
-                 device: str = "cuda:0"):
+                 device: str = "cuda:0", host_memory: str = "private"):
         self.nbytes, self.seed = nbytes, seed
-        self.proc, hello = start_child([sys.executable, __file__, "target", str(nbytes), str(seed), device],
+        self.proc, hello = start_child([sys.executable, __file__, "target", str(nbytes), str(seed), device,
+                                        host_memory],
                                        STARTUP_S, "target", env={"PYTHONPATH": pythonpath(), **(env or {})})
         self.engine = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))
         self.dev = RegionDescriptor.from_bytes(bytes.fromhex(hello["dev"]))
@@ -316,6 +317,34 @@ def test_mixed_host_and_device_memory(target, reader, transport):
     host_local.close()
 
 
+def test_map_peer_reads_cuda_memory_over_shm(reader):
+    """A target with host memory in shared memory and a CUDA tensor: map is chosen, and
+    batches touching CUDA memory on either side go over shm, byte for byte."""
+    target = Target(host_memory="shared")
+    try:
+        lo, ro, lens, size = plan(800, seed=4)
+        dev_dst = torch.full((size,), 0x5A, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()
+        dev_local, _ = reader.register(dev_dst)
+        host_dst = alloc_host(size)
+        host_local, _ = reader.register(host_dst)
+        peer = reader.connect(target.engine)
+        assert peer.transport == "map"
+        for local, src, name in ((host_local, target.host, "host<-host"), (host_local, target.dev, "host<-CUDA"),
+                                 (dev_local, target.host, "CUDA<-host"), (dev_local, target.dev, "CUDA<-CUDA")):
+            host_dst[:] = 0x5A
+            dev_dst.fill_(0x5A)
+            torch.cuda.synchronize()
+            peer.read_blocks(local, lo, src, ro, lens).wait(WAIT_S)
+            got = host_dst if local is host_local else dev_dst.cpu().numpy()
+            want = expect(target.bytes_host() if src is target.host else target.bytes_dev(), lo, ro, lens, size, 0x5A)
+            assert np.array_equal(got, want), f"map peer, {name}: {first_difference(got, want)}"
+        dev_local.close()
+        host_local.close()
+    finally:
+        target.close()
+
+
 def test_same_process_engines_over_shm_and_tcp():
     src = torch.from_numpy(seeded_bytes(8 * MiB, 5)).to("cuda:0")
     dst = torch.zeros(8 * MiB, dtype=torch.uint8, device="cuda:0")
@@ -449,7 +478,7 @@ def test_verbs_without_an_rdma_device_is_unavailable_cleanly():
 
 if __name__ == "__main__":
     if sys.argv[1] == "target":
-        sys.exit(target_main(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))
+        sys.exit(target_main(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]))
     if sys.argv[1] == "reader-batch":
         sys.exit(reader_batch_main())
     sys.exit(f"unknown command {sys.argv[1:]}")

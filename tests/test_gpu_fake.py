@@ -136,6 +136,13 @@ def test_refusals_over_shm(fakes):
     run(fakes, "refusals")
 
 
+def test_map_peer_hands_cuda_batches_to_shm(fakes):
+    """A target with a region in shared memory and a CUDA region: map is chosen, and
+    reads touching CUDA memory on either side still work (over shm, in one batch)."""
+    out = run(fakes, "map-cuda")
+    assert "map: host and CUDA reads verified" in out, out
+
+
 # ---------------------------------------------------------------------- the child side
 
 class FakeGPU:
@@ -190,15 +197,17 @@ TARGET_REPLY_S = 30.0  # its answer to a command
 TARGET_STOP_S = 30.0  # its exit after end of stdin, then it is killed
 
 
-def child_target() -> int:
-    """Serves a fake-device buffer (seed 1) and a host buffer (seed 2); stdin commands:
-    ``deregister`` (the device region), end of stdin exits."""
+def child_target(shared: bool = False) -> int:
+    """Serves a fake-device buffer (seed 1) and a host buffer (seed 2; in shared memory
+    if ``shared``); stdin commands: ``deregister`` (the device region), end of stdin exits."""
+    from kvtransfer import alloc_host
     from kvtransfer.testing.target import seeded_bytes, serve_device_and_host
 
     gpu = FakeGPU()
     dev = gpu.alloc(TARGET_BYTES)
     gpu.upload(dev, seeded_bytes(TARGET_BYTES, 1))
-    serve_device_and_host((dev, TARGET_BYTES, "cuda:0"), seeded_bytes(TARGET_BYTES, 2))
+    host = alloc_host(TARGET_BYTES, shared=True) if shared else None
+    serve_device_and_host((dev, TARGET_BYTES, "cuda:0"), seeded_bytes(TARGET_BYTES, 2, host))
     return 0
 
 
@@ -238,17 +247,18 @@ class Reader:
 
 
 @contextmanager
-def reader(size: int, transport: str = "shm"):
-    """Starts the target (its JSON line awaited at most TARGET_START_S) and an engine
-    with a poisoned device buffer of ``size`` bytes connected to it over ``transport``;
-    on the way out closes the engine, then ends the target's stdin and kills it if it
-    has not exited within TARGET_STOP_S."""
+def reader(size: int, transport: str | None = "shm", target: str = "target"):
+    """Starts the target (the ``target`` scenario; its JSON line awaited at most
+    TARGET_START_S) and an engine with a poisoned device buffer of ``size`` bytes
+    connected to it over ``transport`` (None: the automatic choice); on the way out
+    closes the engine, then ends the target's stdin and kills it if it has not exited
+    within TARGET_STOP_S."""
     from kvtransfer import Engine, EngineDescriptor, RegionDescriptor
     from kvtransfer.testing.children import start_child, stop_child
 
     r = Reader()
     r.gpu = FakeGPU()
-    r.proc, hello = start_child([sys.executable, __file__, "target"], TARGET_START_S, "fake-GPU target")
+    r.proc, hello = start_child([sys.executable, __file__, target], TARGET_START_S, "fake-GPU target")
     try:
         r.edesc = EngineDescriptor.from_bytes(bytes.fromhex(hello["engine"]))
         r.ddesc = RegionDescriptor.from_bytes(bytes.fromhex(hello["dev"]))
@@ -343,6 +353,37 @@ def child_mixed(transport: str) -> int:
         check(got, seeded_bytes(TARGET_BYTES, 1), lo[:half], ro[:half], lens[:half], "mixed batch, device part")
         check(got, seeded_bytes(TARGET_BYTES, 2), lo[half:], ro[half:], lens[half:], "mixed batch, host part")
         print(f"{transport}: mixed host/device reads verified")
+    return 0
+
+
+def child_map_cuda() -> int:
+    from kvtransfer import alloc_host
+    from kvtransfer.testing.target import seeded_bytes
+
+    dev_src, host_src = seeded_bytes(TARGET_BYTES, 1), seeded_bytes(TARGET_BYTES, 2)
+    lo, ro, lens = scatter_plan(1500, np.random.default_rng(12))
+    size = int(lo[-1] + lens[-1]) + 64
+    with reader(size, None, "target-shared") as r:
+        assert r.peer.transport == "map", r.peer.transport
+        host_dst = alloc_host(size)
+        host_local, _ = r.eng.register(host_dst)
+        for local, src, name in ((host_local, r.hdesc, "host<-host"), (host_local, r.ddesc, "host<-CUDA"),
+                                 (r.local, r.hdesc, "CUDA<-host"), (r.local, r.ddesc, "CUDA<-CUDA")):
+            host_dst[:] = 0xEE
+            r.poison()
+            r.peer.read_blocks(local, lo, src, ro, lens).wait(30)
+            got = host_dst if local is host_local else r.gpu.download(r.dst, size)
+            check(got, host_src if src is r.hdesc else dev_src, lo, ro, lens, f"map peer, {name}")
+        with open("/proc/self/maps") as f:
+            assert "/memfd:kvtransfer-shared" in f.read(), "host<-host was not read through a mapping"
+        # one list of entries from both regions into host memory
+        host_dst[:] = 0xEE
+        half = len(lo) // 2
+        r.peer.read_indexed([host_local], np.zeros(len(lo), np.int64), lo, [r.ddesc, r.hdesc],
+                            (np.arange(len(lo)) >= half).astype(np.int64), ro, lens).wait(30)
+        check(host_dst, dev_src, lo[:half], ro[:half], lens[:half], "mixed batch, CUDA part")
+        check(host_dst, host_src, lo[half:], ro[half:], lens[half:], "mixed batch, host part")
+    print("map: host and CUDA reads verified")
     return 0
 
 
@@ -611,14 +652,15 @@ def child_direct() -> int:
 
 
 def main(scenario: str) -> int:
-    if scenario == "target":
-        return child_target()
+    if scenario in ("target", "target-shared"):
+        return child_target(shared=scenario == "target-shared")
     if scenario.startswith("read-"):
         return child_read(scenario[5:])
     if scenario.startswith("mixed-"):
         return child_mixed(scenario[6:])
     return {"register": child_register, "same-process": child_same_process, "no-ipc": child_no_ipc,
-            "no-copy": child_no_copy, "refusals": child_refusals, "blocks": child_blocks, "direct": child_direct}[scenario]()
+            "no-copy": child_no_copy, "refusals": child_refusals, "blocks": child_blocks, "direct": child_direct,
+            "map-cuda": child_map_cuda}[scenario]()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@
 #define KVT_TABLE_VERSION 3 /* 2: CUDA regions carry their allocation and IPC handle; 3: shareable files */
 #define KVT_MAX_REGIONS 4096
 
-/* Where a host region's bytes live in a file a same-host reader can map (a memfd, a
- * /dev/shm file): the file's fd in the registering process (the reader opens
+/* Where a host region's bytes live in a file a same-host reader can map (a memfd
+ * sealed against shrinking): the file's fd in the registering process (the reader opens
  * /proc/PID/fd/N), the region's first byte's offset in it, and the file's identity,
- * which the reader checks after opening (it maps only files sealed against shrinking).
+ * which the reader checks after opening, with the seal.
  * fd -1: not shareable. */
 typedef struct kvt_map_src {
     int32_t fd;

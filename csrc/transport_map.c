@@ -1,10 +1,10 @@
-/* map transport: both engines on one host, the target's region in a file the reader
- * can map (a memfd from kvtransfer.memory.alloc_host(shared=True), a /dev/shm file).
- * The reader maps each such region read-only once (through /proc/PID/fd/N) and copies
- * blocks with memcpy on its own threads: no system call per block. Regions that are
- * not in such a file are read with process_vm_readv, as shm does, and so are files not
- * sealed against shrinking (F_SEAL_SHRINK, as alloc_host seals its memfd; /dev/shm
- * files cannot be sealed): a target cutting a mapped file would kill us with SIGBUS.
+/* map transport: both engines on one host, the target's region in a memfd sealed
+ * against shrinking (kvtransfer.memory.alloc_host(shared=True)). The reader maps each
+ * such region read-only once (through /proc/PID/fd/N) and copies blocks with memcpy on
+ * its own threads: no system call per block. Other regions are read with
+ * process_vm_readv, as shm does: a target cutting a mapped file would kill the reader
+ * with SIGBUS, so the target offers only sealed files and the reader checks the seal
+ * again (/dev/shm files, torch's shared tensors among them, cannot be sealed).
  * A batch that touches CUDA memory on either side goes whole to an shm peer that the
  * map peer opens on first need (unless forced, map does not reach a peer without a
  * region in shared memory).
@@ -88,6 +88,11 @@ int kvt_map_export(uint64_t addr, uint64_t len, kvt_map_src *out)
                              .ino = (uint64_t)st.st_ino};
     }
     closedir(d);
+    /* Only a file that cannot shrink is offered: readers would not map another (see the
+     * header), and the count map's reach and doctor give should say what maps. */
+    int seals = out->fd >= 0 ? fcntl(out->fd, F_GET_SEALS) : -1;
+    if (seals < 0 || !(seals & F_SEAL_SHRINK))
+        *out = (kvt_map_src){.fd = -1};
     return out->fd >= 0;
 }
 

@@ -233,8 +233,8 @@ def shrink_reader_main() -> int:
         with Engine() as eng:
             dst = kvtransfer.alloc_host(MiB)
             local, _ = eng.register(dst)
-            peer = eng.connect(edesc)
-            assert peer.transport == "map", peer.transport
+            assert eng.connect(edesc).transport == "shm", "an unsealed file was offered for mapping"
+            peer = eng.connect(edesc, transport="map")
             peer.read([(local, 0, rdesc, 0, MiB)]).wait(CHILD_S)
             assert np.array_equal(dst, seeded_bytes(MiB, 7)), "the unsealed region read wrong bytes"
             assert memfd_mappings("kvtransfer-unsealed") == 0, "an unsealed file was mapped"

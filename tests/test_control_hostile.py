@@ -110,7 +110,8 @@ def test_a_session_that_keeps_renewing_cannot_hold_the_pool(caplog):
 
 def test_limits_are_checked(tmp_path):
     layout = KVLayout(**BASE)
-    for bad in (Limits(session_blocks=0), Limits(session_requests=0), Limits(max_lease_s=0.1)):
+    for bad in (Limits(session_blocks=0), Limits(session_requests=0), Limits(max_lease_s=0.1),
+                Limits(session_waits=5, max_waits=2)):
         with pytest.raises(InvalidArgumentError):
             with prefill_here(layout, lease=1.0, limits=bad):
                 pass

@@ -81,6 +81,8 @@ class ControlMetrics:
                                       registry=registry)
         self.sessions = Gauge("kvtransfer_control_sessions", "Decode sessions known (prefill side)",
                               registry=registry)
+        self.waiting = Gauge("kvtransfer_control_waiting_subscribes",
+                             "Subscribes waiting for their request to open (prefill side)", registry=registry)
         self.sessions_expired = Counter("kvtransfer_control_sessions_expired",
                                         "Sessions dropped after a silence (prefill side)", registry=registry)
 

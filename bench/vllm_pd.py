@@ -18,7 +18,9 @@ Per request:
   clock; both over loopback HTTP, the same for both connectors);
 - ``xfer``: the connector's own time to move the request's KV, from the consumer's
   ``/metrics`` (NixlConnector: NIXL's transfer duration; ours: the pull, handshake
-  excluded, first byte requested -> last byte in place); in a batch, the batch's mean;
+  excluded, first byte requested -> last byte in place; the Subscribe's wait for the
+  producer to open the request is not in it, see ``kvtransfer_pull_wait_seconds``); in a
+  batch, the batch's mean;
 - ``bytes`` and the transport, from the same metrics;
 - ``raw``: kvtransfer's Engine reading the same byte ranges (the plan for that request's
   producer block ids, vLLM's CPU layout) from a synthetic producer in this run, over the

@@ -32,7 +32,8 @@ def prefill():
 
 def test_a_subscribe_that_comes_first_attaches_when_the_request_opens(prefill):
     layout = KVLayout(**BASE)
-    with decode_side(layout) as d, d.client(prefill) as c:
+    registry = CollectorRegistry()
+    with decode_side(layout) as d, d.client(prefill, registry=registry) as c:
         dst = d.pool.alloc(3)
         pull = c.pull("early", dst, wait_s=WAIT)
         wait_until(lambda: prefill.stats()["waiting"] == 1, WAIT)
@@ -41,7 +42,13 @@ def test_a_subscribe_that_comes_first_attaches_when_the_request_opens(prefill):
         prefill.command("open early 33 21")
         assert json.loads(pull.wait(WAIT))["num_tokens"] == 33
         check_request(layout, d.buffers, dst, 33, 21)
-        assert pull.timings.bytes == layout.num_layers * 3 * layout.block_bytes
+        t = pull.timings
+        assert t.bytes == layout.num_layers * 3 * layout.block_bytes
+    # the wait has its own histogram; the pull's time counts from the open
+    assert 1.0 <= t.waited_s <= t.pinned_s <= t.total_s
+    sample = registry.get_sample_value
+    assert sample("kvtransfer_pull_wait_seconds_sum", {"transport": t.transport}) == pytest.approx(t.waited_s)
+    assert sample("kvtransfer_pull_seconds_sum", {"transport": t.transport}) == pytest.approx(t.total_s - t.waited_s)
     assert prefill.wait_pool_idle(WAIT)["waiting"] == 0
 
 

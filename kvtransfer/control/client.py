@@ -167,7 +167,7 @@ class ControlClient:
         if not 0 <= wait_s <= m.MAX_SUBSCRIBE_WAIT_S or (wait_s and payload is not None):
             raise InvalidArgumentError(f"pull {request_id!r}: wait_s must be in [0, {m.MAX_SUBSCRIBE_WAIT_S}] and "
                                        f"only when subscribing (no payload), got {wait_s}", op="pull")
-        p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks)
+        p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks, waits=wait_s > 0)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
                else m.Subscribe(request_id=request_id, wait_s=float(wait_s)))
         frames = m.encode(msg)  # once: checked here, sent by the loop

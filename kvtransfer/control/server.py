@@ -385,7 +385,8 @@ class ControlServer:
 
     def _subscribe(self, ident: bytes, msg: m.Subscribe) -> None:
         rid = msg.request_id
-        if msg.wait_s > 0 and rid not in self._reqs and rid not in self._tombstones and not self._closed:
+        known = rid in self._reqs or rid in self._orphans or rid in self._tombstones
+        if msg.wait_s > 0 and not known and not self._closed:
             return self._wait_for_open(ident, rid, msg.wait_s)
         req = self._live(ident, rid, "Subscribe")
         if req is None:

@@ -65,8 +65,8 @@ class ControlMetrics:
         self.handshake = Histogram("kvtransfer_handshake_seconds", "Control plane handshake time",
                                    buckets=_LATENCY_BUCKETS, registry=registry)
         self.first_byte = Histogram("kvtransfer_pull_first_byte_seconds",
-                                    "Submit (or a waited-for request's open) to the first layer in place", ["transport"],
-                                    buckets=_LATENCY_BUCKETS, registry=registry)
+                                    "Submit (or a waited-for request's open) to the first layer in place",
+                                    ["transport"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.layer = Histogram("kvtransfer_pull_layer_seconds", "Layer announced to layer in place",
                                ["transport"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.total = Histogram("kvtransfer_pull_seconds", "Submit (or a waited-for request's open) to every layer "

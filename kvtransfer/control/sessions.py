@@ -3,9 +3,9 @@
 A session is one decode side's DEALER socket (its ZeroMQ routing id) after a
 successful ``Hello``. Requests belong to the sessions that submitted or subscribed
 to them; :class:`Limits` bounds what one session may hold (pinned blocks, open
-requests), how long any request may stay pinned however often it is renewed, how many
-sessions there may be, and how long a silent session is kept. The table lives on the
-server's loop thread only.
+requests, Subscribes waiting for a request to open), how long any request may stay
+pinned however often it is renewed, how many sessions there may be, and how long a
+silent session is kept. The table lives on the server's loop thread only.
 """
 
 from __future__ import annotations

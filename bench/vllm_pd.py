@@ -18,8 +18,11 @@ Per request:
   clock; both over loopback HTTP, the same for both connectors);
 - ``xfer``: the connector's own time to move the request's KV, from the consumer's
   ``/metrics`` (NixlConnector: NIXL's transfer duration; ours: the pull, handshake
-  excluded, first byte requested -> last byte in place); in a batch, the batch's mean;
-- ``bytes`` and the transport, from the same metrics;
+  excluded, first byte requested -> last byte in place; the Subscribe's wait for the
+  producer to open the request is not in it, see ``kvtransfer_pull_wait_seconds``); in a
+  batch, the batch's mean;
+- ``bytes`` and the transport, from the same metrics; ours: ``wait``, the consumer's
+  Subscribe waiting for the producer's engine to open the request (batch mean);
 - ``raw``: kvtransfer's Engine reading the same byte ranges (the plan for that request's
   producer block ids, vLLM's CPU layout) from a synthetic producer in this run, over the
   transport our connector used; ``rtt``: one control round trip (ControlClient.ping) to it.
@@ -74,6 +77,7 @@ class Connector:
     time_sum: str
     count: str
     bytes_sum: str
+    wait_sum: str | None = None  # the consumer's waits for the producer to open a request
 
 
 def connectors(base_port: int) -> dict[str, Connector]:
@@ -84,7 +88,8 @@ def connectors(base_port: int) -> dict[str, Connector]:
         env={"producer": {"PYTHONPATH": str(ROOT / "bench")},
              "consumer": {"PYTHONPATH": str(ROOT / "bench"), "KVTRANSFER_METRICS_PORT": str(base_port + 30)}},
         metrics_url=f"http://127.0.0.1:{base_port + 30}", time_sum="kvtransfer_pull_seconds_sum",
-        count="kvtransfer_pull_seconds_count", bytes_sum="kvtransfer_pull_bytes_total")
+        count="kvtransfer_pull_seconds_count", bytes_sum="kvtransfer_pull_bytes_total",
+        wait_sum="kvtransfer_pull_wait_seconds_sum")
     nixl_env = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
     nixl = Connector(
         "NixlConnector", {"kv_connector": "NixlConnector"},
@@ -172,7 +177,7 @@ def run_connector(conn: Connector, args, model: Path, prompts: dict[int, list[li
 
 async def _drive(conn: Connector, args, prod: str, cons: str, murl: str,
                  prompts: dict[int, list[list[int]]]) -> list[dict]:
-    names = [conn.time_sum, conn.count, conn.bytes_sum]
+    names = [conn.time_sum, conn.count, conn.bytes_sum] + ([conn.wait_sum] if conn.wait_sum else [])
     rows: list[dict] = []
     sync = httpx.Client()
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
@@ -196,6 +201,8 @@ async def _drive(conn: Connector, args, prod: str, cons: str, murl: str,
                                      "gap_s": res["gap_s"], "xfer_s": (after[conn.time_sum] - before[conn.time_sum]) / count,
                                      "bytes": (after[conn.bytes_sum] - before[conn.bytes_sum]) / len(batch),
                                      "transfers": count / len(batch), "block_ids": block_ids(res["params"])})
+                        if conn.wait_sum:
+                            rows[-1]["wait_s"] = (after[conn.wait_sum] - before[conn.wait_sum]) / count
     sync.close()
     return rows
 
@@ -262,8 +269,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                "bytes": float(np.median([r["bytes"] for r in sel])),
                "xfer_ms": float(np.median([r["xfer_s"] for r in sel])) * 1e3,
                "gap_ms": float(np.median([r["gap_s"] for r in sel])) * 1e3}
-        if "raw_s" in sel[0]:
-            rec["raw_ms"] = float(np.median([r["raw_s"] for r in sel])) * 1e3
+        for key in ("raw", "wait"):
+            if f"{key}_s" in sel[0]:
+                rec[f"{key}_ms"] = float(np.median([r[f"{key}_s"] for r in sel])) * 1e3
         out.append(rec)
     return out
 
@@ -273,11 +281,11 @@ def print_report(summary: list[dict], header: list[tuple[str, str]], rtt_ms: flo
         print(line)
     print()
     print(f" {'mode':<7} {'#tokens':>7} {'connector':<14} {'#bytes':>9} {'xfer[ms]':>9} {'raw[ms]':>8} "
-          f"{'gap[ms]':>8}")
+          f"{'gap[ms]':>8} {'wait[ms]':>8}")
     for r in summary:
-        raw = f"{r['raw_ms']:>8.2f}" if "raw_ms" in r else f"{'-':>8}"
+        raw, wait = (f"{r[k]:>8.2f}" if k in r else f"{'-':>8}" for k in ("raw_ms", "wait_ms"))
         print(f" {r['mode']:<7} {r['tokens']:>7} {r['connector']:<14} {r['bytes']:>9.0f} {r['xfer_ms']:>9.2f} "
-              f"{raw} {r['gap_ms']:>8.1f}")
+              f"{raw} {r['gap_ms']:>8.1f} {wait}")
     verdicts = {}
     for mode, n in sorted({(r["mode"], r["tokens"]) for r in summary}):
         ours = next((r for r in summary if (r["mode"], r["tokens"], r["connector"]) == (mode, n, "kvtransfer")), None)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import zmq
@@ -25,7 +25,9 @@ import zmq
 from kvtransfer import Engine, alloc_host
 from kvtransfer.control import ControlClient
 from kvtransfer.control import messages as m
+from kvtransfer.control import CurveServerKeys
 from kvtransfer.kv import BlockPool, CompatInfo, KVLayout
+from kvtransfer.testing.synthetic import SyntheticPrefill
 from kvtransfer.testing.children import start_child, stop_child
 from support import pump_lines
 
@@ -173,3 +175,24 @@ def decode_side(layout: KVLayout) -> Iterator[DecodeSide]:
 
 def payload(num_tokens: int, seed: int, **extra) -> bytes:
     return json.dumps({"num_tokens": num_tokens, "seed": seed, **extra}).encode()
+
+
+@contextlib.contextmanager
+def prefill_here(layout: KVLayout, lease: float = 5.0, curve: CurveServerKeys | None = None, **server_options
+                 ) -> Iterator[SyntheticPrefill]:
+    """A synthetic prefill worker in this process: its server's options, state and
+    metrics are at hand. Its engine and control socket are real (loopback)."""
+    p = SyntheticPrefill(layout, MODEL, "tcp://127.0.0.1:0", lease, curve, server_options=server_options)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def wait_until(ok: Callable[[], bool], timeout: float) -> None:
+    """Polls ``ok`` until it holds; fails the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > end:
+            pytest.fail(f"not so within {timeout} s")
+        time.sleep(0.05)

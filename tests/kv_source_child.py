@@ -40,7 +40,8 @@ def main() -> None:
                     reply = {"ok": True}
                 else:
                     done[cmd["source"]].extend(sorted(src.take_done()))
-                    reply = {"pinned": src.pinned_blocks, "serving": src.serving, "done": done[cmd["source"]]}
+                    reply = {"pinned": src.pinned_blocks, "serving": src.serving, "waiting": src.waiting,
+                             "done": done[cmd["source"]]}
             except Exception as e:  # the test sees it
                 reply = {"error": f"{type(e).__name__}: {e}"}
             print(json.dumps(reply), flush=True)

@@ -5,6 +5,7 @@ KVCacheSink here pulling pages into other block ids; every page checked byte for
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 
@@ -70,6 +71,39 @@ def test_pages_arrive_byte_for_byte(sources, layout, transport):
     # the source learns that both were read: their blocks are no longer pinned
     stats = stats_when(sources, layout, lambda s: s["pinned"] == 0 and {a, b} <= set(s["done"]))
     assert stats and stats["serving"] == 0
+
+
+def test_a_load_started_before_the_request_is_served_waits_for_it(sources, caplog):
+    """A producer's engine serves a request a step after answering it: the sink's one
+    Subscribe waits for it (no re-asking, no warning per refusal) and the pages land."""
+    ep = sources.ready["endpoints"]["LBHNC"]
+    want = make_caches("LBHNC", seed=SEED, num_blocks=SOURCE_BLOCKS, **SHAPE)
+    got = make_caches("LBHNC", num_blocks=8, **SHAPE)
+    with caplog.at_level(logging.INFO, logger="kvtransfer"), \
+            KVCacheSink(got, model=MODEL, timeout=10) as sink:
+        sink.start("local-late", ep, "served-late", [6, 1])
+        assert stats_when(sources, "LBHNC", lambda s: s["waiting"] == 1)  # the Subscribe came first
+        sources.call(op="serve", source="LBHNC", request_id="served-late", blocks=[11, 4], num_tokens=20)
+        sink.wait(["local-late"], WAIT_S)
+        finished, failed = sink.take_done()
+    assert failed == {} and finished == {"local-late"}
+    for lw, lg in zip(want, got):
+        for s, d in [(11, 6), (4, 1)]:
+            assert torch.equal(block(lg, "LBHNC", d), block(lw, "LBHNC", s)), (s, d)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert stats_when(sources, "LBHNC", lambda s: "served-late" in s["done"] and s["waiting"] == 0)
+
+
+def test_closing_a_sink_ends_its_waiting_loads(sources):
+    sink = KVCacheSink(make_caches("LBHNC", num_blocks=8, **SHAPE), model=MODEL, timeout=30)
+    try:
+        sink.start("never", sources.ready["endpoints"]["LBHNC"], "never-served", [1])
+        assert stats_when(sources, "LBHNC", lambda s: s["waiting"] == 1)
+    finally:
+        t0 = time.monotonic()
+        sink.close()
+    assert time.monotonic() - t0 < 15.0  # cancelled, not left to its 30 s wait
+    assert stats_when(sources, "LBHNC", lambda s: s["waiting"] == 0)
 
 
 def test_unread_request_is_freed_at_lease_expiry(sources):

@@ -6,7 +6,6 @@ Real ZeroMQ sockets on random loopback ports; every receive is timed."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import json
@@ -14,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
 
 import msgspec
 import pytest
@@ -28,19 +26,11 @@ from kvtransfer.control import messages as m
 from kvtransfer.errors import InvalidArgumentError
 from kvtransfer.kv import CompatInfo, KVLayout
 from kvtransfer.control.security import exposed_listeners
-from kvtransfer.testing.synthetic import SyntheticPrefill, check_request
+from kvtransfer.testing.synthetic import check_request
 from kvtransfer.testing.children import start_child, stop_child
-from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload
+from control_support import BASE, MODEL, PrefillLauncher, Raw, decode_side, payload, prefill_here, wait_until
 
 WAIT = 20.0
-
-
-def wait_until(ok: Callable[[], bool], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > end:
-            pytest.fail(f"not so within {timeout} s")
-        time.sleep(0.05)
 
 
 def test_another_session_cannot_release_renew_or_subscribe_to_a_request():
@@ -87,18 +77,6 @@ def test_request_ids_made_by_the_library_are_not_guessable():
         assert prefix == "cmpl" and len(token) == 32 and int(token, 16) >= 0  # 128 random bits
 
 
-@contextlib.contextmanager
-def prefill_here(layout: KVLayout, lease: float = 5.0, curve: CurveServerKeys | None = None, **server_options
-                 ) -> Iterator[SyntheticPrefill]:
-    """A synthetic prefill worker in this process: its server's options, state and
-    metrics are at hand. Its engine and control socket are real (loopback)."""
-    p = SyntheticPrefill(layout, MODEL, "tcp://127.0.0.1:0", lease, curve, server_options=server_options)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def test_a_session_that_keeps_renewing_cannot_hold_the_pool(caplog):
     """Weakness 7: a reader that renews for ever used to hold its blocks for ever, and
     one session could pin the whole pool. Now its request ends at the maximum lease
@@ -132,7 +110,8 @@ def test_a_session_that_keeps_renewing_cannot_hold_the_pool(caplog):
 
 def test_limits_are_checked(tmp_path):
     layout = KVLayout(**BASE)
-    for bad in (Limits(session_blocks=0), Limits(session_requests=0), Limits(max_lease_s=0.1)):
+    for bad in (Limits(session_blocks=0), Limits(session_requests=0), Limits(max_lease_s=0.1),
+                Limits(session_waits=5, max_waits=2)):
         with pytest.raises(InvalidArgumentError):
             with prefill_here(layout, lease=1.0, limits=bad):
                 pass

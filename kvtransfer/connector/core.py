@@ -32,11 +32,11 @@ import concurrent.futures
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..control import ControlClient, ControlServer, CurveClientKeys, CurveServerKeys, Pull
+from ..control.messages import MAX_SUBSCRIBE_WAIT_S
 from ..engine import Engine, Region
 from ..errors import ControlError, InvalidArgumentError, KVTransferError, LayoutMismatchError
 from ..kv import CompatInfo, KVLayout
@@ -265,6 +265,11 @@ class KVCacheSource:
         with self._lock:
             return len(self._serving)
 
+    @property
+    def waiting(self) -> int:
+        """Consumers' Subscribes waiting for a request not served yet (approximate)."""
+        return self._server.stats().waiting
+
     def close(self) -> None:
         """Stops serving (consumers' pulls fail) and deregisters the memory."""
         self._server.close()
@@ -287,8 +292,9 @@ class _Load:
 class KVCacheSink:
     """The consumer: pulls remote requests' blocks into local block ids, asynchronously.
 
-    ``timeout``: a producer silent this long (handshake included) fails the loads from it;
-    a load also fails if not done within ``load_timeout``. ``transport`` forces one
+    ``timeout``: a producer silent this long (handshake included) fails the loads from it,
+    and a request it has not served yet is waited for this long (at most 60 s); a load
+    also fails if not done within ``load_timeout``. ``transport`` forces one
     (``shm``, ``tcp``, ``verbs``; None: the engine chooses). Loads run on ``max_workers``
     threads that do the handshakes and wait for the pulls.
     """
@@ -339,18 +345,14 @@ class KVCacheSink:
         blocks = [int(b) for b in block_ids]
 
         def run() -> None:
-            deadline = time.monotonic() + self.timeout
-            while True:
-                load.pull = self._client(endpoint).pull(remote_request_id, blocks, skip_blocks=skip_blocks,
-                                                        timeout=self.load_timeout)
-                try:
-                    load.pull.wait(self.load_timeout + self.timeout)
-                    return
-                except ControlError as e:
-                    # the producer's engine publishes a request a step after it answered it: ask again
-                    if e.code != "unknown_request" or time.monotonic() > deadline or self._closed:
-                        raise
-                time.sleep(0.02)
+            # the producer's engine opens a request a step after it answered it: the
+            # Subscribe waits for it (up to the sink's timeout) rather than being refused
+            load.pull = self._client(endpoint).pull(remote_request_id, blocks, skip_blocks=skip_blocks,
+                                                    timeout=self.load_timeout,
+                                                    wait_s=min(self.timeout, MAX_SUBSCRIBE_WAIT_S))
+            if self._closed:  # close() looked before this pull existed: it must not wait on
+                load.pull.cancel()
+            load.pull.wait(self.load_timeout + self.timeout)
 
         with self._lock:
             if request_id in self._loads:

@@ -16,7 +16,8 @@ connection that already exists (ROUTER_MANDATORY reports a vanished reader inste
 dropping quietly), and a reader that joins late sends ``Subscribe`` and first gets a
 replay of everything published so far (the blocks, every ready layer, the outcome),
 then the rest live — the "clone" pattern of the ZeroMQ guide, with the request id as
-the topic. Nothing depends on timing.
+the topic. A ``Subscribe`` may also come first and wait (``wait_s``) for the prefill
+side to open the request. Nothing depends on timing.
 
 Lifetimes: prefill pins a request's blocks until every reader released them or the
 lease expires (decode renews while it works, every lease/3); a release after expiry is

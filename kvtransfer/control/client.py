@@ -143,7 +143,8 @@ class ControlClient:
     # --- the caller's side -------------------------------------------------------------
 
     def pull(self, request_id: str, dst_blocks: Sequence[int], *, payload: bytes | None = None, readers: int = 1,
-             heads: tuple[int, int] | None = None, timeout: float | None = None, skip_blocks: int = 0) -> Pull:
+             heads: tuple[int, int] | None = None, timeout: float | None = None, skip_blocks: int = 0,
+             wait_s: float = 0.0) -> Pull:
         """Starts pulling request ``request_id`` into local blocks ``dst_blocks`` (token
         order). With ``payload`` it submits the request (the prefill side computes it);
         without, it subscribes to a request the prefill side already has (everything
@@ -151,7 +152,9 @@ class ControlClient:
         prefill worker (tensor-parallel mixes; default all of ours). ``timeout``: the
         pull fails with TransferTimeoutError if not done by then. ``skip_blocks``: the
         request's first blocks are not read (the decode side has that prefix already);
-        ``dst_blocks`` then start at the prefill side's block ``skip_blocks``."""
+        ``dst_blocks`` then start at the prefill side's block ``skip_blocks``. ``wait_s``
+        (subscribing only, at most 60 s): a request the prefill side has not opened yet is
+        waited for this long before the pull fails ``unknown_request``."""
         self._require_usable()
         dst = [int(b) for b in dst_blocks]
         bad = [b for b in dst if not 0 <= b < self.layout.num_blocks]
@@ -161,9 +164,12 @@ class ControlClient:
         deadline = time.monotonic() + timeout if timeout is not None else None
         if skip_blocks < 0:
             raise InvalidArgumentError(f"pull {request_id!r}: skip_blocks must be >= 0, got {skip_blocks}", op="pull")
-        p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks)
+        if not 0 <= wait_s <= m.MAX_SUBSCRIBE_WAIT_S or (wait_s and payload is not None):
+            raise InvalidArgumentError(f"pull {request_id!r}: wait_s must be in [0, {m.MAX_SUBSCRIBE_WAIT_S}] and "
+                                       f"only when subscribing (no payload), got {wait_s}", op="pull")
+        p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks, waits=wait_s > 0)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
-               else m.Subscribe(request_id=request_id))
+               else m.Subscribe(request_id=request_id, wait_s=float(wait_s)))
         frames = m.encode(msg)  # once: checked here, sent by the loop
         if len(frames[1]) > m.MAX_MESSAGE_BYTES:
             raise InvalidArgumentError(f"pull {request_id!r}: payload of {len(payload or b'')} bytes exceeds the "
@@ -369,11 +375,12 @@ class _Waiter:
 
 
 def pull_sharded(clients: Sequence[ControlClient], request_id: str, dst_blocks: Sequence[int], *,
-                 payload: bytes | None = None, timeout: float | None = None) -> list[Pull]:
+                 payload: bytes | None = None, timeout: float | None = None, wait_s: float = 0.0) -> list[Pull]:
     """Pulls one request from several prefill workers that each hold part of the KV
     heads (tensor parallel prefill): each local head is read from exactly one of them
-    (:func:`kvtransfer.kv.assign_heads`). Wait for every returned Pull."""
+    (:func:`kvtransfer.kv.assign_heads`). ``wait_s`` as in :meth:`ControlClient.pull`.
+    Wait for every returned Pull."""
     layout = clients[0].layout
     heads = assign_heads(layout, [c.remote_layout for c in clients])
-    return [c.pull(request_id, dst_blocks, payload=payload, heads=h, timeout=timeout)
+    return [c.pull(request_id, dst_blocks, payload=payload, heads=h, timeout=timeout, wait_s=wait_s)
             for c, h in zip(clients, heads) if h is not None]

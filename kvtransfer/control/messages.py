@@ -41,6 +41,8 @@ BlockId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Layer = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+#: the longest a Subscribe may wait for its request to be opened
+MAX_SUBSCRIBE_WAIT_S = 60.0
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
@@ -67,10 +69,14 @@ class Submit(_Msg, tag="submit"):
     readers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
-class Subscribe(_Msg, tag="subscribe"):
+class Subscribe(_Msg, tag="subscribe", omit_defaults=True):
     """Follows a request someone else submitted (or the prefill side opened): the
-    answer replays everything published so far, then streams the rest."""
+    answer replays everything published so far, then streams the rest. ``wait_s``: if
+    the request is not open yet (and was never retired), wait up to this many seconds
+    for it to open instead of ``unknown_request`` at once (0: refuse at once). Waits
+    beyond the server's bounds are refused ``quota_exceeded``. Left out on the wire when 0."""
     request_id: RequestId
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_SUBSCRIBE_WAIT_S)] = 0.0
 
 
 class Renew(_Msg, tag="renew"):
@@ -156,7 +162,7 @@ class Pong(_Msg, tag="pong"):
     nonce: Count = 0
 
 
-class Stats(_Msg, tag="stats"):
+class Stats(_Msg, tag="stats", omit_defaults=True):
     """The prefill side's pool, leases, refusals and sessions."""
     free_blocks: Count
     used_blocks: Count
@@ -164,6 +170,7 @@ class Stats(_Msg, tag="stats"):
     leases_expired: Count
     errors: Count
     sessions: Count = 0
+    waiting: Count = 0  # Subscribes waiting for their request to open
 
 
 class Error(_Msg, tag="error"):

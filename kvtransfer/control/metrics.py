@@ -27,7 +27,9 @@ class PullTimings:
     completed; ``layers_s[i]`` when layer i was in place; ``total_s`` when every layer
     was; ``released_s`` when the prefill side confirmed the release; ``transfer_s`` the
     time reads were in flight (with layer streaming, less than ``total_s``: the rest is
-    waiting for the prefill side to compute).
+    waiting for the prefill side to compute). ``waited_s``, for a Subscribe that may
+    wait for its request to open: when the first message about it came (by then it had
+    opened); the Prometheus pull times count from there, the wait has its own histogram.
     """
     request_id: str
     transport: str
@@ -40,6 +42,7 @@ class PullTimings:
     total_s: float | None = None
     released_s: float | None = None
     transfer_s: float = 0.0  # wall time with reads in flight (what moving the KV took)
+    waited_s: float | None = None
     bytes: int = 0
     entries: int = 0
 
@@ -62,12 +65,15 @@ class ControlMetrics:
         self.handshake = Histogram("kvtransfer_handshake_seconds", "Control plane handshake time",
                                    buckets=_LATENCY_BUCKETS, registry=registry)
         self.first_byte = Histogram("kvtransfer_pull_first_byte_seconds",
-                                    "Submit to the first layer in place", ["transport"],
-                                    buckets=_LATENCY_BUCKETS, registry=registry)
+                                    "Submit (or a waited-for request's open) to the first layer in place",
+                                    ["transport"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.layer = Histogram("kvtransfer_pull_layer_seconds", "Layer announced to layer in place",
                                ["transport"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.total = Histogram("kvtransfer_pull_seconds", "Submit to every layer in place", ["transport"],
-                               buckets=_LATENCY_BUCKETS, registry=registry)
+        self.total = Histogram("kvtransfer_pull_seconds", "Submit (or a waited-for request's open) to every layer "
+                               "in place", ["transport"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.wait = Histogram("kvtransfer_pull_wait_seconds", "A Subscribe waiting for its request to open "
+                              "(not in the other pull times)", ["transport"], buckets=_LATENCY_BUCKETS,
+                              registry=registry)
         self.bytes = Counter("kvtransfer_pull_bytes", "KV bytes pulled", ["transport"], registry=registry)
         self.pulls = Counter("kvtransfer_pulls", "Pulls by outcome", ["transport", "outcome"], registry=registry)
         self.errors = Counter("kvtransfer_control_errors", "Control messages refused, by side and code",
@@ -81,6 +87,8 @@ class ControlMetrics:
                                       registry=registry)
         self.sessions = Gauge("kvtransfer_control_sessions", "Decode sessions known (prefill side)",
                               registry=registry)
+        self.waiting = Gauge("kvtransfer_control_waiting_subscribes",
+                             "Subscribes waiting for their request to open (prefill side)", registry=registry)
         self.sessions_expired = Counter("kvtransfer_control_sessions_expired",
                                         "Sessions dropped after a silence (prefill side)", registry=registry)
 
@@ -89,10 +97,13 @@ class ControlMetrics:
         if outcome != "ok":
             return
         self.bytes.labels(t.transport).inc(t.bytes)
+        waited = t.waited_s or 0.0
+        if t.waited_s is not None:
+            self.wait.labels(t.transport).observe(waited)
         if t.first_byte_s is not None:
-            self.first_byte.labels(t.transport).observe(t.first_byte_s)
+            self.first_byte.labels(t.transport).observe(t.first_byte_s - waited)
         if t.total_s is not None:
-            self.total.labels(t.transport).observe(t.total_s)
+            self.total.labels(t.transport).observe(t.total_s - waited)
 
 
 _lock = threading.Lock()

@@ -53,7 +53,7 @@ class Pull:
     a timeout; ``timings`` fills in as it goes. Created by :meth:`ControlClient.pull`."""
 
     def __init__(self, ctx: PullContext, request_id: str, dst_blocks: list[int],
-                 heads: tuple[int, int] | None, deadline: float | None, skip_blocks: int = 0):
+                 heads: tuple[int, int] | None, deadline: float | None, skip_blocks: int = 0, waits: bool = False):
         self.request_id = request_id
         self.skip_blocks = skip_blocks
         self.dst_blocks = dst_blocks
@@ -67,6 +67,7 @@ class Pull:
         #: the Submit/Subscribe was sent (set by the session, on its loop thread): renewable
         self.sent = False
         self._ctx = ctx
+        self._waits = waits  # its Subscribe may wait for the request to open: timings.waited_s
         self._t0 = self.timings.started = time.monotonic()
         self._cv = threading.Condition()
         self._src_blocks: list[int] | None = None
@@ -135,6 +136,8 @@ class Pull:
 
     def on_message(self, msg: m.Pinned | m.Manifest | m.Finished | m.Released | m.Failed) -> None:
         """A message of the prefill side about this request."""
+        if self._waits and self.timings.waited_s is None:
+            self.timings.waited_s = self._now()  # the first word since the request opened
         if isinstance(msg, m.Failed):
             return self.fail(pull_error(self.request_id, msg.code, msg.message, "failed on the prefill side"))
         handler = {m.Pinned: self._on_pinned, m.Manifest: self._on_manifest, m.Finished: self._on_finished,

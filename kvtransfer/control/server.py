@@ -20,6 +20,12 @@ exceed them, so one client cannot hold the pool. A session silent for
 ``Limits.session_idle_s`` that holds no request is dropped (a decode side sends a
 heartbeat every second), and refusals are logged at most 20 lines per 10 s.
 
+A ``Subscribe`` with ``wait_s`` for an id that is not open yet (and was never retired)
+waits for it: when the id opens, it attaches as an immediate Subscribe would; when
+``wait_s`` passes first, it is refused ``unknown_request``. Waits are bounded per
+session and in all (``Limits.session_waits``, ``max_waits``), end with their session,
+and a ``Release`` of the id cancels the wait.
+
 The data plane: with CURVE, the server makes its engine's tcp server require tokens
 (:meth:`~kvtransfer.engine.Engine.require_tokens`) and mints one per authenticated
 session (an HMAC of the client's public key and routing id under a key of this server),
@@ -208,6 +214,10 @@ class ControlServer:
         # of retired requests: (readers, those that released), for late and repeated releases
         self._retired_by: dict[str, tuple[frozenset[bytes], frozenset[bytes]]] = {}
         self._sessions: dict[bytes, Session] = {}
+        # Subscribes waiting for their request to open: request id -> {session ident: deadline}
+        self._waiting: dict[str, dict[bytes, float]] = {}
+        self._num_waiting = 0
+        self._next_wait_deadline = float("inf")
         self._expired = 0
         self._errors = 0
         self._refusal_log = RateLimitedLog(log)
@@ -250,8 +260,12 @@ class ControlServer:
         outcome: list[Exception | None] = [None]
 
         def create() -> None:
-            outcome[0] = self._create(handle)
-            done.set()
+            try:
+                outcome[0] = self._create(handle)
+                if outcome[0] is None:
+                    self._attach_waiting(request_id)  # before open_request returns
+            finally:
+                done.set()
 
         self._loop.call(create)
         if not done.wait(timeout):
@@ -265,7 +279,7 @@ class ControlServer:
         """A snapshot of the pool and the leases (taken without the loop: approximate)."""
         return m.Stats(free_blocks=self.pool.num_free, used_blocks=self.pool.num_used,
                        pinned_requests=len(self._reqs) + len(self._orphans), leases_expired=self._expired,
-                       errors=self._errors, sessions=len(self._sessions))
+                       errors=self._errors, sessions=len(self._sessions), waiting=self._num_waiting)
 
     def close(self, timeout: float = 5.0) -> None:
         """Tells subscribers the server is going away, cancels every request, stops."""
@@ -353,6 +367,7 @@ class ControlServer:
             req.outcome = m.Failed(request_id=msg.request_id, code="rejected", message=str(e)[:4000])
             self._send(ident, req.outcome)
             self._retire(msg.request_id, "rejected")
+        self._attach_waiting(msg.request_id)  # a rejected id refuses them as retired
 
     def _create(self, handle: PrefillRequest, subscriber: bytes | None = None) -> ControlError | None:
         rid = handle.request_id
@@ -369,7 +384,11 @@ class ControlServer:
         return None
 
     def _subscribe(self, ident: bytes, msg: m.Subscribe) -> None:
-        req = self._live(ident, msg.request_id, "Subscribe")
+        rid = msg.request_id
+        known = rid in self._reqs or rid in self._orphans or rid in self._tombstones
+        if msg.wait_s > 0 and not known and not self._closed:
+            return self._wait_for_open(ident, rid, msg.wait_s)
+        req = self._live(ident, rid, "Subscribe")
         if req is None:
             return
         if ident not in req.subscribers:
@@ -397,7 +416,8 @@ class ControlServer:
         for rid in msg.request_ids:
             req = self._reqs.get(rid)
             if req is None:
-                lost.append(rid)
+                if ident not in self._waiting.get(rid, ()):  # a waiting Subscribe has no lease yet
+                    lost.append(rid)
             elif ident not in req.subscribers:
                 refused.append(rid)
             else:
@@ -411,6 +431,9 @@ class ControlServer:
     def _release(self, ident: bytes, msg: m.Release) -> None:
         rid = msg.request_id
         req = self._reqs.get(rid)
+        if req is None and ident in self._waiting.get(rid, ()):  # the reader gave up waiting
+            self._stop_waiting(rid, ident)
+            return self._send(ident, m.Released(request_id=rid, valid=True, message="was not open; stopped waiting"))
         if req is None:
             why = self._tombstones.get(rid)
             readers, released_by = self._retired_by.get(rid, (frozenset(), frozenset()))
@@ -466,6 +489,51 @@ class ControlServer:
     def _owners(self, idents: list[bytes]) -> str:
         names = [s.name if (s := self._sessions.get(i)) else i.hex()[-8:] for i in idents]
         return f"session{'s' if len(names) > 1 else ''} {', '.join(names)}" if names else "no session"
+
+    def _wait_for_open(self, ident: bytes, rid: str, wait_s: float) -> None:
+        session = self._sessions[ident]
+        waiters = self._waiting.get(rid, {})
+        if ident not in waiters:  # a repeated Subscribe only moves the deadline
+            if (over := self._over_wait_quota(session)) is not None:
+                return self._refuse_limit(ident, over, f"Subscribe to {rid!r} (not open yet)", rid)
+            self._waiting[rid] = waiters
+            session.waiting.add(rid)
+            self._num_waiting += 1
+            self._metrics.waiting.set(self._num_waiting)
+        waiters[ident] = deadline = time.monotonic() + wait_s
+        self._next_wait_deadline = min(self._next_wait_deadline, deadline)
+
+    def _over_wait_quota(self, session: Session) -> tuple[str, str] | None:
+        """(limit, why) if ``session`` may not start one more wait."""
+        if len(session.waiting) >= self.limits.session_waits:
+            return "session_waits", f"{session.name} has {len(session.waiting)} Subscribes waiting, the limit"
+        if self._num_waiting >= self.limits.max_waits:
+            return "max_waits", f"{self._num_waiting} Subscribes are waiting, the limit"
+        return None
+
+    def _stop_waiting(self, rid: str, ident: bytes) -> None:
+        waiters = self._waiting[rid]
+        del waiters[ident]
+        if not waiters:
+            del self._waiting[rid]
+        if (session := self._sessions.get(ident)) is not None:
+            session.waiting.discard(rid)
+        self._num_waiting -= 1
+        self._metrics.waiting.set(self._num_waiting)
+
+    def _attach_waiting(self, rid: str) -> None:
+        """``rid`` opened (or was retired at once): its waiting Subscribes go on as if sent now."""
+        for ident in list(self._waiting.get(rid, ())):
+            self._stop_waiting(rid, ident)
+            self._subscribe(ident, m.Subscribe(request_id=rid))
+
+    def _expire_waits(self, now: float) -> None:
+        expired = [(rid, ident) for rid, waiters in self._waiting.items() for ident, d in waiters.items() if d <= now]
+        for rid, ident in expired:
+            self._stop_waiting(rid, ident)
+            self._refuse(ident, "unknown_request", f"Subscribe: request {rid!r} is unknown (not opened within the "
+                         f"Subscribe's wait)", rid)
+        self._next_wait_deadline = min((d for w in self._waiting.values() for d in w.values()), default=float("inf"))
 
     def _live(self, ident: bytes, rid: str, what: str) -> _Req | None:
         req = self._reqs.get(rid)
@@ -532,6 +600,8 @@ class ControlServer:
         if now >= self._next_prune:
             self._prune(now)
             self._next_prune = now + min(1.0, self.limits.session_idle_s / 4)
+        if now >= self._next_wait_deadline:
+            self._expire_waits(now)
         for rid in [rid for rid, r in self._reqs.items() if r.deadline < now]:
             req = self._reqs[rid]
             self._expired += 1
@@ -553,6 +623,8 @@ class ControlServer:
         silent = [s for s in self._sessions.values()
                   if now - s.last_heard > self.limits.session_idle_s and not s.requests]
         for session in silent:
+            for rid in list(session.waiting):
+                self._stop_waiting(rid, session.ident)
             del self._sessions[session.ident]
             self._revoke(session)
         if silent:
@@ -611,6 +683,10 @@ class ControlServer:
             self._publish(self._reqs[rid], m.Failed(request_id=rid, code="shutting_down",
                                                     message=f"{self.name} is shutting down"))
             self._retire(rid, "shutting_down")
+        for rid, waiters in list(self._waiting.items()):
+            for ident in list(waiters):
+                self._stop_waiting(rid, ident)
+                self._refuse(ident, "shutting_down", f"{self.name} is shutting down", rid)
         for session in self._sessions.values():
             self._revoke(session)
 

@@ -3,9 +3,9 @@
 A session is one decode side's DEALER socket (its ZeroMQ routing id) after a
 successful ``Hello``. Requests belong to the sessions that submitted or subscribed
 to them; :class:`Limits` bounds what one session may hold (pinned blocks, open
-requests), how long any request may stay pinned however often it is renewed, how many
-sessions there may be, and how long a silent session is kept. The table lives on the
-server's loop thread only.
+requests, Subscribes waiting for a request to open), how long any request may stay
+pinned however often it is renewed, how many sessions there may be, and how long a
+silent session is kept. The table lives on the server's loop thread only.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ class Limits:
     the longest a request's blocks stay pinned from its submit, renewed or not.
     ``session_idle_s``: a session that sent nothing for this long (and holds no
     request) is dropped; decode sides send a heartbeat at least every second.
-    ``max_sessions``: sessions at once; a Hello beyond it is refused."""
+    ``max_sessions``: sessions at once; a Hello beyond it is refused. ``session_waits``
+    / ``max_waits``: Subscribes waiting for their request to open, per session / in all."""
     session_blocks: int | None = None
     session_requests: int = 1024
     max_lease_s: float = 600.0
     session_idle_s: float = 60.0
     max_sessions: int = 1024
+    session_waits: int = 256
+    max_waits: int = 4096
 
     def check(self, lease_s: float) -> None:
         if self.session_blocks is not None and self.session_blocks < 1:
@@ -48,6 +51,9 @@ class Limits:
                                        op="control")
         if not 1 <= self.max_sessions <= 1 << 20:
             raise InvalidArgumentError(f"max_sessions must be in [1, 2**20], got {self.max_sessions}", op="control")
+        if not 0 <= self.session_waits <= self.max_waits <= 1 << 20:
+            raise InvalidArgumentError(f"need 0 <= session_waits <= max_waits <= 2**20, got {self.session_waits} and "
+                                       f"{self.max_waits}", op="control")
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Session:
     user: str = ""     # with CURVE, its public key (Z85) as the ZAP handler authenticated it
     token: bytes | None = None  # with CURVE, the data plane token minted for it
     requests: set[str] = field(default_factory=set)  # open requests it submitted or subscribed to
+    waiting: set[str] = field(default_factory=set)   # request ids its Subscribes wait to see opened
 
 
 def session_name(hello_name: str, ident: bytes) -> str:

@@ -165,7 +165,8 @@ class SyntheticPrefill:
     def stats(self) -> dict:
         s = self.server.stats()
         return {"free_blocks": s.free_blocks, "used_blocks": s.used_blocks, "pinned_requests": s.pinned_requests,
-                "leases_expired": s.leases_expired, "errors": s.errors, "sessions": s.sessions}
+                "leases_expired": s.leases_expired, "errors": s.errors, "sessions": s.sessions,
+                "waiting": s.waiting}
 
     def close(self) -> None:
         self._work.put(None)

@@ -183,7 +183,7 @@ class Transfer:
                  nbytes: int | None = None):
         self._c = c
         self._reqs = reqs  # for messages about a failed entry
-        self._keep = keep  # local Regions: their memory must outlive the transfer
+        self._keep = keep  # local Regions and the Peer: they must outlive the transfer
         self.transport = transport
         self.entries = len(reqs)
         self.nbytes = int(reqs["len"].sum()) if nbytes is None else nbytes
@@ -366,7 +366,7 @@ class Peer:
                              remote_off=remote_offsets, len=lengths)
             c = self._c.read_paged(n, local.id, local_offsets, remote.region_id, remote.key, remote.addr,
                                    remote_offsets, lengths)
-            return Transfer(c, batch, self.transport, (local,), lengths * n)
+            return Transfer(c, batch, self.transport, (local, self), lengths * n)
         _check_each([local], self._local_problem)
         _check_each([remote], self._remote_problem)
         lo = _offsets(local_offsets, "local offset", check_negative=False)
@@ -421,7 +421,7 @@ class Peer:
         if self._closed:
             raise InvalidArgumentError("read on a closed peer", errno=_errno.EBADF, op="read")
         c = reqs.submit(self._c) if isinstance(reqs, _Columns) else self._c.read(reqs)
-        return Transfer(c, reqs, self.transport, keep, nbytes)
+        return Transfer(c, reqs, self.transport, (*keep, self), nbytes)
 
     def _local_problem(self, r: Any) -> tuple[int, str] | None:
         if not isinstance(r, Region) or r._engine is not self._engine:

@@ -114,6 +114,25 @@ def test_peer_close_is_idempotent_and_a_context_manager(engine, shared_target, t
     good_read(engine, connect(engine, shared_target, transport), shared_target)  # the engine still works
 
 
+def test_a_transfer_keeps_its_peer_open(engine, shared_target, transport):
+    """A read on a peer nobody else holds (``engine.connect(...).read(...)``) completes:
+    the Transfer keeps its Peer, so the peer is not closed under the read."""
+    import gc
+    n, size = 256, 4096
+    dst, region = alloc_dst(engine, 2 * n * size)
+    lo = np.arange(n, dtype=np.int64) * size
+    ro = lo[::-1].copy() + 5
+    want = plan(dst, shared_target.expected, np.append(lo, n * size), np.append(ro, 1), [size] * (n + 1))
+    blocks = engine.connect(shared_target.engine, transport=transport).read_blocks(region, lo, shared_target.region,
+                                                                                 ro, size)
+    listed = engine.connect(shared_target.engine, transport=transport).read(
+        [(region, n * size, shared_target.region, 1, size)])
+    gc.collect()
+    blocks.wait(timeout=WAIT_S)
+    listed.wait(timeout=WAIT_S)
+    assert_bytes(dst, want, "reads on peers held only by their transfers")
+
+
 @pytest.mark.timeout(30)
 def test_engine_close_is_idempotent_and_closes_its_children(shared_target, transport):
     with Engine(io_timeout=5.0) as eng:

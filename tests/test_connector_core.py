@@ -94,6 +94,28 @@ def test_a_load_started_before_the_request_is_served_waits_for_it(sources, caplo
     assert stats_when(sources, "LBHNC", lambda s: "served-late" in s["done"] and s["waiting"] == 0)
 
 
+@pytest.mark.parametrize("remote", [([8, 3, 14], 40), ([8, 3, 15], 40), ([8, 3, 14], 33), ([8], 16),
+                                    ([8, 3, 99], 40), ([], -5)],
+                         ids=["right", "other-blocks", "other-tokens", "too-few", "out-of-range", "nonsense"])
+def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote):
+    """Reads planned before the producer answers (from the blocks it is expected to pin):
+    a right guess and every wrong one land the pinned pages, byte for byte."""
+    ep = sources.ready["endpoints"]["LBHNC"]
+    want = make_caches("LBHNC", seed=SEED, num_blocks=SOURCE_BLOCKS, **SHAPE)
+    got = make_caches("LBHNC", num_blocks=8, **SHAPE)
+    rid = f"planned-{'-'.join(map(str, remote[0]))}-{remote[1]}"
+    sources.call(op="serve", source="LBHNC", request_id=rid, blocks=[8, 3, 14], num_tokens=40)
+    with KVCacheSink(got, model=MODEL, timeout=10) as sink:
+        sink.start("local", ep, rid, [5, 0, 7], skip_blocks=1, remote=remote)
+        sink.wait(["local"], WAIT_S)
+        finished, failed = sink.take_done()
+    assert failed == {} and finished == {"local"}
+    for lw, lg in zip(want, got):
+        for s, d in [(3, 5), (14, 0)]:
+            assert torch.equal(block(lg, "LBHNC", d), block(lw, "LBHNC", s)), (s, d)
+        assert all(not block(lg, "LBHNC", i).any() for i in (1, 2, 3, 4, 6, 7))
+
+
 def test_closing_a_sink_ends_its_waiting_loads(sources):
     sink = KVCacheSink(make_caches("LBHNC", num_blocks=8, **SHAPE), model=MODEL, timeout=30)
     try:

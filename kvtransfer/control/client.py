@@ -156,7 +156,7 @@ class ControlClient:
         (subscribing only, at most 60 s): a request the prefill side has not opened yet is
         waited for this long before the pull fails ``unknown_request``. ``expect``: the
         prefill side's ``(block ids, tokens)`` if known (e.g. from its kv_transfer_params):
-        the reads are planned here, before the Subscribe goes, not after its answer."""
+        the reads are planned right after the Subscribe goes, while its answer is on the way."""
         self._require_usable()
         dst = [int(b) for b in dst_blocks]
         bad = [b for b in dst if not 0 <= b < self.layout.num_blocks]
@@ -170,8 +170,6 @@ class ControlClient:
             raise InvalidArgumentError(f"pull {request_id!r}: wait_s must be in [0, {m.MAX_SUBSCRIBE_WAIT_S}] and "
                                        f"only when subscribing (no payload), got {wait_s}", op="pull")
         p = Pull(self._pull_ctx, request_id, dst, heads, deadline, skip_blocks, waits=wait_s > 0)
-        if expect is not None:
-            p.plan_ahead(*expect)
         msg = (m.Submit(request_id=request_id, payload=payload, readers=readers) if payload is not None
                else m.Subscribe(request_id=request_id, wait_s=float(wait_s)))
         frames = m.encode(msg)  # once: checked here, sent by the loop
@@ -190,6 +188,8 @@ class ControlClient:
         def send() -> None:
             p.sent = True
             self._send_frames(frames)
+            if expect is not None:  # while the answer is on its way
+                p.plan_ahead(*expect)
 
         self._loop.call(send)
         return p

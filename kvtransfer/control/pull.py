@@ -125,9 +125,9 @@ class Pull:
 
     def plan_ahead(self, src_blocks: Sequence[int], num_tokens: int) -> None:
         """Plans the reads for the blocks the prefill side is expected to pin (e.g. from
-        its kv_transfer_params), before the Subscribe: its Pinned answer then costs a
-        comparison instead of a plan. A wrong guess only costs this time (Pinned plans
-        again); a bad one is reported by Pinned, as without it. Before the pull is sent."""
+        its kv_transfer_params) while the Subscribe travels: its Pinned answer then costs
+        a comparison instead of a plan. A wrong guess only costs this time (Pinned plans
+        again); a bad one is reported by Pinned, as without it. Loop thread, before Pinned."""
         c = self._ctx
         try:
             key = self._plan_key([int(b) for b in src_blocks], int(num_tokens))

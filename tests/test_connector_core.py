@@ -38,6 +38,13 @@ def sources():
     child.stop()
 
 
+def assert_pages(got, want, pairs, layout: str = "LBHNC") -> None:
+    """Every layer's page of local block d equals the source's block s, for each (s, d)."""
+    for lw, lg in zip(want, got):
+        for s, d in pairs:
+            assert torch.equal(block(lg, layout, d), block(lw, layout, s)), (s, d)
+
+
 def stats_when(child: JsonChild, source: str, cond, timeout: float = WAIT_S) -> dict | None:
     """The source's stats once ``cond(stats)`` holds, or None after ``timeout``."""
     def check():
@@ -87,9 +94,7 @@ def test_a_load_started_before_the_request_is_served_waits_for_it(sources, caplo
         sink.wait(["local-late"], WAIT_S)
         finished, failed = sink.take_done()
     assert failed == {} and finished == {"local-late"}
-    for lw, lg in zip(want, got):
-        for s, d in [(11, 6), (4, 1)]:
-            assert torch.equal(block(lg, "LBHNC", d), block(lw, "LBHNC", s)), (s, d)
+    assert_pages(got, want, [(11, 6), (4, 1)])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert stats_when(sources, "LBHNC", lambda s: "served-late" in s["done"] and s["waiting"] == 0)
 
@@ -110,10 +115,8 @@ def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote):
         sink.wait(["local"], WAIT_S)
         finished, failed = sink.take_done()
     assert failed == {} and finished == {"local"}
-    for lw, lg in zip(want, got):
-        for s, d in [(3, 5), (14, 0)]:
-            assert torch.equal(block(lg, "LBHNC", d), block(lw, "LBHNC", s)), (s, d)
-        assert all(not block(lg, "LBHNC", i).any() for i in (1, 2, 3, 4, 6, 7))
+    assert_pages(got, want, [(3, 5), (14, 0)])
+    assert all(not block(lg, "LBHNC", i).any() for lg in got for i in (1, 2, 3, 4, 6, 7))
 
 
 def test_closing_a_sink_ends_its_waiting_loads(sources):

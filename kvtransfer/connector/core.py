@@ -340,7 +340,8 @@ class KVCacheSink:
         """Starts loading remote request ``remote_request_id`` (served at ``endpoint``) into
         local ``block_ids`` (token order), skipping its first ``skip_blocks`` blocks (a prefix
         already here). ``remote``: the producer's ``(block ids, tokens)`` if known, to plan
-        the reads while its answer is on the way. Returns at once; :meth:`take_done` reports the outcome."""
+        the reads while its answer is on the way. Returns at once; :meth:`take_done`
+        reports the outcome."""
         if self._closed:
             raise InvalidArgumentError("KVCacheSink is closed", op="start")
         blocks = [int(b) for b in block_ids]

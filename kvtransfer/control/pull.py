@@ -123,6 +123,8 @@ class Pull:
         state = "done" if self._complete else f"{len(self._layers_done)} layers in place"
         return f"<Pull {self.request_id!r} {state}{' failed' if self._error else ''}>"
 
+    # --- the session's side (its loop thread) -------------------------------------------
+
     def plan_ahead(self, src_blocks: Sequence[int], num_tokens: int) -> None:
         """Plans the reads for the blocks the prefill side is expected to pin (e.g. from
         its kv_transfer_params) while the Subscribe travels: its Pinned answer then costs
@@ -135,8 +137,6 @@ class Pull:
                                            heads=self.heads))
         except (KVTransferError, TypeError, ValueError):
             self._ahead = None
-
-    # --- the session's side (its loop thread) -------------------------------------------
 
     @property
     def error(self) -> KVTransferError | None:

@@ -8,9 +8,9 @@ blocks, LBHNC) and, here, the pulls a KVCacheSink makes, one at a time, with the
 ``--order served``: the producer serves the request before the pull starts; ``waiting``:
 the pull's Subscribe is there first (as in vLLM, where the consumer asks a step before
 the producer's engine serves). ``--plan-ahead``: the pull is told the producer's blocks
-(as the vLLM connector does), so it plans its reads before the Subscribe. Columns (ms,
-medians): ``answer`` the Subscribe to the producer's first message (a waiting one
-includes the wait), ``plan`` that message to the plan made, ``submit..in place`` the
+(as the vLLM connector does), so it plans its reads while the Subscribe travels.
+Columns (ms, medians; the first pull, which connects, is left out): ``answer`` the pull's
+start to the producer's first message (a waiting one includes the wait), ``plan`` that message to the plan made, ``submit..in place`` the
 plan made to every layer in place (the read's submit, the read, its completion),
 ``xfer`` = plan + submit..in place (``kvtransfer_pull_seconds``), ``reads`` the time
 reads were in flight, ``release`` every layer in place to the producer's Released (after
@@ -62,7 +62,8 @@ def main() -> int:
     ap.add_argument("--order", choices=("served", "waiting"), default="waiting")
     ap.add_argument("--plan-ahead", action="store_true")
     ap.add_argument("--summarize", metavar="FILE", help="only print the columns of the pulls in FILE (JSON lines "
-                    "of PullTimings, as bench/vllm_pd_connector.py writes them with KVTRANSFER_PULL_TIMINGS)")
+                    "of PullTimings, as bench/vllm_pd_connector.py writes them with KVTRANSFER_PULL_TIMINGS; "
+                    "its first pull, which connects, is left out)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.summarize:

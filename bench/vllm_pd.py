@@ -82,11 +82,13 @@ class Connector:
 
 def connectors(base_port: int) -> dict[str, Connector]:
     # vLLM's /metrics shows only what a connector reports through vLLM's stats; ours is
-    # wrapped by bench/vllm_pd_connector.py, which serves the control plane's own metrics
+    # wrapped by bench/vllm_pd_connector.py, which serves the control plane's own metrics.
+    # The engines import this tree's kvtransfer, whatever the venv's editable install points to.
+    path = f"{ROOT / 'bench'}{os.pathsep}{ROOT}"
     ours = Connector(
         "kvtransfer", {"kv_connector": "KVTransferConnector", "kv_connector_module_path": "vllm_pd_connector"},
-        env={"producer": {"PYTHONPATH": str(ROOT / "bench")},
-             "consumer": {"PYTHONPATH": str(ROOT / "bench"), "KVTRANSFER_METRICS_PORT": str(base_port + 30)}},
+        env={"producer": {"PYTHONPATH": path},
+             "consumer": {"PYTHONPATH": path, "KVTRANSFER_METRICS_PORT": str(base_port + 30)}},
         metrics_url=f"http://127.0.0.1:{base_port + 30}", time_sum="kvtransfer_pull_seconds_sum",
         count="kvtransfer_pull_seconds_count", bytes_sum="kvtransfer_pull_bytes_total",
         wait_sum="kvtransfer_pull_wait_seconds_sum")

@@ -38,6 +38,13 @@ def sources():
     child.stop()
 
 
+def assert_pages(got, want, pairs, layout: str = "LBHNC") -> None:
+    """Every layer's page of local block d equals the source's block s, for each (s, d)."""
+    for lw, lg in zip(want, got):
+        for s, d in pairs:
+            assert torch.equal(block(lg, layout, d), block(lw, layout, s)), (s, d)
+
+
 def stats_when(child: JsonChild, source: str, cond, timeout: float = WAIT_S) -> dict | None:
     """The source's stats once ``cond(stats)`` holds, or None after ``timeout``."""
     def check():
@@ -87,11 +94,29 @@ def test_a_load_started_before_the_request_is_served_waits_for_it(sources, caplo
         sink.wait(["local-late"], WAIT_S)
         finished, failed = sink.take_done()
     assert failed == {} and finished == {"local-late"}
-    for lw, lg in zip(want, got):
-        for s, d in [(11, 6), (4, 1)]:
-            assert torch.equal(block(lg, "LBHNC", d), block(lw, "LBHNC", s)), (s, d)
+    assert_pages(got, want, [(11, 6), (4, 1)])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert stats_when(sources, "LBHNC", lambda s: "served-late" in s["done"] and s["waiting"] == 0)
+
+
+@pytest.mark.parametrize("remote", [([8, 3, 14], 40), ([8, 3, 15], 40), ([8, 3, 14], 33), ([8], 16),
+                                    ([8, 3, 99], 40), ([], -5)],
+                         ids=["right", "other-blocks", "other-tokens", "too-few", "out-of-range", "nonsense"])
+def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote):
+    """Reads planned before the producer answers (from the blocks it is expected to pin):
+    a right guess and every wrong one land the pinned pages, byte for byte."""
+    ep = sources.ready["endpoints"]["LBHNC"]
+    want = make_caches("LBHNC", seed=SEED, num_blocks=SOURCE_BLOCKS, **SHAPE)
+    got = make_caches("LBHNC", num_blocks=8, **SHAPE)
+    rid = f"planned-{'-'.join(map(str, remote[0]))}-{remote[1]}"
+    sources.call(op="serve", source="LBHNC", request_id=rid, blocks=[8, 3, 14], num_tokens=40)
+    with KVCacheSink(got, model=MODEL, timeout=10) as sink:
+        sink.start("local", ep, rid, [5, 0, 7], skip_blocks=1, remote=remote)
+        sink.wait(["local"], WAIT_S)
+        finished, failed = sink.take_done()
+    assert failed == {} and finished == {"local"}
+    assert_pages(got, want, [(3, 5), (14, 0)])
+    assert all(not block(lg, "LBHNC", i).any() for lg in got for i in (1, 2, 3, 4, 6, 7))
 
 
 def test_closing_a_sink_ends_its_waiting_loads(sources):

@@ -336,10 +336,12 @@ class KVCacheSink:
             return client
 
     def start(self, request_id: str, endpoint: str, remote_request_id: str, block_ids: Sequence[int], *,
-              skip_blocks: int = 0) -> None:
+              skip_blocks: int = 0, remote: tuple[Sequence[int], int] | None = None) -> None:
         """Starts loading remote request ``remote_request_id`` (served at ``endpoint``) into
         local ``block_ids`` (token order), skipping its first ``skip_blocks`` blocks (a prefix
-        already here). Returns at once; :meth:`take_done` reports the outcome."""
+        already here). ``remote``: the producer's ``(block ids, tokens)`` if known, to plan
+        the reads while its answer is on the way. Returns at once; :meth:`take_done`
+        reports the outcome."""
         if self._closed:
             raise InvalidArgumentError("KVCacheSink is closed", op="start")
         blocks = [int(b) for b in block_ids]
@@ -349,7 +351,7 @@ class KVCacheSink:
             # Subscribe waits for it (up to the sink's timeout) rather than being refused
             load.pull = self._client(endpoint).pull(remote_request_id, blocks, skip_blocks=skip_blocks,
                                                     timeout=self.load_timeout,
-                                                    wait_s=min(self.timeout, MAX_SUBSCRIBE_WAIT_S))
+                                                    wait_s=min(self.timeout, MAX_SUBSCRIBE_WAIT_S), expect=remote)
             if self._closed:  # close() looked before this pull existed: it must not wait on
                 load.pull.cancel()
             load.pull.wait(self.load_timeout + self.timeout)

@@ -58,6 +58,7 @@ class _Load:
     block_ids: list[int]     # local, from the first block not cached here
     skip_blocks: int         # the producer's blocks cached here already
     report: bool             # False: only releases the producer's blocks (everything was cached here)
+    remote: tuple[list[int], int] | None = None  # the producer's block ids and tokens: reads planned early
     corrupt: bool = False    # tests only: overwrite the loaded pages with noise
 
 
@@ -150,6 +151,7 @@ class KVTransferConnector(KVConnectorBase_V1):
         skip = len(local) - len(fresh) if num_external_tokens else len(params["remote_block_ids"])
         self._loads.append(_Load(request.request_id, list(params["remote_endpoints"]), params["remote_request_id"],
                                  list(fresh), skip, report=num_external_tokens > 0,
+                                 remote=(list(params["remote_block_ids"]), int(params["remote_num_tokens"])),
                                  corrupt=bool(params.get("corrupt_loaded_kv"))))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -229,7 +231,7 @@ class KVTransferConnector(KVConnectorBase_V1):
                                 f"{self._tp_size}: equal tensor parallel sizes are needed")
                 continue
             self._sink.start(load.request_id, load.endpoints[self._rank], load.remote_request_id, load.block_ids,
-                             skip_blocks=load.skip_blocks)
+                             skip_blocks=load.skip_blocks, remote=load.remote)
         if meta.sync:
             ids = [x.request_id for x in meta.loads]
             self._sink.wait(ids, self._sink.load_timeout + self._sink.timeout)

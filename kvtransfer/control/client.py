@@ -144,7 +144,7 @@ class ControlClient:
 
     def pull(self, request_id: str, dst_blocks: Sequence[int], *, payload: bytes | None = None, readers: int = 1,
              heads: tuple[int, int] | None = None, timeout: float | None = None, skip_blocks: int = 0,
-             wait_s: float = 0.0) -> Pull:
+             wait_s: float = 0.0, expect: tuple[Sequence[int], int] | None = None) -> Pull:
         """Starts pulling request ``request_id`` into local blocks ``dst_blocks`` (token
         order). With ``payload`` it submits the request (the prefill side computes it);
         without, it subscribes to a request the prefill side already has (everything
@@ -154,7 +154,9 @@ class ControlClient:
         request's first blocks are not read (the decode side has that prefix already);
         ``dst_blocks`` then start at the prefill side's block ``skip_blocks``. ``wait_s``
         (subscribing only, at most 60 s): a request the prefill side has not opened yet is
-        waited for this long before the pull fails ``unknown_request``."""
+        waited for this long before the pull fails ``unknown_request``. ``expect``: the
+        prefill side's ``(block ids, tokens)`` if known (e.g. from its kv_transfer_params):
+        the reads are planned right after the Subscribe goes, while its answer is on the way."""
         self._require_usable()
         dst = [int(b) for b in dst_blocks]
         bad = [b for b in dst if not 0 <= b < self.layout.num_blocks]
@@ -186,6 +188,8 @@ class ControlClient:
         def send() -> None:
             p.sent = True
             self._send_frames(frames)
+            if expect is not None:  # while the answer is on its way
+                p.plan_ahead(*expect)
 
         self._loop.call(send)
         return p

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -72,6 +72,7 @@ class Pull:
         self._cv = threading.Condition()
         self._src_blocks: list[int] | None = None
         self._plans: list[np.ndarray] | None = None  # per layer, computed once at Pinned
+        self._ahead: tuple[tuple[list[int], int], list[np.ndarray]] | None = None  # see plan_ahead
         self._inflight: list[tuple[Transfer, list[int]]] = []  # a read and the layers it carries
         self._busy_since = 0.0
         self._started: set[int] = set()  # layers whose read was issued
@@ -123,6 +124,19 @@ class Pull:
         return f"<Pull {self.request_id!r} {state}{' failed' if self._error else ''}>"
 
     # --- the session's side (its loop thread) -------------------------------------------
+
+    def plan_ahead(self, src_blocks: Sequence[int], num_tokens: int) -> None:
+        """Plans the reads for the blocks the prefill side is expected to pin (e.g. from
+        its kv_transfer_params) while the Subscribe travels: its Pinned answer then costs
+        a comparison instead of a plan. A wrong guess only costs this time (Pinned plans
+        again); a bad one is reported by Pinned, as without it. Loop thread, before Pinned."""
+        c = self._ctx
+        try:
+            key = self._plan_key([int(b) for b in src_blocks], int(num_tokens))
+            self._ahead = (key, plan_reads(c.remote_layout, c.layout, key[0], self.dst_blocks, key[1],
+                                           heads=self.heads))
+        except (KVTransferError, TypeError, ValueError):
+            self._ahead = None
 
     @property
     def error(self) -> KVTransferError | None:
@@ -204,19 +218,29 @@ class Pull:
             return self.fail(InvalidArgumentError(
                 f"{self.request_id!r}: cannot skip {skip} of {len(msg.blocks)} blocks (block sizes {bs} and "
                 f"{c.layout.block_size})", op="pull"))
-        num_tokens = max(msg.num_tokens - skip * bs, 0)
-        need = c.layout.blocks_for(num_tokens)
+        key = self._plan_key(msg.blocks, msg.num_tokens)
+        need = c.layout.blocks_for(key[1])
         if len(self.dst_blocks) < need:
             return self.fail(InvalidArgumentError(
-                f"{self.request_id!r}: {num_tokens} tokens need {need} local blocks, "
+                f"{self.request_id!r}: {key[1]} tokens need {need} local blocks, "
                 f"{len(self.dst_blocks)} were given", op="pull"))
-        # the whole plan now, while the prefill side computes layer 0: a manifest then
-        # costs a slice and a read, nothing more
-        self._plans = plan_reads(c.remote_layout, c.layout, msg.blocks[skip:], self.dst_blocks, num_tokens,
-                                 heads=self.heads)
+        # the whole plan now (or before, see plan_ahead), while the prefill side computes
+        # layer 0: a manifest then costs a slice and a read, nothing more
+        if self._ahead is not None and self._ahead[0] == key:
+            self._plans = self._ahead[1]
+        else:
+            self._plans = plan_reads(c.remote_layout, c.layout, key[0], self.dst_blocks, key[1], heads=self.heads)
+        self._ahead = None
         self._src_blocks = msg.blocks
         self.num_tokens = msg.num_tokens
         self.timings.pinned_s = self._now()
+
+    def _plan_key(self, blocks: list[int], num_tokens: int) -> tuple[list[int], int]:
+        """What the plan depends on: the prefill side's blocks read (after the skipped
+        ones) and the tokens in them."""
+        rl, skip = self._ctx.remote_layout, self.skip_blocks
+        n = max(num_tokens - skip * rl.block_size, 0)
+        return list(blocks[skip:skip + rl.blocks_for(n)]), n
 
     def _on_manifest(self, msg: m.Manifest) -> None:
         if self._src_blocks is None:

@@ -159,11 +159,8 @@ static void hand(kvt_transfer *t, const kvt_job_sink *s, kvt_job *j)
     kvt_transfer_add_job(t);
     if (s->take && s->take(s->ctx, j))
         return;
-    if (kvt_queue_push(s->q, j) < 0) {
-        kvt_err e;
-        kvt_error(&e, ECANCELED, "read", "peer is closed");
-        kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
-    }
+    if (kvt_queue_push(s->q, j) < 0)
+        kvt_job_cancel(j);
 }
 
 /* Cuts a paged batch into jobs of entry ranges (see kvt_paged_cols), the same jobs and

@@ -321,7 +321,7 @@ void kvt_peer_close(kvt_peer *p)
         return;
     kvt_queue_close(&p->queue);
     p->ops->close(p);
-    kvt_queue_cancel(&p->queue, "peer closed before the read ran");
+    kvt_queue_cancel(&p->queue);
     kvt_queue_destroy(&p->queue);
     free(p);
 }

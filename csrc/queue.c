@@ -176,13 +176,11 @@ kvt_job *kvt_queue_take_all(kvt_queue *q)
     return j;
 }
 
-void kvt_queue_cancel(kvt_queue *q, const char *why)
+void kvt_queue_cancel(kvt_queue *q)
 {
-    kvt_err e;
-    kvt_error(&e, ECANCELED, "read", "%s", why);
     for (kvt_job *j = kvt_queue_take_all(q), *n; j; j = n) {
         n = j->next;
-        kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
+        kvt_job_cancel(j);
     }
 }
 

@@ -44,8 +44,8 @@ void kvt_queue_kick(kvt_queue *q);
 void kvt_queue_close(kvt_queue *q);
 /* The jobs still queued, oldest first (linked by next); the queue is left empty. */
 kvt_job *kvt_queue_take_all(kvt_queue *q);
-/* Completes every job still queued with ECANCELED and `why`. */
-void kvt_queue_cancel(kvt_queue *q, const char *why);
+/* Completes every job still queued with ECANCELED (kvt_job_cancel). */
+void kvt_queue_cancel(kvt_queue *q);
 void kvt_queue_destroy(kvt_queue *q);
 
 /* A job with room for cap pieces, from q's pool or fresh (NULL: out of memory); it

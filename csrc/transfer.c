@@ -183,6 +183,13 @@ int kvt_job_skip_if_failed(kvt_job *job)
     return 1;
 }
 
+void kvt_job_cancel(kvt_job *job)
+{
+    kvt_err e;
+    kvt_error(&e, ECANCELED, "read", "peer closed before the read ran");
+    kvt_job_done(job, e.code, &e, (int64_t)job->pieces[0].entry);
+}
+
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry)
 {
     kvt_transfer *t = job->t;

@@ -92,6 +92,8 @@ void kvt_transfer_started(kvt_transfer *t, int rc, const kvt_err *err, kvt_trans
 void kvt_transfer_add_job(kvt_transfer *t);
 /* Completes a job: rc 0, or -errno with err and the failing entry. Frees the job. */
 void kvt_job_done(kvt_job *job, int rc, const kvt_err *err, int64_t entry);
+/* Completes a job that never ran because its peer closed: ECANCELED. */
+void kvt_job_cancel(kvt_job *job);
 /* If the job's transfer has already failed, completes the job without running it and
  * returns 1: one error fails a batch at once, not after every remaining job timed out. */
 int kvt_job_skip_if_failed(kvt_job *job);

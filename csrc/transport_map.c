@@ -30,7 +30,6 @@
 #include <unistd.h>
 
 #include "shm_peer.h"
-#include "transport_shm.h"
 
 #define MAP_MAX_PIECES 1024 /* IOV_MAX, for the pieces that fall back to process_vm_readv */
 #define MAP_MAX_BYTES (4u << 20)
@@ -292,13 +291,7 @@ static void map_close(kvt_peer *p)
     map_peer *m = p->impl;
     for (int i = 0; i < m->nthreads; i++)
         pthread_join(m->threads[i], NULL);
-    if (m->sub) {
-        kvt_queue_close(&m->sub->queue); /* as kvt_peer_close */
-        kvt_shm_ops.close(m->sub);
-        kvt_queue_cancel(&m->sub->queue, "peer closed before the read ran");
-        kvt_queue_destroy(&m->sub->queue);
-        free(m->sub);
-    }
+    kvt_peer_close(m->sub);
     pthread_mutex_destroy(&m->sub_mu);
     for (int i = 0; i < MAP_CACHE; i++)
         unmap(&m->cache[i]);
@@ -334,22 +327,8 @@ static int shm_sub(kvt_peer *p, map_peer *m, kvt_peer **out, kvt_err *err)
 {
     int rc = 0;
     pthread_mutex_lock(&m->sub_mu);
-    if (!m->sub) {
-        kvt_peer *sub = calloc(1, sizeof *sub);
-        if (!sub)
-            rc = kvt_syserr(err, ENOMEM, "calloc", "shm peer");
-        else {
-            sub->eng = p->eng;
-            sub->ops = &kvt_shm_ops;
-            kvt_queue_init(&sub->queue);
-            rc = kvt_shm_ops.connect(sub, &m->info, err);
-            if (rc < 0) {
-                kvt_queue_destroy(&sub->queue);
-                free(sub);
-            } else
-                m->sub = sub;
-        }
-    }
+    if (!m->sub)
+        rc = kvt_connect(p->eng, &m->info, "shm", &m->sub, NULL, NULL, err);
     *out = m->sub;
     pthread_mutex_unlock(&m->sub_mu);
     return rc;
@@ -364,7 +343,7 @@ static int map_submit(kvt_peer *p, const kvt_read_cols *cols, enum kvt_batch_kin
         return kvt_submit_jobs(p, cols, kind, out, err);
     kvt_peer *sub;
     int rc = shm_sub(p, m, &sub, err);
-    return rc < 0 ? rc : kvt_shm_ops.submit(sub, cols, kind, out, err);
+    return rc < 0 ? rc : sub->ops->submit(sub, cols, kind, out, err);
 }
 
 static int map_reach(const kvt_engine *e, const kvt_engine_info *peer, int forced, kvt_reach *r)

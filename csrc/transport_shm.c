@@ -117,14 +117,12 @@ static void shm_close(kvt_peer *p)
         pthread_join(s->threads[i], NULL);
     /* Jobs their callers started on the GPU finish when their copies do, the rest as
        the engine cancels them; then the lanes can go. */
-    kvt_err e;
-    kvt_error(&e, ECANCELED, "read", "peer closed before the read ran");
     for (kvt_job *j = kvt_queue_take_all(&p->queue), *n; j; j = n) {
         n = j->next;
         if (j->tp)
             kvt_shm_cuda_settle(j);
         else
-            kvt_job_done(j, e.code, &e, (int64_t)j->pieces[0].entry);
+            kvt_job_cancel(j);
     }
     kvt_shm_caller_lanes_end(s);
     kvt_ipc_cache_destroy(s->ipc); /* after the threads: nothing copies from them now */

@@ -318,9 +318,7 @@ static void *verbs_main(void *arg)
         }
     }
     if (vp->pending) {
-        kvt_err e;
-        kvt_error(&e, ECANCELED, "read", "peer closed before the read ran");
-        kvt_job_done(vp->pending, -ECANCELED, &e, (int64_t)vp->pending->pieces[0].entry);
+        kvt_job_cancel(vp->pending);
         vp->pending = NULL;
     }
     teardown(vp);

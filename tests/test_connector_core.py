@@ -102,9 +102,19 @@ def test_a_load_started_before_the_request_is_served_waits_for_it(sources, caplo
 @pytest.mark.parametrize("remote", [([8, 3, 14], 40), ([8, 3, 15], 40), ([8, 3, 14], 33), ([8], 16),
                                     ([8, 3, 99], 40), ([], -5)],
                          ids=["right", "other-blocks", "other-tokens", "too-few", "out-of-range", "nonsense"])
-def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote):
+def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote, monkeypatch):
     """Reads planned before the producer answers (from the blocks it is expected to pin):
-    a right guess and every wrong one land the pinned pages, byte for byte."""
+    a right guess is the plan used (none is made at Pinned), a wrong one is planned
+    again at Pinned, and every one lands the pinned pages, byte for byte."""
+    from kvtransfer.control import pull as pull_module
+    planned: list[list[int]] = []  # the producer blocks of each plan made
+
+    def counting_plan_reads(remote_layout, layout, src_blocks, *args, **kw):
+        planned.append([int(b) for b in src_blocks])
+        return plan_reads(remote_layout, layout, src_blocks, *args, **kw)
+
+    plan_reads = pull_module.plan_reads
+    monkeypatch.setattr(pull_module, "plan_reads", counting_plan_reads)
     ep = sources.ready["endpoints"]["LBHNC"]
     want = make_caches("LBHNC", seed=SEED, num_blocks=SOURCE_BLOCKS, **SHAPE)
     got = make_caches("LBHNC", num_blocks=8, **SHAPE)
@@ -117,6 +127,8 @@ def test_pages_land_whatever_the_producer_was_expected_to_pin(sources, remote):
     assert failed == {} and finished == {"local"}
     assert_pages(got, want, [(3, 5), (14, 0)])
     assert all(not block(lg, "LBHNC", i).any() for lg in got for i in (1, 2, 3, 4, 6, 7))
+    assert planned[-1] == [3, 14]  # the plan used reads the pinned blocks after the skipped one
+    assert len(planned) == (1 if remote == ([8, 3, 14], 40) else 2), planned
 
 
 def test_closing_a_sink_ends_its_waiting_loads(sources):
